@@ -1,0 +1,134 @@
+"""Small functions that build the training components from the config (torchtitan style)."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from phsa_train.megatron.token_info import make_token_info
+
+
+@dataclass
+class Data:
+    train: object
+    valid: object
+    tokenizer: object
+    punct_lut: torch.Tensor  # [padded_vocab] bool
+    vocab_size: int  # padded
+    eod: int
+
+
+def build_data(cfg, env, padded_vocab_fn) -> Data:
+    """Tokenizer, punctuation table and Megatron GPT datasets. Rank 0 prepares the embedded corpus first."""
+    from phsa_train.data import (build_gpt_datasets, check_vocab, load_punct_mask, load_tokenizer,
+                                 prepare_default_corpus)
+
+    d = cfg.data
+    cache_dir = Path(d.cache_dir).expanduser()
+    if d.prefixes:
+        prefixes = [str(Path(p).expanduser()) for p in d.prefixes]
+        for p in prefixes:
+            if not (Path(p + ".bin").exists() and Path(p + ".idx").exists()):
+                raise FileNotFoundError(f"data.prefixes: no Megatron dataset at {p}(.bin/.idx); "
+                                        "prepare one with `python -m data_prep`")
+        tok_spec = d.tokenizer or str(Path(prefixes[0]).parent)
+        punct_path = d.punct_table or prefixes[0] + "_punct.json"
+    else:
+        if env.is_main:
+            prepare_default_corpus(cache_dir / "embedded", vocab_size=d.embedded_vocab_size)
+        dist.barrier()
+        prepared = prepare_default_corpus(cache_dir / "embedded", vocab_size=d.embedded_vocab_size)
+        prefixes = [str(prepared.prefix)]
+        tok_spec = d.tokenizer or str(prepared.tokenizer_path)
+        punct_path = d.punct_table or str(prepared.punct_path)
+    tokenizer = load_tokenizer(tok_spec)
+    for p in prefixes:
+        check_vocab(p, tokenizer.vocab_size)
+    vocab = padded_vocab_fn(tokenizer.vocab_size)
+    punct_lut = load_punct_mask(punct_path, tokenizer, vocab)
+
+    t = cfg.train
+    valid_samples = t.eval_iters * t.global_batch_size
+    kwargs = dict(tokenizer=tokenizer, seq_len=d.seq_len, seed=t.seed, split=d.split,
+                  num_samples=(t.steps * t.global_batch_size, valid_samples), cache_dir=str(cache_dir / "index"),
+                  weights=list(d.weights) or None)
+    # Rank 0 builds the shuffled index caches; the others then read them.
+    if env.is_main:
+        train_ds, valid_ds = build_gpt_datasets(prefixes, **kwargs)
+    dist.barrier()
+    if not env.is_main:
+        train_ds, valid_ds = build_gpt_datasets(prefixes, **kwargs)
+    return Data(train_ds, valid_ds, tokenizer, punct_lut, vocab, tokenizer.eod)
+
+
+def batches(dataset, *, start_sample: int, global_batch_size: int, micro_batch_size: int, data: Data,
+            reset_attention_mask: bool, device) -> Iterator[dict]:
+    """Micro-batches of this data-parallel rank, deterministic in the global sample index.
+
+    Global batch ``g`` holds samples ``[start + g*gbs, start + (g+1)*gbs)`` (modulo the dataset), split
+    evenly over DP ranks, so resuming at ``consumed_samples`` replays exactly the same data.
+    """
+    dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
+    per_rank = global_batch_size // dp
+    n = len(dataset)
+    g = 0
+    while True:
+        base = start_sample + g * global_batch_size + dp_rank * per_rank
+        for mb in range(0, per_rank, micro_batch_size):
+            samples = [dataset[(base + mb + j) % n] for j in range(micro_batch_size)]
+            batch = {k: torch.stack([torch.as_tensor(s[k]) for s in samples]).to(device)
+                     for k in ("tokens", "labels", "loss_mask", "position_ids")}
+            batch["tokens"] = batch["tokens"].long()
+            batch["labels"] = batch["labels"].long()
+            batch["token_info"] = make_token_info(batch["tokens"], data.punct_lut,
+                                                  data.eod if reset_attention_mask else None)
+            yield batch
+        g += 1
+
+
+def lr_at_step(step: int, t) -> float:
+    """Linear warm-up, then cosine/linear decay to ``min_lr`` at ``train.steps`` (a pure function of step)."""
+    if step < t.warmup_steps:
+        return t.lr * (step + 1) / t.warmup_steps
+    if t.lr_decay_style == "constant":
+        return t.lr
+    frac = min(1.0, (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps))
+    decay = 0.5 * (1 + math.cos(math.pi * frac)) if t.lr_decay_style == "cosine" else 1 - frac
+    return t.min_lr + (t.lr - t.min_lr) * decay
+
+
+def build_optimizer(cfg, model, on_gpu: bool):
+    """GPU: Megatron DDP + (distributed) optimizer. CPU: AdamW (+ explicit grad all-reduce, cpu_compat).
+
+    Returns (model_for_forward, optimizer, uses_megatron_optimizer).
+    """
+    t = cfg.train
+    if not on_gpu:
+        decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+        no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
+                                 {"params": no_decay, "weight_decay": 0.0}],
+                                lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=1e-8)
+        return model, opt, False
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    use_dist = cfg.parallel.use_distributed_optimizer
+    ddp = DistributedDataParallel(
+        config=model.config, module=model,
+        ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+                                                 use_distributed_optimizer=use_dist))
+    bf16 = model.config.bf16
+    opt = get_megatron_optimizer(
+        OptimizerConfig(optimizer="adam", lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay,
+                        adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, clip_grad=t.clip_grad, bf16=bf16,
+                        params_dtype=torch.bfloat16 if bf16 else torch.float32,
+                        use_distributed_optimizer=use_dist), [ddp])
+    model.config.no_sync_func = ddp.no_sync
+    model.config.finalize_model_grads_func = finalize_model_grads
+    return ddp, opt, True

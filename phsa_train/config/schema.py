@@ -1,0 +1,154 @@
+"""Typed schema of every Hydra knob.
+
+The YAML files under ``conf/`` fill these dataclasses; registering them with Hydra's ConfigStore makes a
+typo (``model.hiden_size=...``) or a wrong type fail at compose time instead of deep inside a run.
+Cross-field rules (heads vs TP, sequence vs block size, ...) live in :mod:`phsa_train.config.validate`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    num_layers: int = MISSING
+    hidden_size: int = MISSING
+    ffn_hidden_size: int = MISSING
+    num_attention_heads: int = MISSING
+    num_query_groups: int = MISSING  # KV heads (GQA)
+    kv_channels: int = MISSING  # head dim
+    max_position_embeddings: int = 4096  # longest sequence the model accepts (data.seq_len must not exceed it)
+    rotary_base: float = 1_000_000.0
+    normalization: str = "RMSNorm"
+    qk_layernorm: bool = True
+    gated_linear_unit: bool = True  # SwiGLU
+    tie_embeddings: bool = True
+    vocab_size: Optional[int] = None  # None: take it from the tokenizer
+    make_vocab_size_divisible_by: int = 128
+    init_method_std: float = 0.02
+    transformer_impl: str = "local"  # local | transformer_engine
+
+
+@dataclass
+class AttentionConfig:
+    name: str = "dense"  # dense | phsa | meanpool
+    backend: str = "auto"  # auto | reference | triton (phsa) ; auto | sdpa (dense)
+    block_size: int = 16  # m, tokens per key block
+    n_init: int = 128  # INIT: first n_init tokens every query sees
+    local_window: int = 512  # w: last w tokens up to and including the query
+    train_topk: int = 16  # k while model.training
+    eval_topk: int = 16  # k in evaluation (spec §7: train small k, evaluate larger)
+    lam: float = 0.5  # mix of mean (lam) and punctuation (1 - lam) representative; 1 = mean pooling
+    score: str = "softmax_group_sum"  # softmax_group_sum | dot_group_sum
+    query_block: int = 1  # queries sharing one selection (1 = per-token reference semantics)
+    rep_keys: str = "post_rope"  # post_rope | pre_rope (only post_rope is implemented in the core)
+    dense_layers: List[int] = field(default_factory=list)  # 1-based layer numbers kept dense
+    first_dense_layers: int = 0  # keep layers 1..N dense as well
+    punct_charset: str = "en"  # en | en_zh (spec §6)
+
+
+@dataclass
+class ParallelConfig:
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    context_parallel_size: int = 1
+    cp_mode: str = "allgather"  # allgather | ulysses
+    use_distributed_optimizer: bool = True  # GPU only; CPU uses AdamW + explicit all-reduce
+    nproc_per_node: int = 2  # used by launch/pretrain.sh outside Slurm
+
+
+@dataclass
+class DataConfig:
+    name: str = "embedded"
+    prefixes: List[str] = field(default_factory=list)  # Megatron .bin/.idx prefixes; empty = embedded corpus
+    weights: List[float] = field(default_factory=list)  # blend weights, one per prefix (empty = equal)
+    tokenizer: Optional[str] = None  # tokenizer.json path/dir or hub name; None = the one next to the data
+    punct_table: Optional[str] = None  # <prefix>_punct.json; None = next to the tokenizer/data
+    cache_dir: str = "${oc.env:PHSA_CACHE_DIR,${oc.env:HOME}/.cache/phsa_train}"
+    embedded_vocab_size: int = 4096
+    seq_len: int = 256
+    split: str = "949,50,1"
+    reset_attention_mask: bool = False  # true: attention and selection never cross an EOD boundary
+    num_workers: int = 0
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 200
+    micro_batch_size: int = 4
+    global_batch_size: int = 8
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    warmup_steps: int = 20
+    lr_decay_style: str = "cosine"  # cosine | linear | constant
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    clip_grad: float = 1.0
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    seed: int = 1234
+    eval_interval: int = 50
+    eval_iters: int = 4
+    log_interval: int = 5
+    exit_after_steps: Optional[int] = None  # stop early (tests, time-boxed jobs); a checkpoint is saved
+
+
+@dataclass
+class CheckpointConfig:
+    dir: Optional[str] = None  # default: <run dir>/checkpoints
+    interval: int = 50  # steps between saves (a crash loses at most this many)
+    resume: str = "auto"  # auto | true | false
+    keep_last: int = 2
+    init_from: Optional[str] = None  # a checkpoint dir to start from (weights only)
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "offline"  # offline | online | disabled
+    project: str = "phsa_train"
+    entity: Optional[str] = None
+    group: Optional[str] = None
+    name: Optional[str] = None
+    tags: List[str] = field(default_factory=list)
+
+
+@dataclass
+class LoggingConfig:
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    plots: bool = True  # PNG loss/lr plots in the run dir
+
+
+@dataclass
+class CurriculumConfig:
+    name: str = "none"
+    # The full knob set is defined by phsa_train.curriculum; kept open here so curricula can grow.
+    params: Any = field(default_factory=dict)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = MISSING
+    attention: AttentionConfig = MISSING
+    parallel: ParallelConfig = MISSING
+    data: DataConfig = MISSING
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = MISSING
+    curriculum: Any = None
+    run_name: str = "${attention.name}-${model.name}-s${data.seq_len}"
+    run_dir: Optional[str] = None  # default: Hydra's output dir
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=Config)
+    cs.store(group="model", name="base_model", node=ModelConfig)
+    cs.store(group="attention", name="base_attention", node=AttentionConfig)
+    cs.store(group="parallel", name="base_parallel", node=ParallelConfig)
+    cs.store(group="data", name="base_data", node=DataConfig)
+    cs.store(group="logging", name="base_logging", node=LoggingConfig)

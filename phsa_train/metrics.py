@@ -1,0 +1,88 @@
+"""Metrics fan-out: a console line, ``metrics.jsonl`` in the run dir, and Weights & Biases.
+
+Only global rank 0 logs. ``metrics.jsonl`` is the record tests and plots read (W&B offline files are a
+binary stream); W&B mirrors it. W&B runs are resumed by id after a restart, so a requeued job keeps
+one run and one curve.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: Path, *, enabled: bool, wandb_cfg, config: dict, run_name: str,
+                 resume_id: Optional[str] = None, tags: tuple[str, ...] = ()):
+        self.enabled = enabled
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / "metrics.jsonl"
+        self.wandb = None
+        self.run_id: Optional[str] = resume_id
+        if not enabled:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if wandb_cfg.mode != "disabled":
+            import wandb
+
+            os.environ.setdefault("WANDB_SILENT", "true")
+            self.run_id = resume_id or wandb.util.generate_id()
+            self.wandb = wandb.init(
+                project=wandb_cfg.project, entity=wandb_cfg.entity, group=wandb_cfg.group, name=wandb_cfg.name or run_name,
+                tags=list(tags) + list(wandb_cfg.tags), config=config, mode=wandb_cfg.mode, dir=str(self.run_dir),
+                id=self.run_id, resume="allow")
+            # Line dense and sparse runs up on tokens, not on steps.
+            self.wandb.define_metric("train/tokens_seen")
+            for prefix in ("train/*", "valid/*", "perf/*", "phsa/*"):
+                self.wandb.define_metric(prefix, step_metric="train/tokens_seen")
+
+    def log(self, step: int, metrics: dict[str, Any], console: Optional[str] = None) -> None:
+        if not self.enabled:
+            return
+        row = {"step": step, "time": time.time(), **{k: _plain(v) for k, v in metrics.items()}}
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+        if console:
+            print(console, flush=True)
+
+    def finish(self) -> None:
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
+
+
+def _plain(v):
+    if hasattr(v, "item"):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    return v
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def flops_per_token(cfg, seq_len: int, vocab_size: int, attended_tokens: Optional[float] = None) -> float:
+    """Training FLOPs per token (fwd + bwd = 3x fwd), PaLM-style: 6N for the matmuls plus attention.
+
+    ``attended_tokens`` is the mean number of keys a query attends (seq_len / 2 for dense causal);
+    for PHSA pass the sparse count to get the FLOPs actually computed.
+    """
+    m = cfg.model
+    h, f, L = m.hidden_size, m.ffn_hidden_size, m.num_layers
+    q_dim, kv_dim = m.num_attention_heads * m.kv_channels, m.num_query_groups * m.kv_channels
+    mlp = (3 if m.gated_linear_unit else 2) * h * f
+    per_layer = h * (q_dim + 2 * kv_dim) + q_dim * h + mlp
+    n_matmul = L * per_layer + h * vocab_size
+    attended = seq_len / 2 if attended_tokens is None else attended_tokens
+    attn = L * 2 * 2 * q_dim * attended  # QK^T and PV, 2 FLOPs per MAC
+    return 6 * n_matmul + 3 * attn

@@ -1,0 +1,61 @@
+"""Build the Megatron-Core GPTModel from ``cfg.model`` + ``cfg.attention``."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer import TransformerConfig
+
+from phsa_train.megatron.specs import layer_spec_from_config
+
+
+def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
+    """Megatron pads the vocabulary so the embedding splits evenly over TP ranks."""
+    multiple = divisible_by * tp
+    return ((vocab_size + multiple - 1) // multiple) * multiple
+
+
+def transformer_config(cfg, params_dtype: torch.dtype) -> TransformerConfig:
+    m, p = cfg.model, cfg.parallel
+    on_gpu = torch.cuda.is_available()
+    return TransformerConfig(
+        num_layers=m.num_layers, hidden_size=m.hidden_size, ffn_hidden_size=m.ffn_hidden_size,
+        num_attention_heads=m.num_attention_heads, num_query_groups=m.num_query_groups, kv_channels=m.kv_channels,
+        normalization=m.normalization, qk_layernorm=m.qk_layernorm, gated_linear_unit=m.gated_linear_unit,
+        activation_func=F.silu if m.gated_linear_unit else F.gelu, add_bias_linear=False,
+        hidden_dropout=0.0, attention_dropout=0.0, init_method_std=m.init_method_std,
+        tensor_model_parallel_size=p.tensor_model_parallel_size,
+        pipeline_model_parallel_size=p.pipeline_model_parallel_size,
+        context_parallel_size=p.context_parallel_size,
+        params_dtype=params_dtype, bf16=params_dtype == torch.bfloat16,
+        # CPU: weights are initialised identically for every TP size only with CPU init (and CUDA init
+        # needs a GPU); fused kernels and sequence parallel need CUDA/TE.
+        use_cpu_initialization=not on_gpu, sequence_parallel=False,
+        bias_activation_fusion=False, bias_dropout_fusion=on_gpu, masked_softmax_fusion=False,
+        persist_layer_norm=False, gradient_accumulation_fusion=False, apply_rope_fusion=False,
+    )
+
+
+def build_model(cfg, vocab_size: int, params_dtype: torch.dtype) -> GPTModel:
+    """GPTModel for this pipeline stage; ``vocab_size`` is already padded."""
+    m = cfg.model
+    model = GPTModel(
+        config=transformer_config(cfg, params_dtype), transformer_layer_spec=layer_spec_from_config(cfg),
+        vocab_size=vocab_size, max_sequence_length=m.max_position_embeddings,
+        pre_process=parallel_state.is_pipeline_first_stage(), post_process=parallel_state.is_pipeline_last_stage(),
+        share_embeddings_and_output_weights=m.tie_embeddings, position_embedding_type="rope",
+        rotary_base=int(m.rotary_base),
+    )
+    if torch.cuda.is_available():
+        model.cuda(torch.cuda.current_device())
+    return model
+
+
+def num_parameters(model: torch.nn.Module, exclude_embeddings: bool = False) -> int:
+    n = 0
+    for name, p in model.named_parameters():
+        if exclude_embeddings and ("embedding" in name or "output_layer" in name):
+            continue
+        n += p.numel()
+    return n

@@ -1,0 +1,77 @@
+"""One training forward/backward of the tiny GPT on a fixed global batch, under any TP x CP x DP layout.
+
+Run under torchrun. Writes (rank 0) the loss and the full (TP-gathered) gradients to ``--out`` so a
+test can compare layouts with the single-process run. Uses the real training step
+(``phsa_train.train.forward_step`` / ``loss_func``) and the real grad sync of the CPU path.
+"""
+import argparse
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from phsa_train import cpu_compat
+from phsa_train.distributed import init_distributed, init_model_parallel
+from phsa_train.megatron.token_info import make_token_info
+from phsa_train.model import build_model
+from phsa_train.train import forward_step
+from tests.helpers import compose
+
+VOCAB, SEQ, GLOBAL_BATCH = 256, 64, 4
+
+
+def global_batch(reset_docs: bool):
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(1, VOCAB, (GLOBAL_BATCH, SEQ + 1), generator=g)
+    if reset_docs:
+        tokens[:, 20] = 0  # EOD (id 0) in the middle of every row
+    punct_lut = torch.zeros(VOCAB, dtype=torch.bool)
+    punct_lut[::7] = True
+    x, y = tokens[:, :-1], tokens[:, 1:]
+    return {"tokens": x, "labels": y, "loss_mask": torch.ones_like(x, dtype=torch.float),
+            "position_ids": torch.arange(SEQ).expand(GLOBAL_BATCH, SEQ).clone(),
+            "token_info": make_token_info(x, punct_lut, 0 if reset_docs else None)}
+
+
+def gather_tp(param: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    if tp == 1 or not getattr(param, "tensor_model_parallel", False):
+        return grad
+    parts = [torch.empty_like(grad) for _ in range(tp)]
+    dist.all_gather(parts, grad.contiguous(), group=parallel_state.get_tensor_model_parallel_group())
+    return torch.cat(parts, dim=param.partition_dim)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--tp", type=int, default=1)
+    ap.add_argument("--cp", type=int, default=1)
+    ap.add_argument("--reset-docs", action="store_true")
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args()
+    env = init_distributed()
+    cpu_compat.install_cpu_shims()
+    init_model_parallel(args.tp, 1, args.cp)
+    cfg = compose(["model=tiny", f"data.seq_len={SEQ}", *args.overrides])
+    torch.manual_seed(1234)
+    model = build_model(cfg, VOCAB, torch.float32)
+
+    batch = global_batch(args.reset_docs)
+    dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
+    rows = slice(dp_rank * GLOBAL_BATCH // dp, (dp_rank + 1) * GLOBAL_BATCH // dp)
+    local = iter([{k: v[rows] for k, v in batch.items()}])
+    out = cpu_compat.forward_backward_local(forward_step_func=forward_step, data_iterator=local, model=[model],
+                                            num_microbatches=1)
+    cpu_compat.allreduce_grads(model)
+    loss = out[0]["loss"].clone()
+    dist.all_reduce(loss, group=parallel_state.get_data_parallel_group())
+    grads = {n: gather_tp(p, p.grad) for n, p in model.named_parameters()}
+    if env.rank == 0:
+        torch.save({"loss": loss.item() / dp, "grads": grads}, args.out)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
