@@ -122,3 +122,6 @@ def _validate_phsa(a, seq_len: int, cp: int) -> None:
         _check(seq_len % (2 * cp * a.block_size) == 0,
                f"data.seq_len={seq_len} must be divisible by 2 x parallel.context_parallel_size x "
                f"attention.block_size = {2 * cp * a.block_size} for PHSA context parallelism")
+        _check((seq_len // (2 * cp)) % a.query_block == 0,
+               f"data.seq_len / (2 x parallel.context_parallel_size) = {seq_len // (2 * cp)} must be a multiple "
+               f"of attention.query_block={a.query_block} (query groups may not straddle CP chunks)")
