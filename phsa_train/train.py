@@ -150,6 +150,10 @@ def train(cfg: DictConfig) -> dict:
     last_saved, valid_loss, t0 = state.step, None, time.time()
 
     model.train()
+    if t.eval_interval and state.step == 0:  # the starting value every later validation is compared with
+        valid_loss = evaluate(model, forward_backward, data, cfg, env.device)
+        logger.log(0, {"valid/loss": valid_loss, "valid/ppl": float(torch.tensor(valid_loss).exp()),
+                       "train/tokens_seen": 0}, f"step      0/{t.steps} | valid {valid_loss:.4f}")
     while state.step < stop_at:
         step_start = time.time()
         sparsity = curriculum.apply(inner, state.step)

@@ -1,0 +1,74 @@
+"""End-to-end: the real launcher, real torchrun (2 gloo ranks), real data, W&B offline, checkpoints."""
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from phsa_train.metrics import read_metrics
+from tests.helpers import REPO, subprocess_env
+
+SHORT = ["model=tiny", "data.seq_len=128", "train.micro_batch_size=4", "train.global_batch_size=8",
+         "train.warmup_steps=5", "train.lr=3e-3", "train.log_interval=5", "train.eval_iters=2"]
+
+
+def launch(run_dir: Path, *overrides, cache_dir, **popen):
+    env = subprocess_env(PHSA_RUN_DIR=run_dir, PHSA_CACHE_DIR=cache_dir, NPROC=2)
+    return subprocess.Popen(["bash", "launch/pretrain.sh", *SHORT, *overrides], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            **popen)
+
+
+def finish(proc, timeout=600) -> str:
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out[-6000:]
+    return out
+
+
+@pytest.mark.slow
+def test_demo_trains_and_writes_everything(tmp_path, cache_dir):
+    run = tmp_path / "run"
+    out = finish(launch(run, "train.steps=60", "train.eval_interval=30", "checkpoint.interval=30",
+                        cache_dir=cache_dir))
+    rows = read_metrics(run)
+    valid = [r["valid/loss"] for r in rows if "valid/loss" in r]
+    assert len(valid) == 3 and valid[-1] < valid[0] - 0.5, valid
+    assert [r["step"] for r in rows if "train/loss" in r] == list(range(1, 61))
+    assert (run / "checkpoints" / "iter_0000060" / "meta.json").exists()
+    assert (run / "checkpoints" / "latest_checkpointed_iteration.txt").read_text() == "60"
+    assert list((run / "wandb").glob("offline-run-*/run-*.wandb")), "no W&B offline run"
+    assert (run / "loss.png").stat().st_size > 10_000
+    assert "step     60/60" in out and "tok/s" in out
+
+
+@pytest.mark.slow
+def test_sigkill_then_restart_resumes_and_matches_uninterrupted(tmp_path, cache_dir):
+    common = ["train.steps=40", "train.eval_interval=0", "checkpoint.interval=10"]
+    straight = tmp_path / "straight"
+    finish(launch(straight, *common, cache_dir=cache_dir))
+
+    run = tmp_path / "killed"
+    proc = launch(run, *common, cache_dir=cache_dir)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        steps = [r["step"] for r in read_metrics(run) if "train/loss" in r]
+        if steps and steps[-1] >= 25:
+            break
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # the launcher, torchrun and both ranks, no chance to clean up
+    proc.wait()
+    assert (run / "checkpoints" / "latest_checkpointed_iteration.txt").exists()
+    killed_at = [r["step"] for r in read_metrics(run) if "train/loss" in r][-1]
+    assert killed_at < 40
+
+    out = finish(launch(run, *common, cache_dir=cache_dir))
+    resumed_from = int(out.split("resumed at step ")[1].split()[0].rstrip(","))
+    assert killed_at - 10 <= resumed_from <= killed_at and resumed_from % 10 == 0
+    final = {r["step"]: r["train/loss"] for r in read_metrics(run) if "train/loss" in r}
+    ref = {r["step"]: r["train/loss"] for r in read_metrics(straight) if "train/loss" in r}
+    assert max(final) == 40
+    for step in range(resumed_from + 1, 41):  # same data, weights, optimizer and RNG -> same losses
+        assert final[step] == pytest.approx(ref[step], rel=1e-5), step
