@@ -53,7 +53,8 @@ def main():
     env = init_distributed()
     cpu_compat.install_cpu_shims()
     init_model_parallel(args.tp, 1, args.cp)
-    cfg = compose(["model=tiny", f"data.seq_len={SEQ}", *args.overrides])
+    cfg = compose(["model=tiny", f"data.seq_len={SEQ}", f"parallel.tensor_model_parallel_size={args.tp}",
+                   f"parallel.context_parallel_size={args.cp}", *args.overrides])
     torch.manual_seed(1234)
     model = build_model(cfg, VOCAB, torch.float32)
 
