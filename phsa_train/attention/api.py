@@ -1,8 +1,8 @@
 """Public entry points: ``phsa_attention`` and ``select_blocks``, with backend dispatch.
 
 backend="reference" always works (CPU too); "triton" needs CUDA tensors and
-``phsa_train.attention.phsa.triton``; "auto" picks triton for CUDA inputs when that module imports, else the
-reference. Parameters and shapes are validated before any backend runs.
+``phsa_train.attention.phsa.triton``; "auto" picks triton for CUDA inputs when that module imports and the
+block size is one the kernels support (16 | 32 | 64), else the reference. Parameters and shapes are validated before any backend runs.
 """
 
 from __future__ import annotations

@@ -34,9 +34,9 @@ def causal_activation_ratio(
 
     TOPK(i) is taken to be the min(k, #eligible(i)) *most recent* eligible blocks (a recency-biased selection;
     ties in the real selection also go to later blocks). Overlaps with INIT and LOCAL are counted once. This is
-    a structural figure, not a bound: an actual selection may differ by at most one block's overlap with
-    INIT per query; use ``measured_activation`` for the exact value of a given selection. Vectorised: L = 128k
-    takes milliseconds.
+    a structural figure, not a bound: only the oldest eligible block can overlap INIT and only the newest can
+    overlap LOCAL, so any selection of the same size differs by fewer than block_size tokens per query; use
+    ``measured_activation`` for the exact value of a given selection. Vectorised: L = 128k takes milliseconds.
     """
     m, w, B = block_size, local_window, query_block
     i = torch.arange(L, dtype=torch.int64)
