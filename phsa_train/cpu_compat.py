@@ -65,20 +65,33 @@ def forward_backward_local(*, forward_step_func, data_iterator, model, num_micro
     return losses
 
 
-def allreduce_grads(model: torch.nn.Module) -> None:
-    """Average gradients over data-parallel x context-parallel ranks (what Megatron DDP does on GPU)."""
-    group = parallel_state.get_data_parallel_group(with_context_parallel=True)
-    world = dist.get_world_size(group)
-    if world == 1:
-        return
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
+def _allreduce_flat(grads: list[torch.Tensor], group, divide_by: int = 1) -> None:
     flat = torch.cat([g.reshape(-1) for g in grads])
     dist.all_reduce(flat, group=group)
-    flat /= world
+    if divide_by > 1:
+        flat /= divide_by
     offset = 0
     for g in grads:
         g.copy_(flat[offset:offset + g.numel()].view_as(g))
         offset += g.numel()
+
+
+def allreduce_grads(model: torch.nn.Module) -> None:
+    """The gradient sync Megatron DDP + ``finalize_model_grads`` do on GPU.
+
+    1. QK-layernorm weights are replicated over TP ranks but each rank only sees its own heads:
+       sum their gradients over the TP group.
+    2. Average every gradient over the data-parallel x context-parallel group.
+    """
+    if parallel_state.get_tensor_model_parallel_world_size() > 1:
+        qk_norm = [p.grad for n, p in model.named_parameters()
+                   if p.grad is not None and ("q_layernorm" in n or "k_layernorm" in n)]
+        if qk_norm:
+            _allreduce_flat(qk_norm, parallel_state.get_tensor_model_parallel_group())
+    group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+    world = dist.get_world_size(group)
+    if world > 1:
+        _allreduce_flat([p.grad for p in model.parameters() if p.grad is not None], group, world)
 
 
 def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> float:

@@ -33,12 +33,16 @@ def global_batch(reset_docs: bool):
             "token_info": make_token_info(x, punct_lut, 0 if reset_docs else None)}
 
 
-def gather_tp(param: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+def gather_tp(name: str, param: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """The TP=1 layout of a TP-sharded gradient."""
     tp = parallel_state.get_tensor_model_parallel_world_size()
     if tp == 1 or not getattr(param, "tensor_model_parallel", False):
         return grad
     parts = [torch.empty_like(grad) for _ in range(tp)]
     dist.all_gather(parts, grad.contiguous(), group=parallel_state.get_tensor_model_parallel_group())
+    if "linear_fc1" in name:  # SwiGLU: every shard is [gate_r; up_r]; TP=1 is [gate; up]
+        halves = [p.chunk(2, dim=0) for p in parts]
+        return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=0)
     return torch.cat(parts, dim=param.partition_dim)
 
 
@@ -67,7 +71,7 @@ def main():
     cpu_compat.allreduce_grads(model)
     loss = out[0]["loss"].clone()
     dist.all_reduce(loss, group=parallel_state.get_data_parallel_group())
-    grads = {n: gather_tp(p, p.grad) for n, p in model.named_parameters()}
+    grads = {n: gather_tp(n, p, p.grad) for n, p in model.named_parameters()}
     if env.rank == 0:
         torch.save({"loss": loss.item() / dp, "grads": grads}, args.out)
     dist.barrier()
