@@ -50,6 +50,20 @@ class MetricsLogger:
         if console:
             print(console, flush=True)
 
+    def summary_charts(self) -> None:
+        """W&B custom chart with loss and sparsity on one panel (the PNGs carry the same for offline users)."""
+        if self.wandb is None:
+            return
+        import wandb
+
+        rows = [r for r in read_metrics(self.run_dir) if "train/loss" in r]
+        if not rows or "phsa/sparsity" not in rows[-1]:
+            return
+        steps = [r["step"] for r in rows]
+        self.wandb.log({"charts/loss_and_sparsity": wandb.plot.line_series(
+            xs=steps, ys=[[r["train/loss"] for r in rows], [r.get("phsa/sparsity", 0.0) for r in rows]],
+            keys=["train/loss", "phsa/sparsity"], title="loss and sparsity", xname="step")})
+
     def finish(self) -> None:
         if self.wandb is not None:
             self.wandb.finish()

@@ -43,4 +43,23 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     out = run_dir / "loss.png"
     fig.savefig(out, dpi=110)
     plt.close(fig)
-    return [out]
+    outs = [out]
+    x, _ = _series(rows, "phsa_stats/recall")
+    if x:
+        fig, ax = plt.subplots(figsize=(8, 4.5))
+        for key, label in (("phsa_stats/recall", "PHSA recall"), ("phsa_stats/recall_meanpool", "mean-pool recall"),
+                           ("phsa_stats/punct_block_frac", "selected blocks with punctuation"),
+                           ("phsa_stats/churn", "selection churn")):
+            xs, ys = _series(rows, key)
+            if xs:
+                ax.plot(xs, ys, "o-", label=label, markersize=3)
+        ax.set_xlabel("step")
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        ax.set_title(f"{run_dir.name}: selection quality at the hold's top-k (probe sequence)")
+        fig.tight_layout()
+        outs.append(run_dir / "selection.png")
+        fig.savefig(outs[-1], dpi=110)
+        plt.close(fig)
+    return outs

@@ -21,11 +21,12 @@ from phsa_train import checkpoint as ckpt
 from phsa_train import cpu_compat
 from phsa_train.builders import batches, build_data, build_optimizer, lr_at_step
 from phsa_train.config import register_configs, validate
-from phsa_train.curriculum import build_curriculum
+from phsa_train.curriculum import LossSpikeDetector, build_curriculum
 from phsa_train.distributed import init_distributed, init_model_parallel, shutdown
 from phsa_train.metrics import MetricsLogger, flops_per_token
 from phsa_train.model import build_model, num_parameters, padded_vocab_size
 from phsa_train.preemption import PreemptionWatcher
+from phsa_train.selection_stats import selection_stats
 
 register_configs()
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16, for MFU
@@ -128,7 +129,7 @@ def train(cfg: DictConfig) -> dict:
     config_dict = OmegaConf.to_container(cfg, resolve=True)
     logger = MetricsLogger(run_dir, enabled=env.is_main, wandb_cfg=cfg.logging.wandb, config=config_dict,
                            run_name=cfg.run_name, resume_id=state.wandb_run_id,
-                           tags=(cfg.attention.name, cfg.model.name, cfg.curriculum.name if cfg.curriculum else "none"))
+                           tags=(cfg.attention.name, cfg.model.name, cfg.curriculum.name))
     state.wandb_run_id = logger.run_id
     n_params = num_parameters(inner)
     if env.is_main:
@@ -148,6 +149,12 @@ def train(cfg: DictConfig) -> dict:
     stop_at = min(t.steps, t.exit_after_steps) if t.exit_after_steps else t.steps
     peak = next((v for k, v in PEAK_FLOPS.items() if on_gpu and k in torch.cuda.get_device_name()), None)
     last_saved, valid_loss, t0 = state.step, None, time.time()
+    cur = cfg.curriculum
+    stats_on = curriculum.phsa and cur.stats_interval > 0 and p.context_parallel_size == 1
+    probe = next(batches(data.valid, start_sample=0, global_batch_size=t.micro_batch_size * dp,
+                         micro_batch_size=t.micro_batch_size, data=data,
+                         reset_attention_mask=cfg.data.reset_attention_mask, device=env.device)) if stats_on else None
+    prev_selection, spike = None, LossSpikeDetector(cur.loss_spike_factor)
 
     model.train()
     if t.eval_interval and state.step == 0:  # the starting value every later validation is compared with
@@ -188,6 +195,16 @@ def train(cfg: DictConfig) -> dict:
                    "perf/tokens_per_sec": tokens_per_step / step_time,
                    "perf/tokens_per_sec_per_gpu": tokens_per_step / step_time / env.world_size,
                    **sparsity.metrics()}
+        if spike.update(state.step, sparsity.phase, loss):
+            metrics["phsa/loss_spike"] = 1.0
+            if env.is_main:
+                print(f"[phsa_train] WARNING: loss spike at step {state.step} ({loss:.4f} vs running mean "
+                      f"{spike.mean_before:.4f}) {state.step - spike.changed_at} steps after the switch to "
+                      f"phase '{sparsity.phase}'", flush=True)
+        if stats_on and state.step % cur.stats_interval == 0:
+            stats, prev_selection = selection_stats(inner, probe, cfg.attention, curriculum.schedule.final_topk,
+                                                    cur.stats_queries, prev_selection)
+            metrics.update(stats)
         if peak:
             fpt = flops_per_token(cfg, cfg.data.seq_len, data.vocab_size, sparsity.attended_tokens(cfg.data.seq_len))
             metrics["perf/mfu"] = fpt * metrics["perf/tokens_per_sec_per_gpu"] / peak
@@ -220,6 +237,8 @@ def train(cfg: DictConfig) -> dict:
         from phsa_train.plots import plot_run
 
         plot_run(run_dir)
+    if env.is_main:
+        logger.summary_charts()
     logger.finish()
     result = {"step": state.step, "loss": loss if state.step else None, "valid_loss": valid_loss,
               "run_dir": str(run_dir), "preempted": watcher.stopped}

@@ -125,9 +125,21 @@ class LoggingConfig:
 
 @dataclass
 class CurriculumConfig:
-    name: str = "none"
-    # The full knob set is defined by phsa_train.curriculum; kept open here so curricula can grow.
-    params: Any = field(default_factory=dict)
+    """Sparsity schedule (phsa_train/curriculum.py). Ignored by dense models."""
+
+    name: str = "none"  # none = attention.train_topk/eval_topk from step 0
+    warmup_steps: int = 0  # dense attention (fast path) for these first steps
+    ramp_steps: int = 0  # then the activation ratio ramps down over this many steps
+    shape: str = "cosine"  # linear | cosine | step
+    num_step_levels: int = 4  # plateaus of the 'step' shape
+    ramp_start_activation: float = 1.0  # budget activation ratio at the start of the ramp (1 = every block)
+    target_activation: Optional[float] = None  # final budget activation ratio at data.seq_len ...
+    target_topk: Optional[int] = None  # ... or the final top-k directly (exactly one of the two)
+    eval_topk: Optional[int] = None  # null = evaluate at the training top-k; int = fixed (spec §7)
+    dense_fallback_activation: float = 0.5  # above this budget the layers run dense (sparse would be slower)
+    stats_interval: int = 0  # every N steps: selection statistics on a fixed probe sequence (0 = off)
+    stats_queries: int = 256  # query positions sampled per layer for the statistics
+    loss_spike_factor: float = 1.5  # flag a loss > factor x running mean within 20 steps of a phase change
 
 
 @dataclass
@@ -139,7 +151,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = MISSING
-    curriculum: Any = None
+    curriculum: CurriculumConfig = MISSING
     run_name: str = "${attention.name}-${model.name}-s${data.seq_len}"
     run_dir: Optional[str] = None  # default: Hydra's output dir
 
@@ -152,3 +164,4 @@ def register_configs() -> None:
     cs.store(group="parallel", name="base_parallel", node=ParallelConfig)
     cs.store(group="data", name="base_data", node=DataConfig)
     cs.store(group="logging", name="base_logging", node=LoggingConfig)
+    cs.store(group="curriculum", name="base_curriculum", node=CurriculumConfig)

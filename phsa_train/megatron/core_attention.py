@@ -135,6 +135,7 @@ class PHSACoreAttention(DenseCoreAttention):
         self.train_topk = self.settings.train_topk
         self.eval_topk = self.settings.eval_topk
         self.dense = layer_number in self.settings.dense_layers
+        self.capture = None  # a list while phsa_train.selection_stats.capture_qk is active
 
     @property
     def topk(self) -> int:
@@ -148,6 +149,8 @@ class PHSACoreAttention(DenseCoreAttention):
 
     def forward(self, query, key, value, attention_mask=None, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None, **_unused):
+        if self.capture is not None:
+            self.capture.append((self.layer_number, _to_bshd(query), _to_bshd(key), attention_bias))
         if self.dense:
             return super().forward(query, key, value, attention_mask, attn_mask_type, attention_bias)
         assert attention_bias is not None, (

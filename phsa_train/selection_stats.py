@@ -1,0 +1,94 @@
+"""Selection statistics on a fixed probe sequence, per layer, logged every ``curriculum.stats_interval`` steps.
+
+For every PHSA layer the probe's post-RoPE q and k are captured in one no-grad forward (also during the
+dense warm-up: the capture happens before the dense/sparse dispatch), then, at the hold's top-k:
+  recall            share of the dense softmax mass inside S(i) with PHSA selection (spec §8)
+  recall_meanpool   the same with mean-pooling selection (lam = 1) at the same budget
+  info_loss_reduction  1 - (1 - recall) / (1 - recall_meanpool): the paper's headline quantity
+  punct_block_frac  fraction of selected blocks holding at least one punctuation token
+  churn             Jaccard distance of the selected block sets to the previous evaluation
+Queries are sampled evenly among positions that have an eligible block. With TP the statistics cover the
+heads of this rank; with PP the layers of this stage; under CP they are skipped (the probe is split).
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+
+from phsa_train.megatron.core_attention import PHSACoreAttention
+from phsa_train.megatron.token_info import punct_mask
+
+
+@contextmanager
+def capture_qk(model):
+    """Make every PHSA layer record (layer_number, q [b,s,hq,d], k [b,s,hk,d], token_info) in forward."""
+    layers = [m for m in model.modules() if isinstance(m, PHSACoreAttention)]
+    store: list = []
+    for m in layers:
+        m.capture = store
+    try:
+        yield store
+    finally:
+        for m in layers:
+            m.capture = None
+
+
+def _jaccard_distance(a: torch.Tensor, b: torch.Tensor, nb: int) -> float:
+    """a, b [..., k] block indices (-1 padded) -> mean Jaccard distance of the sets."""
+    def onehot(x):
+        oh = torch.zeros(*x.shape[:-1], nb + 1, dtype=torch.bool, device=x.device)
+        oh.scatter_(-1, torch.where(x < 0, nb, x), True)
+        return oh[..., :nb]
+
+    oa, ob = onehot(a), onehot(b)
+    inter, union = (oa & ob).sum(-1).float(), (oa | ob).sum(-1).float()
+    return float(torch.where(union > 0, 1 - inter / union.clamp(min=1), torch.zeros_like(union)).mean())
+
+
+@torch.no_grad()
+def selection_stats(model, probe: dict, attn_cfg, topk: int, num_queries: int, previous: dict | None):
+    """One probe forward + statistics. Returns (metrics, selections-by-layer for the next churn)."""
+    from phsa_train.attention import attention_recall, select_blocks
+
+    was_training = model.training
+    model.eval()
+    with capture_qk(model) as captured:
+        model(probe["tokens"][:1], probe["position_ids"][:1], None,
+              extra_block_kwargs={"attention_bias": probe["token_info"][:1]})
+    model.train(was_training)
+
+    m, w, n_init = attn_cfg.block_size, attn_cfg.local_window, attn_cfg.n_init
+    knobs = dict(block_size=m, n_init=n_init, local_window=w, topk=topk, score=attn_cfg.score,
+                 query_block=attn_cfg.query_block, backend="reference")
+    metrics, selections, per_layer = {}, {}, []
+    for layer, q, k, info in captured:
+        q, k, pm = q.float(), k.float(), punct_mask(info)
+        L = q.shape[1]
+        nb = L // m
+        first = max(w + m, n_init)  # earliest query with an eligible block
+        if first >= L:
+            continue
+        pos = torch.linspace(first, L - 1, min(num_queries, L - first)).round().long().unique().to(q.device)
+        sel = select_blocks(q, k, pm, lam=attn_cfg.lam, **knobs)
+        sel_mean = select_blocks(q, k, pm, lam=1.0, **knobs)
+        rk = dict(block_size=m, n_init=n_init, local_window=w, query_block=attn_cfg.query_block)
+        recall = attention_recall(q, k, None, sel, **rk)[0, pos].mean().item()
+        recall_mean = attention_recall(q, k, None, sel_mean, **rk)[0, pos].mean().item()
+        block_punct = pm[0, :nb * m].reshape(nb, m).any(-1)  # [nb]
+        chosen = sel[0, pos]  # [n, hk, k]
+        valid = chosen >= 0
+        punct_frac = block_punct[chosen.clamp(min=0)][valid].float().mean().item() if valid.any() else 0.0
+        row = {"recall": recall, "recall_meanpool": recall_mean,
+               "info_loss_reduction": 1 - (1 - recall) / max(1e-9, 1 - recall_mean),
+               "punct_block_frac": punct_frac}
+        if previous is not None and layer in previous and previous[layer].shape == chosen.shape:
+            row["churn"] = _jaccard_distance(chosen, previous[layer], nb)
+        selections[layer] = chosen
+        per_layer.append(row)
+        metrics.update({f"phsa_stats/layer{layer:02d}/{k_}": v for k_, v in row.items()})
+    for key in ("recall", "recall_meanpool", "info_loss_reduction", "punct_block_frac", "churn"):
+        vals = [r[key] for r in per_layer if key in r]
+        if vals:
+            metrics[f"phsa_stats/{key}"] = sum(vals) / len(vals)
+    return metrics, selections
