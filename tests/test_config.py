@@ -80,5 +80,5 @@ def test_cli_missing_data_path(tmp_path):
 def test_cli_help_lists_groups_and_knobs():
     proc = _run_train("--help")
     assert proc.returncode == 0
-    for word in ("attention: dense, meanpool, phsa", "model: qwen3_0.6b, small, tiny", "train.steps"):
+    for word in ("dense, meanpool, phsa", "qwen3_0.6b, small, tiny", "dense_warmup_to_97", "train.steps"):
         assert word in proc.stdout, proc.stdout
