@@ -88,7 +88,7 @@ def main():
     ap.add_argument("--vocab", type=int, default=151936)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--recompute", default="none")
+    ap.add_argument("--recompute", default="full", help="none | selective | full (0.6B at 32k needs full on 80 GB)")
     ap.add_argument("--phsa", nargs="*", default=[], help="extra Hydra overrides for the PHSA variant")
     ap.add_argument("--variants", default="dense,phsa", help="comma list of dense, phsa")
     ap.add_argument("--out", default=None)
