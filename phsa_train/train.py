@@ -209,6 +209,7 @@ def train(cfg: DictConfig) -> dict:
             stats, prev_selection = selection_stats(inner, probe, cfg.attention, curriculum.schedule.final_topk,
                                                     cur.stats_queries, prev_selection)
             metrics.update(stats)
+            pop_path_counts(inner)  # the probe forward is not training work
         if peak:
             fpt = flops_per_token(cfg, cfg.data.seq_len, data.vocab_size, sparsity.attended_tokens(cfg.data.seq_len))
             metrics["perf/mfu"] = fpt * metrics["perf/tokens_per_sec_per_gpu"] / peak
