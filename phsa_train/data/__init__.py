@@ -2,6 +2,7 @@
 from phsa_train.data.corpus import CorpusSummary, load_embedded_corpus
 from phsa_train.data.dataset import build_gpt_datasets, check_vocab
 from phsa_train.data.prepare import (
+    hf_documents,
     PreparedData,
     PrepareResult,
     prepare,
@@ -21,6 +22,7 @@ __all__ = [
     "build_gpt_datasets",
     "build_punct_table",
     "check_vocab",
+    "hf_documents",
     "load_embedded_corpus",
     "load_punct_mask",
     "load_tokenizer",

@@ -6,10 +6,13 @@ those plus ``tokenize``/``detokenize`` and a ``sha256`` that the punctuation tab
 """
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
 import re
+import socket
+import urllib.parse
 from collections.abc import Iterable, Sequence
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -27,10 +30,30 @@ def _offline() -> bool:
     return any(os.environ.get(k, "") not in ("", "0") for k in ("HF_HUB_OFFLINE", "PHSA_OFFLINE"))
 
 
+def _hub_cached(name: str) -> str | None:
+    """tokenizer.json of ``name`` in the local Hugging Face hub cache, if any (newest snapshot)."""
+    home = os.environ.get("HF_HUB_CACHE") or os.path.join(
+        os.environ.get("HF_HOME", os.path.join(os.path.expanduser("~"), ".cache", "huggingface")), "hub")
+    snaps = os.path.join(home, "models--" + name.replace("/", "--"), "snapshots")
+    found = sorted(glob.glob(os.path.join(snaps, "*", "tokenizer.json")), key=os.path.getmtime)
+    return found[-1] if found else None
+
+
+def _hub_reachable(timeout_s: float = 3.0) -> bool:
+    """One TCP connect to the hub; the Rust client would otherwise retry for ~25 s before failing."""
+    host = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or ""
+    try:
+        socket.create_connection((host, 443), timeout=timeout_s).close()
+        return True
+    except OSError:
+        return False
+
+
 def load_tokenizer(spec: str | os.PathLike) -> Tokenizer:
     """Load a tokenizer from a tokenizer.json path, a directory holding one, or a hub name.
 
-    Hub names are only tried when network is allowed (``HF_HUB_OFFLINE``/``PHSA_OFFLINE`` unset).
+    Hub names are looked up in the local HF hub cache first, then downloaded only when network is allowed
+    (``HF_HUB_OFFLINE``/``PHSA_OFFLINE`` unset) and the hub answers a 3 s TCP probe.
     Raises ValueError naming ``data.tokenizer`` when ``spec`` cannot be resolved.
     """
     spec = os.fspath(spec)
@@ -47,7 +70,9 @@ def load_tokenizer(spec: str | os.PathLike) -> Tokenizer:
     looks_like_path = spec.endswith(".json") or os.sep in spec.lstrip(".") and spec.count("/") > 1
     if not spec or looks_like_path or not _HUB_NAME.match(spec):
         raise ValueError(f"data.tokenizer={spec!r}: no such file or directory; {_ALLOWED}")
-    if _offline():
+    if (cached := _hub_cached(spec)) is not None:
+        return Tokenizer.from_file(cached)
+    if _offline() or not _hub_reachable():
         raise ValueError(f"data.tokenizer={spec}: not found locally and no network; {_ALLOWED}")
     try:
         return Tokenizer.from_pretrained(spec)
