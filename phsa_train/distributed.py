@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import socket
 from dataclasses import dataclass
 
 import torch
@@ -31,11 +32,18 @@ def env_rank_info() -> tuple[int, int, int]:
     return 0, 1, 0
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def init_distributed(timeout_minutes: int = 30) -> DistEnv:
     """Start the default process group: NCCL with one GPU per rank, gloo on CPU."""
     rank, world, local_rank = env_rank_info()
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000) if world == 1 else "29500")
+    if "MASTER_PORT" not in os.environ:  # single process without a launcher: any free port
+        os.environ["MASTER_PORT"] = str(_free_port()) if world == 1 else "29500"
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
         device, backend = torch.device("cuda", local_rank), "nccl"
