@@ -137,6 +137,7 @@ class PHSACoreAttention(DenseCoreAttention):
         self.eval_topk = self.settings.eval_topk
         self.dense = layer_number in self.settings.dense_layers
         self.capture = None  # a list while phsa_train.selection_stats.capture_qk is active
+        self.calls = {"dense": 0, "sparse": 0}  # forward calls per path, read and reset by the training loop
 
     @property
     def topk(self) -> int:
@@ -152,6 +153,7 @@ class PHSACoreAttention(DenseCoreAttention):
                 packed_seq_params=None, **_unused):
         if self.capture is not None:
             self.capture.append((self.layer_number, _to_bshd(query), _to_bshd(key), attention_bias))
+        self.calls["dense" if self.dense else "sparse"] += 1
         if self.dense:
             return super().forward(query, key, value, attention_mask, attn_mask_type, attention_bias)
         assert attention_bias is not None, (
@@ -192,3 +194,14 @@ def set_sparsity(model: torch.nn.Module, *, train_topk: int | None = None, eval_
                 m.eval_topk = eval_topk
             if dense is not None:
                 m.dense = dense or m.layer_number in m.settings.dense_layers
+
+
+def pop_path_counts(model: torch.nn.Module) -> dict:
+    """{'dense': n, 'sparse': n} core-attention forward calls since the last pop (all PHSA layers)."""
+    total = {"dense": 0, "sparse": 0}
+    for m in model.modules():
+        if isinstance(m, PHSACoreAttention):
+            for key in total:
+                total[key] += m.calls[key]
+                m.calls[key] = 0
+    return total
