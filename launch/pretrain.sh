@@ -19,7 +19,6 @@ run_name() {  # stable, readable name for a set of overrides
 }
 export PHSA_RUN_DIR="${PHSA_RUN_DIR:-$REPO/runs/$(run_name "$@")}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" PYTHONFAULTHANDLER=1 PYTHONUNBUFFERED=1
-export WANDB_MODE="${WANDB_MODE:-}"
 mkdir -p "$PHSA_RUN_DIR"
 
 if [ -z "${SLURM_JOB_ID:-}" ]; then
