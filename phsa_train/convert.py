@@ -239,6 +239,9 @@ def hf_to_megatron_tensors(hf_sd: dict[str, torch.Tensor], hf: dict, padded_voca
     Raises ConversionError unless every HF tensor is consumed with exactly the expected shape.
     """
     d = hf_dims(hf)
+    if tokenizer_vocab is not None and tokenizer_vocab > d["vocab_size"]:
+        raise ConversionError(f"the data tokenizer has {tokenizer_vocab} entries but the HF checkpoint's vocabulary "
+                              f"only {d['vocab_size']}: use the checkpoint's tokenizer (data.tokenizer=<HF dir>)")
     sd = dict(hf_sd)
     if not any(k.startswith("model.") for k in sd) and "embed_tokens.weight" in sd:  # a bare Qwen3Model
         sd = {("model." + k if k != "lm_head.weight" else k): v for k, v in sd.items()}
@@ -302,9 +305,8 @@ def megatron_to_hf_tensors(msd: dict[str, torch.Tensor], model_cfg, vocab_size: 
 
     out: OrderedDict[str, torch.Tensor] = OrderedDict()
     emb = take("embedding.word_embeddings.weight")
-    if emb.shape[0] < vocab_size:
-        raise ConversionError(f"--vocab-size {vocab_size} exceeds the checkpoint's {emb.shape[0]} embedding rows")
-    out["model.embed_tokens.weight"] = cast(emb[:vocab_size])
+    # fewer rows than vocab_size: rows past the tokenizer were cut at import; they come back as zeros
+    out["model.embed_tokens.weight"] = cast(_pad_rows(emb[:vocab_size], vocab_size))
     for i in range(m.num_layers):
         p, q = f"model.layers.{i}.", f"decoder.layers.{i}."
         out[p + "input_layernorm.weight"] = cast(take(q + "input_layernorm.weight"))
@@ -321,7 +323,7 @@ def megatron_to_hf_tensors(msd: dict[str, torch.Tensor], model_cfg, vocab_size: 
         out[p + "mlp.down_proj.weight"] = cast(take(q + "mlp.linear_fc2.weight"))
     out["model.norm.weight"] = cast(take("decoder.final_layernorm.weight"))
     if not m.tie_embeddings:
-        out["lm_head.weight"] = cast(take("output_layer.weight")[:vocab_size])
+        out["lm_head.weight"] = cast(_pad_rows(take("output_layer.weight")[:vocab_size], vocab_size))
     left = sorted(set(sd) - used)
     if left:
         raise ConversionError(f"Megatron tensors with no HF counterpart: {_short(left)}")
@@ -412,7 +414,7 @@ def load_hf_into_model(model, src: str | Path, cfg, tokenizer_vocab: Optional[in
     hf = read_hf_config(src)
     check_hf_config(hf)
     check_model_matches_hf(cfg.model, hf)
-    if tokenizer_vocab is not None and tokenizer_vocab > hf["vocab_size"]:
+    if tokenizer_vocab is not None and tokenizer_vocab > hf["vocab_size"]:  # before reading any weights
         raise ConversionError(f"the data tokenizer has {tokenizer_vocab} entries but the HF checkpoint's vocabulary "
                               f"only {hf['vocab_size']}: use the checkpoint's tokenizer (data.tokenizer=<HF dir>)")
     full = hf_to_megatron_tensors(load_hf_state_dict(src), hf, model.vocab_size, tokenizer_vocab)
@@ -477,6 +479,9 @@ def hf_to_megatron(src: str | Path, dst: str | Path, overrides: list[str] = (), 
     from phsa_train.model import padded_vocab_size
 
     src, dst = Path(src), Path(dst)
+    it = dst / f"iter_{CONVERTED_STEP:07d}"
+    if it.exists():
+        raise FileExistsError(f"{it} exists; choose an empty destination")
     hf = read_hf_config(src)
     check_hf_config(hf)
     cfg = _compose_for_hf(hf, list(overrides), re.sub(r"[^a-z0-9_.-]", "_", src.resolve().name.lower()))
@@ -484,8 +489,17 @@ def hf_to_megatron(src: str | Path, dst: str | Path, overrides: list[str] = (), 
     src_dtype = hf_sd["model.embed_tokens.weight"].dtype if "model.embed_tokens.weight" in hf_sd else torch.float32
     params_dtype = src_dtype if dtype == "source" else DTYPES[dtype]
     tp = cfg.parallel.tensor_model_parallel_size
-    padded = padded_vocab_size(hf["vocab_size"], cfg.model.make_vocab_size_divisible_by, tp)
-    full = hf_to_megatron_tensors(hf_sd, hf, padded)
+    # Training pads the *tokenizer's* vocabulary (builders.build_data), so when we know the tokenizer
+    # (data.tokenizer=..., else the tokenizer.json shipped in SRC) the rows are padded_vocab(tokenizer);
+    # rows past every token id (Qwen3: 151669 ids, 151936 rows) may then be cut.
+    tok_spec = cfg.data.tokenizer or (str(src) if (src / "tokenizer.json").exists() else None)
+    tokenizer_vocab = None
+    if tok_spec:
+        from phsa_train.data import load_tokenizer
+
+        tokenizer_vocab = load_tokenizer(tok_spec).get_vocab_size(with_added_tokens=True)
+    padded = padded_vocab_size(tokenizer_vocab or hf["vocab_size"], cfg.model.make_vocab_size_divisible_by, tp)
+    full = hf_to_megatron_tensors(hf_sd, hf, padded, tokenizer_vocab)
     del hf_sd
 
     _single_process_setup()
@@ -493,15 +507,13 @@ def hf_to_megatron(src: str | Path, dst: str | Path, overrides: list[str] = (), 
     assign_full_state_dict(model, full, tied=cfg.model.tie_embeddings)
     del full
 
-    it = dst / f"iter_{CONVERTED_STEP:07d}"
-    if it.exists():
-        raise FileExistsError(f"{it} exists; choose an empty destination")
     tmp = Path(str(it) + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     dist_checkpointing.save({"model": model.sharded_state_dict()}, str(tmp))
     meta = {"step": CONVERTED_STEP, "consumed_samples": 0, "wandb_run_id": None, "world_size": 1,
             "extra": {"converted_from_hf": str(src.resolve()), "hf_config": hf, "hf_vocab_size": hf["vocab_size"],
+                      "tokenizer": tok_spec, "tokenizer_vocab_size": tokenizer_vocab,
                       "padded_vocab_size": padded, "padded_for_tp": tp, "hf_dtype": str(src_dtype).split(".")[-1]},
             "config": OmegaConf.to_container(cfg, resolve=True), "versions": ckpt._versions()}
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
