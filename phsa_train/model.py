@@ -16,13 +16,13 @@ def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
     return ((vocab_size + multiple - 1) // multiple) * multiple
 
 
-def transformer_config(cfg, params_dtype: torch.dtype) -> TransformerConfig:
+def transformer_config(cfg, params_dtype: torch.dtype, init_weights: bool = True) -> TransformerConfig:
     m, p = cfg.model, cfg.parallel
     on_gpu = torch.cuda.is_available()
     return TransformerConfig(
         num_layers=m.num_layers, hidden_size=m.hidden_size, ffn_hidden_size=m.ffn_hidden_size,
         num_attention_heads=m.num_attention_heads, num_query_groups=m.num_query_groups, kv_channels=m.kv_channels,
-        normalization=m.normalization, qk_layernorm=m.qk_layernorm, gated_linear_unit=m.gated_linear_unit,
+        normalization=m.normalization, layernorm_epsilon=m.layernorm_epsilon, qk_layernorm=m.qk_layernorm, gated_linear_unit=m.gated_linear_unit,
         activation_func=F.silu if m.gated_linear_unit else F.gelu, add_bias_linear=False,
         hidden_dropout=0.0, attention_dropout=0.0, init_method_std=m.init_method_std,
         tensor_model_parallel_size=p.tensor_model_parallel_size,
@@ -31,7 +31,7 @@ def transformer_config(cfg, params_dtype: torch.dtype) -> TransformerConfig:
         params_dtype=params_dtype, bf16=params_dtype == torch.bfloat16,
         # CPU: weights are initialised identically for every TP size only with CPU init (and CUDA init
         # needs a GPU); fused kernels and sequence parallel need CUDA/TE.
-        use_cpu_initialization=not on_gpu, sequence_parallel=False,
+        use_cpu_initialization=not on_gpu, perform_initialization=init_weights, sequence_parallel=False,
         bias_activation_fusion=False, bias_dropout_fusion=on_gpu, masked_softmax_fusion=False,
         persist_layer_norm=False, gradient_accumulation_fusion=False, apply_rope_fusion=False,
         recompute_granularity=None if cfg.train.recompute == "none" else cfg.train.recompute,
@@ -40,11 +40,15 @@ def transformer_config(cfg, params_dtype: torch.dtype) -> TransformerConfig:
     )
 
 
-def build_model(cfg, vocab_size: int, params_dtype: torch.dtype) -> GPTModel:
-    """GPTModel for this pipeline stage; ``vocab_size`` is already padded."""
+def build_model(cfg, vocab_size: int, params_dtype: torch.dtype, init_weights: bool = True) -> GPTModel:
+    """GPTModel for this pipeline stage; ``vocab_size`` is already padded.
+
+    ``init_weights=False`` skips the random initialisation (the weights are loaded right after, e.g. by
+    :mod:`phsa_train.convert`); the parameters then hold uninitialised memory.
+    """
     m = cfg.model
     model = GPTModel(
-        config=transformer_config(cfg, params_dtype), transformer_layer_spec=layer_spec_from_config(cfg),
+        config=transformer_config(cfg, params_dtype, init_weights), transformer_layer_spec=layer_spec_from_config(cfg),
         vocab_size=vocab_size, max_sequence_length=m.max_position_embeddings,
         pre_process=parallel_state.is_pipeline_first_stage(), post_process=parallel_state.is_pipeline_last_stage(),
         share_embeddings_and_output_weights=m.tie_embeddings, position_embedding_type="rope",

@@ -125,9 +125,17 @@ def train(cfg: DictConfig) -> dict:
     if last is not None:
         state = ckpt.load(ckpt_dir, last, inner, optimizer, megatron_optimizer=megatron_opt)
     elif cfg.checkpoint.init_from:
-        src = Path(cfg.checkpoint.init_from)
-        ckpt.load(src, ckpt.latest_step(src), inner, optimizer, megatron_optimizer=megatron_opt,
-                  load_optimizer=False)
+        init_from = str(cfg.checkpoint.init_from)
+        if init_from.startswith("hf:"):  # a Hugging Face Qwen3 directory, converted on the fly (weights only)
+            from phsa_train.convert import load_hf_into_model
+
+            load_hf_into_model(inner, Path(init_from[3:]).expanduser(), cfg, tokenizer_vocab=data.tokenizer.vocab_size)
+        else:
+            src = Path(init_from)
+            ckpt.load(src, ckpt.latest_step(src), inner, optimizer, megatron_optimizer=megatron_opt,
+                      load_optimizer=False)
+        if megatron_opt:  # the fp32 main params were copied from the random init when the optimizer was built
+            optimizer.reload_model_params()
 
     config_dict = OmegaConf.to_container(cfg, resolve=True)
     logger = MetricsLogger(run_dir, enabled=env.is_main, wandb_cfg=cfg.logging.wandb, config=config_dict,
@@ -256,10 +264,11 @@ def train(cfg: DictConfig) -> dict:
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
     from phsa_train.config import ConfigError
+    from phsa_train.convert import ConversionError
 
     try:
         train(cfg)
-    except (ConfigError, FileNotFoundError) as e:  # bad input: one clear line, no traceback
+    except (ConfigError, ConversionError, FileNotFoundError) as e:  # bad input: one clear line, no traceback
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"error: {e}", flush=True)
         raise SystemExit(2)

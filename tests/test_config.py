@@ -8,7 +8,7 @@ import pytest
 from phsa_train.config import ConfigError, validate
 from tests.helpers import REPO, compose, subprocess_env
 
-MODELS = ["tiny", "small", "qwen3_0.6b"]
+MODELS = ["tiny", "small", "qwen3_0.6b", "qwen3_8b"]
 ATTENTIONS = ["dense", "phsa", "meanpool"]
 PARALLEL = {"single": 1, "tp2": 2, "cp2": 2, "tp2_cp2": 4}
 
@@ -80,5 +80,5 @@ def test_cli_missing_data_path(tmp_path):
 def test_cli_help_lists_groups_and_knobs():
     proc = _run_train("--help")
     assert proc.returncode == 0
-    for word in ("dense, meanpool, phsa", "qwen3_0.6b, small, tiny", "dense_warmup_to_97", "train.steps"):
+    for word in ("dense, meanpool, phsa", "qwen3_0.6b, qwen3_8b, small, tiny", "dense_warmup_to_97", "train.steps"):
         assert word in proc.stdout, proc.stdout

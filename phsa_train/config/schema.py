@@ -25,10 +25,11 @@ class ModelConfig:
     max_position_embeddings: int = 4096  # longest sequence the model accepts (data.seq_len must not exceed it)
     rotary_base: float = 1_000_000.0
     normalization: str = "RMSNorm"
+    layernorm_epsilon: float = 1e-5  # RMSNorm/LayerNorm epsilon (all norms, QK-norm included); Qwen3 uses 1e-6
     qk_layernorm: bool = True
     gated_linear_unit: bool = True  # SwiGLU
     tie_embeddings: bool = True
-    vocab_size: Optional[int] = None  # None: take it from the tokenizer
+    vocab_size: Optional[int] = None  # None: take it from the tokenizer; set: the HF vocab phsa_train.convert checks
     make_vocab_size_divisible_by: int = 128
     init_method_std: float = 0.02
     transformer_impl: str = "local"  # local | transformer_engine
