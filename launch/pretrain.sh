@@ -14,7 +14,7 @@ PYTHON="${PYTHON:-python}"
 
 run_name() {  # stable, readable name for a set of overrides
   if [ $# -eq 0 ]; then echo default; return; fi
-  local joined; joined="$(printf '%s_' "$@" | tr -c 'A-Za-z0-9_.=-' '-' | cut -c1-60)"
+  local joined; joined="$(printf '%s_' "$@" | tr -c 'A-Za-z0-9_.-' '_' | tr -s '_' | sed 's/^_*//' | cut -c1-60)"
   echo "${joined%_}-$(printf '%s\n' "$@" | sha1sum | cut -c1-8)"
 }
 export PHSA_RUN_DIR="${PHSA_RUN_DIR:-$REPO/runs/$(run_name "$@")}"

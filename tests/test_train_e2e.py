@@ -84,3 +84,12 @@ def test_sigkill_then_restart_resumes_and_matches_uninterrupted(tmp_path, cache_
     assert max(final) == 100
     for step in range(resumed_from + 1, 101):  # same data, weights, optimizer and RNG -> same losses
         assert final[step] == pytest.approx(ref[step], rel=1e-5), step
+
+
+def test_default_run_dir_name_is_a_valid_hydra_value():
+    """The launcher derives the run dir from the overrides; Hydra must accept it as hydra.run.dir."""
+    script = f'source <(sed -n "/^run_name()/,/^}}/p" {REPO}/launch/pretrain.sh); run_name "$@"'
+    name = subprocess.run(["bash", "-c", script, "_", "+experiment=cpu_demo", "data.prefixes=[/a/b]"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    assert name.startswith("experiment_cpu_demo_data.prefixes") and set(name) <= set(
+        "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
