@@ -166,7 +166,7 @@ def write_retrieval_mix(base_prefix: str, output_prefix: str, tokenizer, *, shar
 
     Each planted document is real text of the base corpus (a random slice of its EOD-separated token stream)
     with a fact at a uniformly random depth, the query and the answer at its end, and an EOD after it. Its
-    length is uniform in [min_len, max_len] (defaults seq_len // 16 and seq_len // 2): Megatron's GPTDataset
+    length is uniform in [min_len, max_len] (defaults max(seq_len // 16, 128) and seq_len // 2): Megatron's GPTDataset
     packs documents into seq_len + 1 windows across boundaries, so a document of length l lies whole in one
     window with probability about 1 - l / seq_len; shorter documents keep needle and query together more often.
     Planted documents take ``share`` of the output tokens and are inserted at random positions among the base
@@ -180,8 +180,8 @@ def write_retrieval_mix(base_prefix: str, output_prefix: str, tokenizer, *, shar
     tok = tokenizer if isinstance(tokenizer, MegatronTokenizer) else MegatronTokenizer(tokenizer)
     if not 0.0 < share < 1.0:
         raise ValueError(f"--share={share} must be in (0, 1)")
-    min_len = seq_len // 16 if min_len is None else min_len
     max_len = seq_len // 2 if max_len is None else max_len
+    min_len = min(max_len, max(seq_len // 16, 128)) if min_len is None else min_len
     if not 1 <= min_len <= max_len:
         raise ValueError(f"--min-len={min_len} and --max-len={max_len}: need 1 <= min-len <= max-len")
     if not (os.path.exists(base_prefix + ".bin") and os.path.exists(base_prefix + ".idx")):
