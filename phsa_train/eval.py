@@ -94,11 +94,11 @@ def log(msg: str) -> None:
 
 def resolve_checkpoint(path: str, step: Optional[int]) -> tuple[Path, int]:
     """(checkpoint root, step) for ``eval.checkpoint`` (a checkpoints dir or the run dir holding one)."""
-    from phsa_train import checkpoint as ckpt
-
     root = Path(path).expanduser()
     if not root.is_dir():
         raise FileNotFoundError(f"eval.checkpoint={path}: no such directory")
+    from phsa_train import checkpoint as ckpt  # imports megatron: after the cheap check
+
     for cand in (root, root / "checkpoints"):
         last = ckpt.latest_step(cand) if cand.is_dir() else None
         if last is not None:
@@ -167,13 +167,13 @@ def sparsity_info(cfg, k: int, L: int) -> dict:
 # -------------------------------------------------------------------------------------------------- measures
 
 
-def perplexity(model, data, cfg, device, plan: TopKPlan, valid_iters: int, dense: bool) -> list[dict]:
-    """Validation loss/ppl with ``phsa_train.train.evaluate`` (the numbers training logs) at each top-k."""
+def perplexity(model, data, cfg, device, plan: TopKPlan, dense: bool) -> list[dict]:
+    """Validation loss/ppl with ``phsa_train.train.evaluate`` (the numbers training logs) at each top-k, over
+    ``cfg.train.eval_iters`` global batches."""
     from phsa_train.cpu_compat import forward_backward_local
     from phsa_train.megatron.core_attention import set_sparsity
     from phsa_train.train import evaluate
 
-    assert cfg.train.eval_iters == valid_iters
     runs = [(None, False)] if not plan.topks else [(k, False) for k in plan.topks] + ([(None, True)] if dense else [])
     rows = []
     for k, all_dense in runs:
@@ -187,7 +187,7 @@ def perplexity(model, data, cfg, device, plan: TopKPlan, valid_iters: int, dense
             row.update(roles=plan.roles(k), **sparsity_info(cfg, k, cfg.data.seq_len))
         rows.append(row)
         log(f"perplexity {'dense' if k is None else f'k={k}'}: loss {loss:.4f} ppl {row['ppl']:.2f} "
-            f"({valid_iters} x {cfg.train.global_batch_size} sequences of {cfg.data.seq_len}, {time.time() - t0:.1f} s)")
+            f"({cfg.train.eval_iters} x {cfg.train.global_batch_size} sequences of {cfg.data.seq_len}, {time.time() - t0:.1f} s)")
     return rows
 
 
@@ -423,8 +423,6 @@ def plot_recall(recall: dict, path: Path, title: str) -> Path:
 
 def run_eval(ecfg: DictConfig) -> dict:
     """Everything above for one checkpoint; returns the results dict (also written to results.json)."""
-    from megatron.core import parallel_state
-
     from phsa_train import checkpoint as ckpt
     from phsa_train import cpu_compat
     from phsa_train.builders import build_data
@@ -458,7 +456,8 @@ def run_eval(ecfg: DictConfig) -> dict:
             from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
             model_parallel_cuda_manual_seed(cfg.train.seed)
-        log(f"checkpoint {root} step {step}: {cfg.model.name} {cfg.attention.name} (lam {cfg.attention.lam}), "
+        log(f"checkpoint {root} step {step}: {cfg.model.name} {cfg.attention.name}"
+            + (f" (lam {cfg.attention.lam})" if plan.topks else "") + ", "
             f"trained at seq {cfg.data.seq_len}" + (f", top-k train {plan.train_topk} / eval {plan.eval_topk} "
                                                     f"(phase {plan.phase})" if plan.topks else "")
             + f"; on {env.device.type}")
@@ -479,7 +478,7 @@ def run_eval(ecfg: DictConfig) -> dict:
             "eval_config": OmegaConf.to_container(e, resolve=True),
         }
         if e.perplexity:
-            results["perplexity"] = perplexity(model, data, cfg, env.device, plan, valid_iters, e.dense_perplexity)
+            results["perplexity"] = perplexity(model, data, cfg, env.device, plan, e.dense_perplexity)
         if e.recall.enabled:
             results["recall"] = (attention_recall_eval(model, data, cfg, env.device, plan, e.recall) if plan.topks
                                  else {"skipped": "dense attention model: recall is 1 by construction"})
