@@ -11,8 +11,9 @@ Reads top to bottom: checkpoint + its training config (meta.json) -> 1-rank proc
 -> ``results.json`` + ``retrieval.png`` (heat-map length x depth) + ``recall.png`` (recall vs top-k) in
 ``eval.output_dir`` (default ``<run dir>/eval/iter_XXXXXXX``).
 
-Single process on CPU (gloo) or one GPU (NCCL). Any TP/PP/CP layout of the checkpoint loads into one rank
-(Megatron's distributed checkpoints reshard). Knobs: conf/eval.yaml; the checkpoint's training config can
+Single process on CPU (gloo) or one GPU (NCCL). The model is built with TP = PP = CP = 1; a checkpoint saved
+with another layout relies on Megatron's dist_checkpointing to reshard it (tested here only for DP-saved
+checkpoints), and its precision is the run's ``train.precision`` (auto: bf16 on GPU, fp32 on CPU). Knobs: conf/eval.yaml; the checkpoint's training config can
 be changed with ``eval.overrides=[attention.backend=reference,data.cache_dir=/x]``.
 """
 from __future__ import annotations
