@@ -15,6 +15,8 @@ other commands:
       write only the punctuation table P_punct.json (+ P_punct.tsv for review)
   {PROG} embedded --cache-dir DIR [--vocab-size 4096]
       build the embedded default corpus (stdlib docs) + tokenizer + punct table into DIR
+  {PROG} retrieval-mix --base-prefix P --output-prefix Q --share 0.05 --seq-len 8192 [--tokenizer PATH]
+      copy P to Q with planted-fact retrieval documents (phsa_train/retrieval.py) mixed in
 
 examples:
   {PROG} --input a.txt b.txt --output-prefix data/mix --tokenizer train --vocab-size 8192
@@ -68,7 +70,44 @@ def _embedded_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _mix_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog=f"{PROG} retrieval-mix", description="Copy a prepared dataset with a share of synthetic "
+                "retrieval documents (real corpus text, a fact planted at a random depth, the query at the end).")
+    p.add_argument("--base-prefix", required=True, metavar="P", help="prepared dataset P.bin/P.idx")
+    p.add_argument("--output-prefix", required=True, metavar="Q", help="writes Q.bin, Q.idx, Q_punct.json")
+    p.add_argument("--tokenizer", metavar="PATH", help="the tokenizer of P (default: P_tokenizer.json, else "
+                   "tokenizer.json beside P)")
+    p.add_argument("--share", type=float, default=0.05, help="share of output tokens in retrieval documents")
+    p.add_argument("--seq-len", type=int, default=8192, help="training sequence length (sets the default lengths)")
+    p.add_argument("--min-len", type=int, default=None, help="shortest retrieval document (default: max(seq-len/16, 128))")
+    p.add_argument("--max-len", type=int, default=None, help="longest retrieval document (default: seq-len/2)")
+    p.add_argument("--kind", choices=["passkey", "kv"], default="passkey")
+    p.add_argument("--value-digits", type=int, default=5)
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--drop-haystack-eod", action="store_true",
+                   help="no EOD inside a retrieval document (for data.reset_attention_mask=true training)")
+    p.add_argument("--punct-charset", choices=["en", "en_zh"], default="en")
+    return p
+
+
 def _run(argv: list[str]) -> None:
+    if argv[:1] == ["retrieval-mix"]:
+        args = _mix_parser().parse_args(argv[1:])
+        from phsa_train.retrieval import write_retrieval_mix
+
+        tok = args.tokenizer or next((t for t in (args.base_prefix + "_tokenizer.json", os.path.join(
+            os.path.dirname(os.path.abspath(args.base_prefix)), "tokenizer.json")) if os.path.isfile(t)), None)
+        if tok is None:
+            raise FileNotFoundError(f"--tokenizer: none given and no tokenizer beside {args.base_prefix}")
+        r = write_retrieval_mix(args.base_prefix, args.output_prefix, tok, share=args.share, seq_len=args.seq_len,
+                                min_len=args.min_len, max_len=args.max_len, kind=args.kind,
+                                value_digits=args.value_digits, seed=args.seed,
+                                drop_haystack_eod=args.drop_haystack_eod, punct_charset=args.punct_charset)
+        print(f"wrote {r.prefix}.bin/.idx: {r.base_docs} base + {r.planted_docs} retrieval documents, {r.tokens} "
+              f"tokens ({r.planted_tokens / r.tokens:.1%} retrieval); {r.punct_path}; train with "
+              f"data.prefixes=[{r.prefix}] data.tokenizer={os.path.abspath(tok)}")
+        return
+
     if argv[:1] == ["punct"]:
         args = _punct_parser().parse_args(argv[1:])
         from phsa_train.data import MegatronTokenizer, build_punct_table, write_punct_table

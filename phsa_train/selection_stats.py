@@ -46,11 +46,30 @@ def _jaccard_distance(a: torch.Tensor, b: torch.Tensor, nb: int) -> float:
     return float(torch.where(union > 0, 1 - inter / union.clamp(min=1), torch.zeros_like(union)).mean())
 
 
+def probe_positions(L: int, attn_cfg, num_queries: int, device=None) -> torch.Tensor | None:
+    """Up to ``num_queries`` query positions spread evenly over those that have an eligible block (None: none)."""
+    first = max(attn_cfg.local_window + attn_cfg.block_size, attn_cfg.n_init)  # earliest query with an eligible block
+    if first >= L:
+        return None
+    return torch.linspace(first, L - 1, min(num_queries, L - first)).round().long().unique().to(device)
+
+
+def layer_recall(q, k, pm, attn_cfg, topk: int, lam: float, pos: torch.Tensor, cu_seqlens=None):
+    """Mean attention recall (spec §8) at query positions ``pos`` of row 0, with the selection that ``lam`` and
+    ``topk`` give (reference backend). q [b, L, hq, d], k [b, L, hk, d], pm bool [b, L].
+    Returns (recall, selection [b, L, hk, topk])."""
+    from phsa_train.attention import attention_recall, select_blocks
+
+    a = attn_cfg
+    rk = dict(block_size=a.block_size, n_init=a.n_init, local_window=a.local_window, query_block=a.query_block,
+              cu_seqlens=cu_seqlens)
+    sel = select_blocks(q, k, pm, topk=topk, lam=lam, score=a.score, backend="reference", **rk)
+    return attention_recall(q, k, None, sel, **rk)[0, pos].mean().item(), sel
+
+
 @torch.no_grad()
 def selection_stats(model, probe: dict, attn_cfg, topk: int, num_queries: int, previous: dict | None):
     """One probe forward + statistics. Returns (metrics, selections-by-layer for the next churn)."""
-    from phsa_train.attention import attention_recall, select_blocks
-
     was_training = model.training
     model.eval()
     with capture_qk(model) as captured:
@@ -58,23 +77,16 @@ def selection_stats(model, probe: dict, attn_cfg, topk: int, num_queries: int, p
               extra_block_kwargs={"attention_bias": probe["token_info"][:1]})
     model.train(was_training)
 
-    m, w, n_init = attn_cfg.block_size, attn_cfg.local_window, attn_cfg.n_init
-    knobs = dict(block_size=m, n_init=n_init, local_window=w, topk=topk, score=attn_cfg.score,
-                 query_block=attn_cfg.query_block, backend="reference")
+    m = attn_cfg.block_size
     metrics, selections, per_layer = {}, {}, []
     for layer, q, k, info in captured:
         q, k, pm = q.float(), k.float(), punct_mask(info)
-        L = q.shape[1]
-        nb = L // m
-        first = max(w + m, n_init)  # earliest query with an eligible block
-        if first >= L:
+        nb = q.shape[1] // m
+        pos = probe_positions(q.shape[1], attn_cfg, num_queries, q.device)
+        if pos is None:
             continue
-        pos = torch.linspace(first, L - 1, min(num_queries, L - first)).round().long().unique().to(q.device)
-        sel = select_blocks(q, k, pm, lam=attn_cfg.lam, **knobs)
-        sel_mean = select_blocks(q, k, pm, lam=1.0, **knobs)
-        rk = dict(block_size=m, n_init=n_init, local_window=w, query_block=attn_cfg.query_block)
-        recall = attention_recall(q, k, None, sel, **rk)[0, pos].mean().item()
-        recall_mean = attention_recall(q, k, None, sel_mean, **rk)[0, pos].mean().item()
+        recall, sel = layer_recall(q, k, pm, attn_cfg, topk, attn_cfg.lam, pos)
+        recall_mean, _ = layer_recall(q, k, pm, attn_cfg, topk, 1.0, pos)
         block_punct = pm[0, :nb * m].reshape(nb, m).any(-1)  # [nb]
         chosen = sel[0, pos]  # [n, hk, k]
         valid = chosen >= 0

@@ -1,0 +1,229 @@
+"""Synthetic long-context retrieval: a fact planted at a controlled depth in real corpus text, queried at the end.
+
+One module for both users, so training and evaluation see exactly the same format:
+  * ``phsa_train.eval`` scores a checkpoint on such sequences (length x depth grid), and
+  * :func:`write_retrieval_mix` (``python -m data_prep retrieval-mix``) mixes a small share of them into a
+    Megatron .bin/.idx training set, so small models can learn the skill the evaluation measures.
+
+A sample (token ids; every piece is tokenized on its own and the ids are concatenated, so positions are
+exact and known)::
+
+    [ haystack[:p] | NEEDLE | haystack[p:n] | QUERY | ANSWER ]      length = n + |NEEDLE| + |QUERY| + |ANSWER|
+
+``haystack`` is real corpus text (documents separated by EOD, as in the packed training stream), ``p =
+round(depth * n)``: depth 0 puts the needle at the very start (inside INIT), depth 1 right before the query
+(inside LOCAL); the depths in between are reachable for a PHSA layer only through its top-k blocks.
+
+Kinds (``kind``):
+  passkey  NEEDLE " The pass key is 48213. Remember it. 48213 is the pass key." QUERY " What is the pass key?
+           The pass key is" ANSWER " 48213"
+  kv       NEEDLE ' The value of key "amber-falcon" is 48213.' QUERY ' What is the value of key
+           "amber-falcon"? The value of key "amber-falcon" is' ANSWER " 48213"
+
+Scoring (:func:`score_answers`): one teacher-forced forward over the whole sample; at each answer position the
+model's argmax is compared with the answer token. ``exact_match`` (all answer tokens right) is *exactly* the
+greedy-decoding exact match (greedy decoding reproduces the answer iff every teacher-forced argmax is the
+answer token), so one forward gives the same number as autoregressive decoding. ``token_accuracy`` (share of
+answer tokens right) and ``answer_logprob`` (mean log-prob of the answer tokens) are softer signals for
+small models.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+KINDS = ("passkey", "kv")
+_WORDS = ("amber", "falcon", "cedar", "violet", "harbor", "copper", "meadow", "silver", "orchid", "granite",
+          "lantern", "willow", "ember", "tundra", "quartz", "saffron", "glacier", "maple", "cobalt", "river")
+
+
+@dataclass(frozen=True)
+class Fact:
+    """The token ids of one planted fact: the needle, the query that ends the sample, and the answer."""
+
+    key: str
+    value: str
+    needle: tuple[int, ...]
+    query: tuple[int, ...]
+    answer: tuple[int, ...]
+
+    @property
+    def overhead(self) -> int:
+        """Tokens the fact adds to the haystack."""
+        return len(self.needle) + len(self.query) + len(self.answer)
+
+
+@dataclass(frozen=True)
+class RetrievalSample:
+    """One sequence and where its pieces are. ``tokens[answer_start:]`` is the answer (it ends the sample)."""
+
+    tokens: np.ndarray  # int64 [length]
+    depth: float
+    needle_start: int  # tokens[needle_start:needle_end] == fact.needle
+    needle_end: int
+    answer_start: int
+    fact: Fact
+
+    @property
+    def answer_len(self) -> int:
+        return len(self.fact.answer)
+
+
+def fact_texts(kind: str, key: str, value: str) -> tuple[str, str, str]:
+    """(needle, query, answer) strings of one fact."""
+    if kind == "passkey":
+        return (f" The pass key is {value}. Remember it. {value} is the pass key.",
+                " What is the pass key? The pass key is", f" {value}")
+    if kind == "kv":
+        return (f' The value of key "{key}" is {value}.',
+                f' What is the value of key "{key}"? The value of key "{key}" is', f" {value}")
+    raise ValueError(f"eval.retrieval.kind={kind!r} is not supported; allowed: {', '.join(KINDS)}")
+
+
+def random_fact(rng: np.random.Generator, tokenizer, kind: str = "passkey", value_digits: int = 5) -> Fact:
+    """A fact with a random value (``value_digits`` digits, no leading zero) and, for ``kv``, a random key."""
+    if value_digits < 1:
+        raise ValueError(f"eval.retrieval.value_digits={value_digits} must be >= 1")
+    value = str(int(rng.integers(10 ** (value_digits - 1), 10 ** value_digits)))
+    key = f"{_WORDS[rng.integers(len(_WORDS))]}-{_WORDS[rng.integers(len(_WORDS))]}"
+    needle, query, answer = (tuple(tokenizer.tokenize(t)) for t in fact_texts(kind, key, value))
+    return Fact(key, value, needle, query, answer)
+
+
+def make_sample(haystack: np.ndarray, fact: Fact, length: int, depth: float) -> RetrievalSample:
+    """Plant ``fact`` at ``depth`` (0..1) of the first ``length - fact.overhead`` tokens of ``haystack``.
+
+    Raises ValueError when ``length`` leaves no room for the fact or the haystack is too short.
+    """
+    if not 0.0 <= depth <= 1.0:
+        raise ValueError(f"eval.retrieval.depths: {depth} is outside [0, 1]")
+    n = length - fact.overhead
+    if n < 0:
+        raise ValueError(f"eval.retrieval.lengths: {length} tokens cannot hold the fact ({fact.overhead} tokens)")
+    if len(haystack) < n:
+        raise ValueError(f"haystack of {len(haystack)} tokens is shorter than the {n} a {length}-token sample needs")
+    hay = np.asarray(haystack[:n], dtype=np.int64)
+    p = int(round(depth * n))
+    parts = [hay[:p], fact.needle, hay[p:], fact.query, fact.answer]
+    tokens = np.concatenate([np.asarray(x, dtype=np.int64) for x in parts])
+    return RetrievalSample(tokens, depth, p, p + len(fact.needle), length - len(fact.answer), fact)
+
+
+def score_answers(logits, tokens, answer_start, answer_len: int) -> dict:
+    """Teacher-forced answer scores of a batch of samples whose answer ends the sequence.
+
+    logits [b, L, V] (position t predicts token t + 1), tokens [b, L] (torch tensors), answer_start: the
+    samples' common answer start (int) or a [b] sequence, answer_len: tokens in every answer.
+    Returns per-sample float lists: exact_match (= greedy-decoding exact match), token_accuracy, answer_logprob.
+    """
+    import torch
+
+    b, L, _ = logits.shape
+    starts = torch.as_tensor(answer_start, device=logits.device).reshape(-1).expand(b)
+    pos = starts[:, None] + torch.arange(answer_len, device=logits.device)[None, :]  # [b, a] answer token positions
+    if int(pos.max()) >= L or int(pos.min()) < 1:
+        raise ValueError(f"answer positions {pos.min().item()}..{pos.max().item()} outside 1..{L - 1}")
+    pred_logits = logits.gather(1, (pos - 1)[..., None].expand(-1, -1, logits.shape[-1])).float()  # [b, a, V]
+    target = tokens.to(logits.device).gather(1, pos)  # [b, a]
+    correct = pred_logits.argmax(-1) == target
+    logprob = torch.log_softmax(pred_logits, -1).gather(-1, target[..., None])[..., 0]
+    return {"exact_match": correct.all(-1).float().tolist(), "token_accuracy": correct.float().mean(-1).tolist(),
+            "answer_logprob": logprob.mean(-1).tolist()}
+
+
+# ----------------------------------------------------------------------------------------- training-data mix
+def haystack_slice(stream: np.ndarray, n: int, rng: np.random.Generator, eod: int | None = None) -> np.ndarray:
+    """``n`` consecutive tokens of ``stream`` from a random offset; with ``eod`` given, EOD tokens are dropped
+    first (for ``data.reset_attention_mask=true`` models, where an EOD would cut the needle off the query)."""
+    take = n if eod is None else n + n // 4 + 64  # a little spare for the dropped EODs
+    for _ in range(100):
+        start = int(rng.integers(0, max(1, len(stream) - take)))
+        hay = np.asarray(stream[start:start + take], dtype=np.int64)
+        if eod is not None:
+            hay = hay[hay != eod]
+        if len(hay) >= n:
+            return hay[:n]
+    raise ValueError(f"--base-prefix: the corpus ({len(stream)} tokens) is too short for {n}-token haystacks")
+
+
+@dataclass(frozen=True)
+class MixResult:
+    prefix: str
+    punct_path: str
+    base_docs: int
+    planted_docs: int
+    tokens: int
+    planted_tokens: int
+
+
+def write_retrieval_mix(base_prefix: str, output_prefix: str, tokenizer, *, share: float = 0.05,
+                        seq_len: int = 8192, min_len: int | None = None, max_len: int | None = None,
+                        kind: str = "passkey", value_digits: int = 5, seed: int = 1234,
+                        drop_haystack_eod: bool = False, punct_charset: str = "en") -> MixResult:
+    """Copy ``base_prefix`` (.bin/.idx) to ``output_prefix`` with retrieval documents interleaved.
+
+    Each planted document is real text of the base corpus (a random slice of its EOD-separated token stream)
+    with a fact at a uniformly random depth, the query and the answer at its end, and an EOD after it. Its
+    length is uniform in [min_len, max_len] (defaults max(seq_len // 16, 128) and seq_len // 2): Megatron's GPTDataset
+    packs documents into seq_len + 1 windows across boundaries, so a document of length l lies whole in one
+    window with probability about 1 - l / seq_len; shorter documents keep needle and query together more often.
+    Planted documents take ``share`` of the output tokens and are inserted at random positions among the base
+    documents (not appended: Megatron splits train/valid by document index). Deterministic in ``seed``.
+    The punctuation table ``<output_prefix>_punct.json`` is rebuilt for ``tokenizer``.
+    """
+    from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
+
+    from phsa_train.data import MegatronTokenizer, build_punct_table, write_punct_table
+
+    tok = tokenizer if isinstance(tokenizer, MegatronTokenizer) else MegatronTokenizer(tokenizer)
+    if not 0.0 < share < 1.0:
+        raise ValueError(f"--share={share} must be in (0, 1)")
+    max_len = seq_len // 2 if max_len is None else max_len
+    min_len = min(max_len, max(seq_len // 16, 128)) if min_len is None else min_len
+    if not 1 <= min_len <= max_len:
+        raise ValueError(f"--min-len={min_len} and --max-len={max_len}: need 1 <= min-len <= max-len")
+    if not (os.path.exists(base_prefix + ".bin") and os.path.exists(base_prefix + ".idx")):
+        raise FileNotFoundError(f"--base-prefix: no Megatron dataset at {base_prefix}(.bin/.idx)")
+    base = IndexedDataset(base_prefix)
+    stream = np.memmap(base_prefix + ".bin", dtype=base.index.dtype, mode="r")
+    base_tokens = int(len(stream))
+    rng = np.random.default_rng(seed)
+    mean_len = (min_len + max_len) / 2
+    n_planted = max(1, int(round(share / (1 - share) * base_tokens / mean_len)))
+    # Planted document j goes right before base document slot[j] (slot == len(base): at the end).
+    slots = np.sort(rng.integers(0, len(base) + 1, n_planted))
+
+    os.makedirs(os.path.dirname(os.path.abspath(output_prefix)), exist_ok=True)
+    tmp = f"{output_prefix}.tmp-{os.getpid()}"
+    builder = IndexedDatasetBuilder(tmp + ".bin", dtype=base.index.dtype)
+    planted_tokens, j = 0, 0
+    eod = tok.eod
+    try:
+        for i in range(len(base) + 1):
+            while j < n_planted and slots[j] == i:
+                fact = random_fact(rng, tok, kind, value_digits)
+                length = int(rng.integers(min_len, max_len + 1))
+                if length <= fact.overhead:
+                    raise ValueError(f"--min-len={min_len} cannot hold a fact ({fact.overhead} tokens)")
+                hay = haystack_slice(stream, length - fact.overhead, rng, eod if drop_haystack_eod else None)
+                sample = make_sample(hay, fact, length, float(rng.random()))
+                doc = np.append(sample.tokens, eod)
+                builder.add_document(doc, [len(doc)])
+                planted_tokens += len(doc)
+                j += 1
+            if i < len(base):
+                doc = base[i]
+                builder.add_document(doc, [len(doc)])
+        builder.finalize(tmp + ".idx")
+    except BaseException:
+        builder.data_file.close()
+        for ext in (".bin", ".idx"):
+            if os.path.exists(tmp + ext):
+                os.remove(tmp + ext)
+        raise
+    os.replace(tmp + ".bin", output_prefix + ".bin")
+    os.replace(tmp + ".idx", output_prefix + ".idx")
+    punct = write_punct_table(build_punct_table(tok, punct_charset), output_prefix, tok)
+    return MixResult(output_prefix, punct, len(base), n_planted, base_tokens + planted_tokens, planted_tokens)
