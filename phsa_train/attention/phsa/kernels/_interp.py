@@ -5,7 +5,8 @@ Three interpreter bugs met by these kernels (none of them exists on the GPU):
    which numpy >= 2.3 refuses ("only 0-dimensional arrays can be converted to Python scalars").
 2. ``tl.dot`` on bf16 operands multiplies their raw uint16 storage (bf16 is kept as uint16 there): garbage.
 3. fp32 -> bf16 / fp16 -> bf16 casts truncate instead of rounding to nearest even as the GPU does.
-``patch()`` fixes the three inside the interpreter (dot: bf16 operands are widened to fp32, which is exact for
+4. (speed) ``tl.sort`` runs its bitonic network through generic reductions: minutes for one small kernel.
+``patch()`` fixes the four inside the interpreter (dot: bf16 operands are widened to fp32, which is exact for
 the products, the accumulation being fp32 as on the GPU; casts: through torch, round-to-nearest-even). It
 changes nothing when the interpreter is not in use.
 """
@@ -68,4 +69,14 @@ def patch() -> None:
     B.create_fp_ext = lambda self, src, dst_type: cast_impl(self, src, dst_type)
     B.create_fp_trunc = lambda self, src, dst_type: cast_impl(self, src, dst_type)
     B.create_fp_to_fp = create_fp_to_fp
+
+    def _np_sort(x, dim=None, descending=tl.core.CONSTEXPR_0, **_):
+        data = x.handle.data
+        axis = -1 if dim is None else int(getattr(dim, "value", dim))
+        out = np.sort(data, axis=axis, kind="stable")
+        if bool(getattr(descending, "value", descending)):
+            out = np.flip(out, axis=axis).copy()
+        return tl.core.tensor(interp.TensorHandle(out, x.handle.dtype), x.type)
+
+    tl.sort = _np_sort
     _done = True
