@@ -1,6 +1,6 @@
 """Sparse attention backward: dq, dk, dv over INIT ∪ LOCAL ∪ TOPK (PHSA_SPEC §4), GQA-aware.
 
-Layouts: as ``fwd.py``; DO [b, L, hq, dv]; DELTA fp32 [b, L, hq] = rowsum(o * do); LSE fp32 [b, L, hq] (base 2);
+Layouts: as ``fwd.py``; O, DO [b, L, hq, dv] (delta = rowsum(o * do) is computed in the kernel); LSE fp32 [b, L, hq] (base 2);
 DQ [b, L, hq, d] in q's dtype; DK32 / DV32 fp32 [b, L, hk, d | dv] accumulators (zero-initialised), cast by the
 caller.
 
@@ -15,13 +15,15 @@ first for simplicity; see docs/kernels.md for its measured cost.
 
 from __future__ import annotations
 
+import os
+
 import triton
 import triton.language as tl
 
 
 @triton.jit
 def _bwd_tile(dq, q, do, lse2, delta, kbase, vbase, dkbase, dvbase, kj, kvalid, mask2d, sk_l, sv_l, sdk_l,
-              sdv_l, cols, colsv, scale2, scale, PREC: tl.constexpr):
+              sdv_l, cols, colsv, scale2, scale, PREC: tl.constexpr, ATOMICS: tl.constexpr):
     koff = kj.to(tl.int64)[:, None]
     k = tl.load(kbase + koff * sk_l + cols[None, :], mask=kvalid[:, None], other=0.0)
     v = tl.load(vbase + koff * sv_l + colsv[None, :], mask=kvalid[:, None], other=0.0)
@@ -32,19 +34,24 @@ def _bwd_tile(dq, q, do, lse2, delta, kbase, vbase, dkbase, dvbase, kj, kvalid, 
     dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
     dv_t = tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
     dk_t = tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC) * scale
-    tl.atomic_add(dvbase + koff * sdv_l + colsv[None, :], dv_t, mask=kvalid[:, None], sem="relaxed")
-    tl.atomic_add(dkbase + koff * sdk_l + cols[None, :], dk_t, mask=kvalid[:, None], sem="relaxed")
+    if ATOMICS:
+        tl.atomic_add(dvbase + koff * sdv_l + colsv[None, :], dv_t, mask=kvalid[:, None], sem="relaxed")
+        tl.atomic_add(dkbase + koff * sdk_l + cols[None, :], dk_t, mask=kvalid[:, None], sem="relaxed")
+    else:  # measurement only (bench): the same work without the atomic traffic; dk / dv are wrong
+        tl.store(dvbase + koff * 0 + colsv[None, :], dv_t, mask=kvalid[:, None] & (kj[:, None] < 0))
+        tl.store(dkbase + koff * 0 + cols[None, :], dk_t, mask=kvalid[:, None] & (kj[:, None] < 0))
     return dq
 
 
 @triton.jit
 def _bwd_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, DK, DV, SEL, SEQ,
-    sq_b, sq_l, sq_h, sk_b, sk_l, sk_h, sv_b, sv_l, sv_h, sdo_b, sdo_l, sdo_h,
+    Q, K, V, O, DO, LSE, DQ, DK, DV, SEL, SEQ,
+    sq_b, sq_l, sq_h, sk_b, sk_l, sk_h, sv_b, sv_l, sv_h, so_b, so_l, so_h, sdo_b, sdo_l, sdo_h,
     sdk_b, sdk_l, sdk_h, sdv_b, sdv_l, sdv_h, ss_b, ss_l, ss_h, L, hq,
     scale2, scale, n_init, W, TOPK,
     G: tl.constexpr, QB: tl.constexpr, QT: tl.constexpr, NSUB: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, DV_: tl.constexpr, PREC: tl.constexpr,
+    ATOMICS: tl.constexpr,
 ):
     tile = tl.program_id(0)
     si = tl.program_id(1)
@@ -74,7 +81,9 @@ def _bwd_kernel(
                  mask=rvalid[:, None], other=0.0)
     loff = (b64 * L + start + qi) * hq + g * G + hh
     lse2 = tl.load(LSE + loff, mask=rvalid, other=float("inf"))
-    delta = tl.load(DELTA + loff, mask=rvalid, other=0.0)
+    o = tl.load(O + b64 * so_b + rowq * so_l + (g * G + hh)[:, None] * so_h + colsv[None, :],
+                mask=rvalid[:, None], other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
     s0 = start.to(tl.int64)
     kbase = K + b64 * sk_b + s0 * sk_l + g * sk_h
     vbase = V + b64 * sv_b + s0 * sv_l + g * sv_h
@@ -89,13 +98,13 @@ def _bwd_kernel(
         kj = j0 + cn
         kvalid = kj < init_end
         dq = _bwd_tile(dq, q, do, lse2, delta, kbase, vbase, dkbase, dvbase, kj, kvalid, kvalid[None, :],
-                       sk_l, sv_l, sdk_l, sdv_l, cols, colsv, scale2, scale, PREC)
+                       sk_l, sv_l, sdk_l, sdv_l, cols, colsv, scale2, scale, PREC, ATOMICS)
     for j0 in range(ls, q_last + 1, BN):
         kj = j0 + cn
         kvalid = kj <= q_last
         mask2d = kvalid[None, :] & (kj[None, :] <= qi[:, None])
         dq = _bwd_tile(dq, q, do, lse2, delta, kbase, vbase, dkbase, dvbase, kj, kvalid, mask2d,
-                       sk_l, sv_l, sdk_l, sdv_l, cols, colsv, scale2, scale, PREC)
+                       sk_l, sv_l, sdk_l, sdv_l, cols, colsv, scale2, scale, PREC, ATOMICS)
     sbase = SEL + b64 * ss_b + (start + i0).to(tl.int64) * ss_l + g * ss_h
     for t0 in range(0, TOPK * BS, BN):
         kk = t0 + cn
@@ -104,13 +113,14 @@ def _bwd_kernel(
         kj = blk * BS + kk % BS
         kvalid = (blk >= 0) & (kj >= n_init) & (kj < ls)
         dq = _bwd_tile(dq, q, do, lse2, delta, kbase, vbase, dkbase, dvbase, kj, kvalid, kvalid[None, :],
-                       sk_l, sv_l, sdk_l, sdv_l, cols, colsv, scale2, scale, PREC)
+                       sk_l, sv_l, sdk_l, sdv_l, cols, colsv, scale2, scale, PREC, ATOMICS)
     dq = dq * scale
     tl.store(DQ + b64 * sq_b + rowq * sq_l + (g * G + hh)[:, None] * sq_h + cols[None, :],
              dq.to(DQ.dtype.element_ty), mask=rvalid[:, None])
 
 
-def bwd_launch(q, k, v, o, do, lse, sel, seq, max_n, params, topk, n_init, W):
+def bwd_launch(q, k, v, o, do, lse, sel, seq, max_n, params, topk, n_init, W, BN=None, num_warps=None,
+               atomics=True):
     import torch
 
     from .fwd import tile_shape
@@ -119,22 +129,22 @@ def bwd_launch(q, k, v, o, do, lse, sel, seq, max_n, params, topk, n_init, W):
     hk, dv = k.shape[2], v.shape[3]
     G, B = hq // hk, params.query_block
     QT, NSUB, BM = tile_shape(B, G)
-    delta = (o.float() * do.float()).sum(-1)  # [b, L, hq]
     dq = torch.empty_like(q)
     dk32 = torch.zeros((b, L, hk, d), device=q.device, dtype=torch.float32)
     dv32 = torch.zeros((b, L, hk, dv), device=q.device, dtype=torch.float32)
-    BN = 64 if BM <= 64 else 32
+    BN = BN or int(os.environ.get("PHSA_BWD_BN", 0)) or 64  # 64 beat 32 on H100 (docs/kernels.md)
     grid = (triton.cdiv(max_n, B) * NSUB, seq.shape[0], hk)
     scale = params.scale(d)
     _bwd_kernel[grid](
-        q, k, v, do, lse, delta, dq, dk32, dv32, sel, seq,
+        q, k, v, o, do, lse, dq, dk32, dv32, sel, seq,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
+        do.stride(0), do.stride(1), do.stride(2),
         dk32.stride(0), dk32.stride(1), dk32.stride(2), dv32.stride(0), dv32.stride(1), dv32.stride(2),
         sel.stride(0), sel.stride(1), sel.stride(2), L, hq,
         scale * 1.4426950408889634, scale, n_init, W, topk,
         G=G, QB=B, QT=QT, NSUB=NSUB, BM=BM, BN=BN, BS=params.block_size, D=d, DV_=dv,
-        PREC="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=8 if BM >= 128 else 4, num_stages=1,
+        PREC="ieee" if q.dtype == torch.float32 else "tf32", ATOMICS=atomics,
+        num_warps=num_warps or (8 if BM >= 128 else 4), num_stages=1,
     )
     return dq, dk32.to(k.dtype), dv32.to(v.dtype)
