@@ -118,3 +118,9 @@ def test_ties_go_to_later_block():
     s = R.block_scores(q, k, None, p)[0, 5, 0, :5]
     assert (s.max() - s.min()).abs() <= 1e-6 * s.max()
     assert sel[0, 80, 0].tolist() == [3, 4]
+
+
+def test_per_token_topk_among_many_blocks():
+    """query_block = 1 with up to 14 eligible blocks for k = 3: the running top-k really has to choose."""
+    p = PHSAParams(block_size=16, n_init=16, local_window=32, topk=3, query_block=1)
+    _check(1, 256, 2, 1, 64, torch.bfloat16, p, seed=11, grads=False)

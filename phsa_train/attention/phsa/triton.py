@@ -36,11 +36,12 @@ if os.environ.get("TRITON_INTERPRET") == "1":  # CPU interpreter (tests): work a
 
     _patch_interpreter()
 
-# Largest total sequence length (tokens per document, b * L without cu_seqlens) at which dense cuDNN SDPA
-# forward+backward was measured faster than the PHSA Triton operator, config (a) of bench/attention.py
-# (hq=16, hk=8, d=128, bf16, block 16, n_init 128, window 512, k 16, query_block 64) on one H100 80GB HBM3.
-# See docs/kernels.md ("Dense fallback threshold") for the table it was read from.
-DENSE_FALLBACK_MAX_SEQLEN = 4096
+# Longest sequence (L, or the longest document with cu_seqlens) at which dense cuDNN SDPA forward+backward was
+# measured faster than this operator: config (a) of bench/attention.py (hq=16, hk=8, d=128, bf16, block 16,
+# n_init 128, window 512, k 16, query_block 64), one H100 80GB HBM3, 2026-11-23,
+# bench/results/NVIDIA_H100_80GB_HBM3-2026-11-23-config-a.json. The crossing lies between 4k and 8k (6k was
+# not measured). See docs/kernels.md ("Dense fallback threshold").
+DENSE_FALLBACK_MAX_SEQLEN = 4096  # measured: PHSA/cuDNN fwd+bwd = 0.29x @1k, 0.20x @2k, 0.46x @4k, 1.17x @8k
 # topk above this is not run by the selection kernel (its running buffer lives in registers)
 SELECT_MAX_TOPK = 128
 
