@@ -1,0 +1,193 @@
+"""Block scoring + top-k selection (PHSA_SPEC §4) without materialising the [L, nb] score matrix.
+
+Layouts
+    Q       [b, L, hq, d] (last stride 1), bf16/fp16/fp32; query head h belongs to KV head h // G
+    REP_HI, REP_LO  [n_rep, hk, d] from ``reps.py`` (row rep_offset + t = block t of a sequence): M split in
+            two 16-bit parts (fp32 inputs: REP_HI = M in fp32, REP_LO unused)
+    SEQ     int32 [n_seq, 4]: (batch, start, length, rep_offset); positions, blocks, INIT, LOCAL and the
+            selected indices are all relative to ``start`` (packed documents are independent sequences)
+    LSEBUF  fp32 [b, L, hq] scratch: per-(query, head) log2-sum-exp of the block logits (pass 1)
+    SEL     int32 [b, L, hk, topk]: written only at the first row i0 of every query group (query_block B),
+            ascending block indices, -1 padded. The public API expands it to every row.
+
+Algorithm: one program = NG query groups (when a group's B*G rows are few) or one group split in NCH row
+chunks of BM rows (when B*G > BM), for one KV head g. Rows are (query, head) pairs of the group(s).
+    eligible t: n_init // m <= t <= (i0 - w) // m  (i0 = first query of the group)
+    pass 1 (softmax_group_sum only): stream the eligible representatives in tiles of BN blocks and keep an
+        online max / sum per row -> lse2 (base 2), stored to LSEBUF (O(L*hq) floats, no [L, nb] matrix);
+    pass 2: stream the tiles again, p = exp2(s - lse2) (or the raw scaled logit for dot_group_sum), sum over
+        the rows of each group -> [NG, BN] scores, and insert them into a running top-k buffer kept in registers:
+        every (score, block) pair is packed into one int64 whose order is (score, block index), so ties go to the
+        later block and all keys are distinct; while the tile's largest key beats the buffer's smallest, it
+        replaces it (two reductions per insertion; most tiles need none once the buffer is good). At the end the
+        buffer, sorted, is the selection.
+Precision: the logits q . M are computed as q . M_hi + q . M_lo with M_hi = bf16/fp16(M), M_lo = M - M_hi
+(q is exact in its own 16-bit type; the split is precomputed by ``reps.py``), two tensor-core dots with fp32
+accumulation: ~fp32 accuracy (the reference scores in fp32), so selections agree except at genuine near-ties.
+"""
+
+from __future__ import annotations
+
+import os
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _logits(q, RHI, RLO, roff, tt, tmask, cols, hk, D: tl.constexpr, SPLIT: tl.constexpr, scale2):
+    moff = ((roff + tt).to(tl.int64) * hk)[:, None] * D + cols[None, :]
+    hi = tl.load(RHI + moff, mask=tmask[:, None], other=0.0)
+    if SPLIT:
+        lo = tl.load(RLO + moff, mask=tmask[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(hi)) + tl.dot(q, tl.trans(lo))
+    else:
+        s = tl.dot(q, tl.trans(hi), input_precision="ieee")
+    return s * scale2
+
+
+@triton.jit
+def _select_kernel(
+    Q, RHI, RLO, SEQ, LSEBUF, SEL,
+    sq_b, sq_l, sq_h, ss_b, ss_l, ss_h, L, hq, hk,
+    scale2, n_init, W, TOPK,
+    SOFTMAX: tl.constexpr, SPLIT: tl.constexpr,
+    G: tl.constexpr, QB: tl.constexpr, GRP: tl.constexpr, BM: tl.constexpr, NCH: tl.constexpr,
+    NG: tl.constexpr, BN: tl.constexpr, KB: tl.constexpr, BS: tl.constexpr, D: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    si = tl.program_id(1)
+    g = tl.program_id(2)
+    batch = tl.load(SEQ + si * 4 + 0)
+    start = tl.load(SEQ + si * 4 + 1)
+    n = tl.load(SEQ + si * 4 + 2)
+    roff = tl.load(SEQ + si * 4 + 3)
+    n_groups = (n + QB - 1) // QB
+    j_first = pid * NG
+    if j_first >= n_groups:
+        return
+    j_last = tl.minimum(j_first + NG - 1, n_groups - 1)
+    i0_last = j_last * QB
+    t_lo = n_init // BS
+    t_max = (tl.maximum(i0_last - W, -BS) + BS) // BS - 1  # -1 when no block is eligible
+    cols = tl.arange(0, D)
+    b64 = batch.to(tl.int64)
+    RPG: tl.constexpr = BM // NG  # rows per group inside one chunk
+
+    # ---- pass 1: per-row log2-sum-exp over the eligible blocks ---------------------------------------------
+    if SOFTMAX:
+        for c in tl.static_range(NCH):
+            rr = c * BM + tl.arange(0, BM)
+            gi = rr // GRP
+            wr = rr % GRP
+            ql = wr // G
+            hh = wr % G
+            i0 = (j_first + gi) * QB
+            qi = i0 + ql
+            valid = (ql < QB) & (qi < n) & (j_first + gi < n_groups)
+            t_hi = tl.where(i0 >= W, (i0 - W) // BS, -1)
+            qptr = Q + b64 * sq_b + (start + qi).to(tl.int64)[:, None] * sq_l + (g * G + hh)[:, None] * sq_h + cols[None, :]
+            q = tl.load(qptr, mask=valid[:, None], other=0.0)
+            m_i = tl.full([BM], float("-inf"), tl.float32)
+            l_i = tl.zeros([BM], tl.float32)
+            for t0 in range(t_lo, t_max + 1, BN):
+                tt = t0 + tl.arange(0, BN)
+                tmask = tt <= t_max
+                s = _logits(q, RHI + g * D, RLO + g * D, roff, tt, tmask, cols, hk, D, SPLIT, scale2)
+                elig = (tt[None, :] <= t_hi[:, None]) & tmask[None, :]
+                s = tl.where(elig, s, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, axis=1))
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), axis=1)
+                m_i = m_new
+            lse2 = m_i + tl.log2(l_i)
+            lptr = LSEBUF + (b64 * L + start + qi) * hq + g * G + hh
+            tl.store(lptr, lse2, mask=valid)
+        # pass 2 reads rows that other threads of this program wrote: make those stores visible first
+        tl.debug_barrier()
+
+    # ---- pass 2: group scores per tile, running top-BN merge ------------------------------------------------
+    gidx = tl.arange(0, NG)
+    i0g = (j_first + gidx) * QB
+    t_hi_g = tl.where((i0g >= W) & (j_first + gidx < n_groups), (i0g - W) // BS, -1)
+    MIN64 = tl.full([NG, BN], -2147483648, tl.int32).to(tl.int64) << 32
+    slot = tl.arange(0, KB)
+    bmin = tl.full([NG, KB], -2147483648, tl.int32).to(tl.int64) << 32
+    # live slots start at distinct sentinels (score bits INT32_MIN: "no block"), dead slots at INT64_MAX
+    buf = tl.where(slot[None, :] < TOPK, bmin + slot[None, :], ~bmin)
+    thr = tl.min(buf, axis=1)
+    for t0 in range(t_lo, t_max + 1, BN):
+        tt = t0 + tl.arange(0, BN)
+        tmask = tt <= t_max
+        acc = tl.zeros([NG, BN], tl.float32)
+        for c in tl.static_range(NCH):
+            rr = c * BM + tl.arange(0, BM)
+            gi = rr // GRP
+            wr = rr % GRP
+            ql = wr // G
+            hh = wr % G
+            i0 = (j_first + gi) * QB
+            qi = i0 + ql
+            valid = (ql < QB) & (qi < n) & (j_first + gi < n_groups)
+            t_hi = tl.where(i0 >= W, (i0 - W) // BS, -1)
+            qptr = Q + b64 * sq_b + (start + qi).to(tl.int64)[:, None] * sq_l + (g * G + hh)[:, None] * sq_h + cols[None, :]
+            q = tl.load(qptr, mask=valid[:, None], other=0.0)
+            s = _logits(q, RHI + g * D, RLO + g * D, roff, tt, tmask, cols, hk, D, SPLIT, scale2)
+            elig = (tt[None, :] <= t_hi[:, None]) & tmask[None, :] & valid[:, None]
+            if SOFTMAX:
+                lptr = LSEBUF + (b64 * L + start + qi) * hq + g * G + hh
+                lse2 = tl.load(lptr, mask=valid, other=0.0)
+                p = tl.where(elig, tl.exp2(s - lse2[:, None]), 0.0)
+            else:
+                p = tl.where(elig, s * 0.6931471805599453, 0.0)  # back from log2 units to scale * q.M
+            acc += tl.sum(tl.reshape(p, [NG, RPG, BN]), axis=1)
+        acc = acc + 0.0  # -0.0 -> +0.0 so that equal scores compare equal
+        bits = acc.to(tl.int32, bitcast=True)
+        key32 = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+        gel = (tt[None, :] <= t_hi_g[:, None]) & tmask[None, :]
+        key = (key32.to(tl.int64) << 32) | tt.to(tl.int64)[None, :]
+        key = tl.where(gel, key, MIN64)
+        mx = tl.max(key, axis=1)
+        while tl.max((mx > thr).to(tl.int32), axis=0) > 0:
+            ins = mx > thr
+            buf = tl.where((buf == thr[:, None]) & ins[:, None], mx[:, None], buf)
+            key = tl.where((key == mx[:, None]) & ins[:, None], MIN64, key)
+            thr = tl.min(buf, axis=1)
+            mx = tl.max(key, axis=1)
+    hi32 = (buf >> 32).to(tl.int32)
+    blk = (buf & 0xFFFFFFFF).to(tl.int32)
+    BIG: tl.constexpr = 2147483647
+    idx = tl.where((slot[None, :] < TOPK) & (hi32 != -2147483648), blk, BIG)
+    idx = tl.sort(idx, dim=1)
+    idx = tl.where(idx == BIG, -1, idx)
+    pos = slot
+    rowg = start + i0g
+    sptr = SEL + b64 * ss_b + rowg.to(tl.int64)[:, None] * ss_l + g * ss_h + pos[None, :]
+    smask = (pos[None, :] < TOPK) & (j_first + gidx < n_groups)[:, None]
+    tl.store(sptr, idx, mask=smask)
+
+
+def select_launch(q, rep, seq, max_n, params, topk, sel, lsebuf, BN=None):
+    """Fill ``sel`` (int32 [b, L, hk, topk], group-start rows) for every sequence of ``seq``."""
+    b, L, hq, d = q.shape
+    rhi, rlo = rep
+    hk = rhi.shape[1]
+    G = hq // hk
+    B = params.query_block
+    grp = triton.next_power_of_2(B * G)
+    BM = max(16, min(grp, 128))
+    NCH = max(1, grp // BM)
+    NG = max(1, BM // grp)
+    BN = BN or int(os.environ.get("PHSA_SELECT_BN", 0)) or 32  # 32 beat 64 / 128 on H100 (docs/kernels.md)
+    KB = triton.next_power_of_2(max(topk, 1))
+    n_groups_max = -(-max_n // B)
+    grid = (triton.cdiv(n_groups_max, NG), seq.shape[0], hk)
+    split = q.dtype in (__import__("torch").bfloat16, __import__("torch").float16)
+    _select_kernel[grid](
+        q, rhi, rlo, seq, lsebuf, sel,
+        q.stride(0), q.stride(1), q.stride(2), sel.stride(0), sel.stride(1), sel.stride(2), L, hq, hk,
+        params.scale(d) * 1.4426950408889634, params.n_init, params.local_window, topk,
+        SOFTMAX=params.score == "softmax_group_sum", SPLIT=split,
+        G=G, QB=B, GRP=max(grp, 1), BM=BM, NCH=NCH, NG=NG, BN=BN, KB=KB, BS=params.block_size, D=d,
+        num_warps=8 if BM * d >= 128 * 128 else 4, num_stages=2,
+    )

@@ -1,0 +1,221 @@
+"""Triton backend of PHSA: ``phsa_triton`` (autograd-capable) and ``select_blocks_triton``.
+
+Layouts (as the reference): q [b, L, hq, d], k [b, L, hk, d], v [b, L, hk, dv], punct_mask bool [b, L] or
+None, cu_seqlens int [n_docs + 1] (b == 1, every document an independent sequence), output [b, L, hq, dv];
+selected blocks LongTensor [b, L, hk, topk], ascending, -1 padded, document-local.
+
+Pipeline (kernels in ``kernels/``, docs in docs/kernels.md):
+    reps.py    block representatives M (fp32)                                   PHSA_SPEC §3
+    select.py  block scores + running top-k per query group, no [L, nb] matrix  PHSA_SPEC §4
+    fwd.py     attention over INIT ∪ LOCAL ∪ TOPK, online softmax, saves LSE
+    bwd.py     dq (registers), dk / dv (fp32 atomics)
+Selection runs under no_grad; gradients flow to q, k, v through the attention only.
+
+Exact shortcuts (same function, faster): when topk covers every eligible block of every query group, PHSA is
+dense causal attention, and the attention kernels run with INIT = 0 and an unbounded LOCAL window.
+
+Dense fallback (NOT the same function): with ``dense_fallback=True`` (what backend="auto" is meant to use) a
+sequence no longer than ``DENSE_FALLBACK_MAX_SEQLEN`` runs dense causal cuDNN SDPA instead, as InfLLM-v2 does
+below 8k (PHSA_SPEC §9). The threshold is a measurement, see the constant.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ..params import PHSAParams, check_shapes
+from .kernels.bwd import bwd_launch
+from .kernels.fwd import fwd_launch
+from .kernels.reps import block_reps
+from .kernels.select import select_launch
+
+if os.environ.get("TRITON_INTERPRET") == "1":  # CPU interpreter (tests): work around its numpy-2 scalar bug
+    from .kernels._interp import patch as _patch_interpreter
+
+    _patch_interpreter()
+
+# Longest sequence (L, or the longest document with cu_seqlens) at which dense cuDNN SDPA forward+backward was
+# measured faster than this operator: config (a) of bench/attention.py (hq=16, hk=8, d=128, bf16, block 16,
+# n_init 128, window 512, k 16, query_block 64), one H100 80GB HBM3, 2026-11-23,
+# bench/results/NVIDIA_H100_80GB_HBM3-2026-11-23-config-a.json. The crossing lies between 4k and 8k (6k was
+# not measured). See docs/kernels.md ("Dense fallback threshold").
+DENSE_FALLBACK_MAX_SEQLEN = 4096  # measured: PHSA/cuDNN fwd+bwd = 0.29x @1k, 0.20x @2k, 0.46x @4k, 1.17x @8k
+# topk above this is not run by the selection kernel (its running buffer lives in registers)
+SELECT_MAX_TOPK = 128
+
+
+def _seq_table(b: int, L: int, cu_seqlens, block_size: int, device):
+    if cu_seqlens is None:
+        docs = [(bi, 0, L) for bi in range(b)] if L > 0 else []
+    else:
+        cs = [int(x) for x in cu_seqlens.tolist()]
+        docs = [(0, s, e - s) for s, e in zip(cs, cs[1:]) if e > s]
+    rows, off = [], 0
+    for bi, s, n in docs:
+        rows.append((bi, s, n, off))
+        off += n // block_size
+    seq = torch.tensor(rows if rows else [(0, 0, 0, 0)], dtype=torch.int32, device=device)
+    max_n = max((n for _, _, n in docs), default=0)
+    return docs, seq, off, max_n
+
+
+def _max_eligible(n: int, p: PHSAParams) -> int:
+    """Most eligible blocks of any query group of a sequence of length n (the last group has the most)."""
+    if n == 0:
+        return 0
+    i0 = ((n - 1) // p.query_block) * p.query_block
+    if i0 < p.local_window:
+        return 0
+    t_hi = (i0 - p.local_window) // p.block_size
+    return max(0, t_hi - p.n_init // p.block_size + 1)
+
+
+def _check(q, params):
+    params.validate()
+    m = params.block_size
+    if m & (m - 1):
+        raise ValueError(f"attention.block_size={m} must be a power of two for backend='triton'")
+    d = q.shape[-1]
+    if d & (d - 1) or d < 16:
+        raise ValueError(f"head dim {d} must be a power of two >= 16 for backend='triton'")
+    if q.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(f"dtype {q.dtype} not supported by backend='triton' (bf16 | fp16 | fp32)")
+
+
+class _Plan:
+    """Host-side description of one call: sequences, selection width, dense shortcut."""
+
+    def __init__(self, q, params: PHSAParams, cu_seqlens):
+        b, L = q.shape[:2]
+        self.cu_seqlens = cu_seqlens
+        self.docs, self.seq, self.n_rep, self.max_n = _seq_table(b, L, cu_seqlens, params.block_size, q.device)
+        max_elig = max((_max_eligible(n, params) for _, _, n in self.docs), default=0)
+        self.kk = min(params.topk, max_elig)  # selection width that can hold a real block
+        self.dense = params.topk >= max_elig  # every eligible block taken: exactly dense causal
+        if self.dense:
+            self.n_init, self.W, self.k_attn = 0, max(self.max_n, 1) + 1, 0
+        else:
+            self.n_init, self.W, self.k_attn = params.n_init, params.local_window, self.kk
+
+
+def _contig(x):
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _select_internal(q, k, punct_mask, params: PHSAParams, plan: _Plan) -> torch.Tensor:
+    """int32 [b, L, hk, kk]: selection written at the first row of every query group (other rows undefined)."""
+    b, L, hq, d = q.shape
+    hk = k.shape[2]
+    kk = max(plan.kk, 1)
+    sel = torch.full((b, L, hk, kk), -1, dtype=torch.int32, device=q.device) if plan.kk == 0 else \
+        torch.empty((b, L, hk, kk), dtype=torch.int32, device=q.device)
+    if plan.kk == 0 or not plan.docs:
+        return sel
+    if plan.kk > SELECT_MAX_TOPK:  # rare: a selection too wide for the register top-k -> the reference
+        from .reference import select_blocks_reference  # noqa: PLC0415
+
+        return select_blocks_reference(q, k, punct_mask, params, plan.cu_seqlens)[..., : plan.kk].to(torch.int32)
+    pu8 = None if punct_mask is None else punct_mask.to(torch.uint8)
+    max_nb = plan.max_n // params.block_size
+    rep = block_reps(k, pu8, plan.seq, plan.n_rep, max_nb, params.block_size, params.lam)
+    lsebuf = torch.empty((b, L, hq), dtype=torch.float32, device=q.device)
+    select_launch(q, rep, plan.seq, plan.max_n, params, plan.kk, sel, lsebuf)
+    return sel
+
+
+def _group_rows(L: int, plan: _Plan, B: int, device) -> torch.Tensor:
+    """LongTensor [L]: the first row of the query group of every position (document-local groups)."""
+    if plan.cu_seqlens is None:
+        return (torch.arange(L, device=device) // B) * B
+    rows = torch.arange(L, device=device)
+    for _, s, n in plan.docs:
+        rows[s : s + n] = s + (torch.arange(n, device=device) // B) * B
+    return rows
+
+
+class _PHSAFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, punct_mask, params, cu_seqlens):
+        q, k, v = _contig(q), _contig(k), _contig(v)
+        plan = _Plan(q, params, cu_seqlens)
+        with torch.no_grad():
+            sel = _select_internal(q, k, punct_mask, params, plan) if not plan.dense else \
+                torch.full((1, 1, 1, 1), -1, dtype=torch.int32, device=q.device)
+            o, lse = fwd_launch(q, k, v, sel, plan.seq, plan.max_n, params, plan.k_attn, plan.n_init, plan.W)
+        ctx.save_for_backward(q, k, v, o, lse, sel)
+        ctx.plan, ctx.params = plan, params
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, sel = ctx.saved_tensors
+        plan, params = ctx.plan, ctx.params
+        dq, dk, dv = bwd_launch(q, k, v, o, _contig(do), lse, sel, plan.seq, plan.max_n, params, plan.k_attn,
+                                plan.n_init, plan.W)
+        return dq, dk, dv, None, None, None
+
+
+def dense_sdpa(q, k, v, cu_seqlens=None):
+    """Dense causal attention through torch SDPA (cuDNN backend when available), GQA by repeating KV heads.
+    Packed documents run one document at a time."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: PLC0415
+
+    G = q.shape[2] // k.shape[2]
+
+    def one(qs, ks, vs):
+        qt, kt, vt = qs.transpose(1, 2), ks.transpose(1, 2), vs.transpose(1, 2)
+        if G > 1:
+            kt, vt = kt.repeat_interleave(G, dim=1), vt.repeat_interleave(G, dim=1)
+        backends = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                    SDPBackend.MATH] if qs.is_cuda else [SDPBackend.MATH]
+        with sdpa_kernel(backends):
+            return torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=True).transpose(1, 2)
+
+    if cu_seqlens is None:
+        return one(q, k, v)
+    cs = [int(x) for x in cu_seqlens.tolist()]
+    return torch.cat([one(q[:, s:e], k[:, s:e], v[:, s:e]) for s, e in zip(cs, cs[1:]) if e > s], dim=1)
+
+
+def use_dense_fallback(q, params: PHSAParams, cu_seqlens=None) -> bool:
+    """True when the dense fallback applies: the longest sequence is at most DENSE_FALLBACK_MAX_SEQLEN."""
+    if cu_seqlens is None:
+        longest = q.shape[1]
+    else:
+        cs = cu_seqlens.tolist()
+        longest = max((e - s for s, e in zip(cs, cs[1:])), default=0)
+    return longest <= DENSE_FALLBACK_MAX_SEQLEN and params.softmax_scale in (None, q.shape[-1] ** -0.5)
+
+
+def phsa_triton(q, k, v, punct_mask, params: PHSAParams, cu_seqlens=None, *, dense_fallback: bool = False):
+    """PHSA forward (autograd-capable): q [b, L, hq, d], k [b, L, hk, d], v [b, L, hk, dv] -> [b, L, hq, dv].
+
+    Exact against ``phsa_reference`` at the same ``params`` (selection equal up to float near-ties).
+    ``dense_fallback=True`` swaps in dense causal SDPA for sequences up to DENSE_FALLBACK_MAX_SEQLEN tokens
+    (faster there, but a different function: every query sees every earlier token)."""
+    _check(q, params)
+    check_shapes(q, k, v, punct_mask, cu_seqlens)
+    if dense_fallback and use_dense_fallback(q, params, cu_seqlens):
+        return dense_sdpa(q, k, v, cu_seqlens)
+    return _PHSAFunction.apply(q, k, v, punct_mask, params, cu_seqlens)
+
+
+def select_blocks_triton(q, k, punct_mask, params: PHSAParams, cu_seqlens=None) -> torch.Tensor:
+    """Selected blocks: q [b, L, hq, d], k [b, L, hk, d] -> LongTensor [b, L, hk, topk] (ascending, -1 padded,
+    document-local), equal to ``select_blocks_reference`` up to float near-ties."""
+    _check(q, params)
+    check_shapes(q, k, None, punct_mask, cu_seqlens)
+    b, L, _, _ = q.shape
+    hk = k.shape[2]
+    out = torch.full((b, L, hk, params.topk), -1, dtype=torch.long, device=q.device)
+    q, k = _contig(q), _contig(k)
+    plan = _Plan(q, params, cu_seqlens)
+    if plan.kk == 0 or L == 0:
+        return out
+    with torch.no_grad():
+        sel = _select_internal(q, k, punct_mask, params, plan)
+        rows = _group_rows(L, plan, params.query_block, q.device)
+        out[..., : plan.kk] = sel[:, rows].long()
+    return out
