@@ -100,7 +100,9 @@ def phsa_attention(
     impl = _resolve_backend(backend, q, params)
     if impl == "reference":
         return phsa_reference(q, k, v, punct_mask, params, cu_seqlens)
-    return impl.phsa_triton(q, k, v, punct_mask, params, cu_seqlens)
+    # "auto" also takes the measured dense fallback: at <= DENSE_FALLBACK_MAX_SEQLEN tokens cuDNN dense is
+    # faster than the sparse kernels (InfLLM-v2 does the same below 8k); "triton" always runs PHSA.
+    return impl.phsa_triton(q, k, v, punct_mask, params, cu_seqlens, dense_fallback=backend == "auto")
 
 
 def select_blocks(
