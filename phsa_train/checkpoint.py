@@ -73,7 +73,7 @@ def latest_step(root: str | Path) -> Optional[int]:
 
 
 def save(root: str | Path, model, optimizer, state: TrainState, config: dict[str, Any], *,
-         megatron_optimizer: bool, keep_last: int = 2) -> Path:
+         megatron_optimizer: bool, keep_last: int = 2, optimizer_sharding: str = "fully_reshardable") -> Path:
     """Save a checkpoint of ``state.step``; collective over all ranks."""
     root = Path(root)
     rank = dist.get_rank()
@@ -86,7 +86,7 @@ def save(root: str | Path, model, optimizer, state: TrainState, config: dict[str
 
     sharded = {"model": model.sharded_state_dict()}
     if megatron_optimizer:
-        sharded["optimizer"] = optimizer.sharded_state_dict(sharded["model"])
+        sharded["optimizer"] = optimizer.sharded_state_dict(sharded["model"], metadata=_optim_metadata(optimizer_sharding))
     dist_checkpointing.save(sharded, str(tmp))
     per_rank = {"rng": _rng_state()}
     if not megatron_optimizer:
@@ -97,6 +97,7 @@ def save(root: str | Path, model, optimizer, state: TrainState, config: dict[str
     if rank == 0:
         meta = {"step": state.step, "consumed_samples": state.consumed_samples, "wandb_run_id": state.wandb_run_id,
                 "extra": state.extra, "world_size": dist.get_world_size(), "config": config,
+                "optimizer_sharding": optimizer_sharding if megatron_optimizer else None,
                 "versions": _versions()}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
         if final.exists():
@@ -106,6 +107,13 @@ def save(root: str | Path, model, optimizer, state: TrainState, config: dict[str
         _prune(root, keep_last)
     dist.barrier()
     return final
+
+
+def _optim_metadata(sharding: str) -> dict:
+    # Megatron's DistributedOptimizer formats: fully_reshardable (a canonical per-parameter state: loads into
+    # any TP/PP/DP layout; gathers on DP rank 0 while saving) or dp_reshardable (fully parallel, DP-only
+    # resharding). Its old default, fully_sharded_model_space, is deprecated and fails on 0.16.1.
+    return {"distrib_optim_sharding_type": sharding}
 
 
 def _write_tracker(root: Path, step: int) -> None:
@@ -127,7 +135,9 @@ def load(root: str | Path, step: int, model, optimizer, *, megatron_optimizer: b
     meta = json.loads((path / "meta.json").read_text())
     sharded = {"model": model.sharded_state_dict()}
     if load_optimizer and megatron_optimizer:
-        sharded["optimizer"] = optimizer.sharded_state_dict(sharded["model"])
+        sharding = meta.get("optimizer_sharding", "fully_reshardable")
+        sharded["optimizer"] = optimizer.sharded_state_dict(sharded["model"], is_loading=True,
+                                                            metadata=_optim_metadata(sharding))
     loaded = dist_checkpointing.load(sharded, str(path))
     model_sd = loaded["model"]
     model_sd.pop("content_metadata", None)

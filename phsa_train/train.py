@@ -240,7 +240,7 @@ def train(cfg: DictConfig) -> dict:
         if state.step % cfg.checkpoint.interval == 0 or state.step == stop_at or preempted:
             state.extra = {"curriculum": curriculum.state()}
             ckpt.save(ckpt_dir, inner, optimizer, state, config_dict, megatron_optimizer=megatron_opt,
-                      keep_last=cfg.checkpoint.keep_last)
+                      keep_last=cfg.checkpoint.keep_last, optimizer_sharding=cfg.checkpoint.optimizer_sharding)
             if env.is_main:
                 print(f"[phsa_train] saved checkpoint step {state.step} -> {ckpt_dir}", flush=True)
         if preempted:

@@ -19,7 +19,7 @@ PY="${PYTHON:-python3}"
       --seq-len "$SEQ" --seed 1234 --tokenizer "$W/corpus_tokenizer.json"
 }
 DATA=(data=megatron_bin "data.prefixes=[$W/rmix]" "data.tokenizer=$W/corpus_tokenizer.json")
-COMMON=(model="$MODEL" data.seq_len="$SEQ" train.steps="$STEPS" train.global_batch_size=8
+COMMON=(model="$MODEL" data.seq_len="$SEQ" train.steps="$STEPS" train.global_batch_size=4
         train.micro_batch_size=1 train.warmup_steps=50 train.lr=1e-3 train.min_lr=1e-4 train.seed=1234
         train.eval_interval=$((STEPS / 4)) train.eval_iters=4 train.log_interval=25 checkpoint.interval="$STEPS"
         logging=stdout)

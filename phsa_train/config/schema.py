@@ -106,7 +106,8 @@ class CheckpointConfig:
     interval: int = 50  # steps between saves (a crash loses at most this many)
     resume: str = "auto"  # auto | true | false
     keep_last: int = 2
-    init_from: Optional[str] = None  # a checkpoint dir to start from (weights only)
+    init_from: Optional[str] = None  # a checkpoint dir to start from (weights only), or hf:PATH
+    optimizer_sharding: str = "fully_reshardable"  # GPU distributed optimizer: fully_reshardable | dp_reshardable
 
 
 @dataclass

@@ -42,6 +42,7 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
     _one_of("train.recompute", t.recompute, ("none", "selective", "full"))
     _one_of("train.lr_decay_style", t.lr_decay_style, LR_STYLES)
     _one_of("checkpoint.resume", str(cfg.checkpoint.resume).lower(), RESUME)
+    _one_of("checkpoint.optimizer_sharding", cfg.checkpoint.optimizer_sharding, ("fully_reshardable", "dp_reshardable"))
     _one_of("logging.wandb.mode", cfg.logging.wandb.mode, WANDB_MODES)
 
     tp, pp, cp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.context_parallel_size
