@@ -116,6 +116,23 @@ def _optim_metadata(sharding: str) -> dict:
     return {"distrib_optim_sharding_type": sharding}
 
 
+def _init_optimizer_state(optimizer) -> None:
+    """Give a fresh Megatron optimizer's Adam its (zero) state so a checkpoint can be loaded into it.
+
+    Its sharded_state_dict needs existing per-parameter state, and without Apex/TE also a ``step`` per
+    parameter, which Megatron's own ``init_state_fn`` does not create (0.16.1).
+    """
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = opt.optimizer
+        for group in inner.param_groups:
+            for p in group["params"]:
+                if len(inner.state[p]) == 0:
+                    inner.state[p]["exp_avg"] = torch.zeros_like(p.data)
+                    inner.state[p]["exp_avg_sq"] = torch.zeros_like(p.data)
+                if "step" not in inner.state[p]:
+                    inner.state[p]["step"] = torch.tensor(0.0)
+
+
 def _write_tracker(root: Path, step: int) -> None:
     t = root / (TRACKER + ".tmp")
     t.write_text(str(step))
@@ -136,6 +153,7 @@ def load(root: str | Path, step: int, model, optimizer, *, megatron_optimizer: b
     sharded = {"model": model.sharded_state_dict()}
     if load_optimizer and megatron_optimizer:
         sharding = meta.get("optimizer_sharding", "fully_reshardable")
+        _init_optimizer_state(optimizer)
         sharded["optimizer"] = optimizer.sharded_state_dict(sharded["model"], is_loading=True,
                                                             metadata=_optim_metadata(sharding))
     loaded = dist_checkpointing.load(sharded, str(path))
