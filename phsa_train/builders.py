@@ -115,6 +115,10 @@ def build_optimizer(cfg, model, on_gpu: bool):
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
+    from phsa_train.megatron_fixes import apply_megatron_fixes
+
+    apply_megatron_fixes()
+
     use_dist = cfg.parallel.use_distributed_optimizer
     ddp = DistributedDataParallel(
         config=model.config, module=model,
