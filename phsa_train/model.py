@@ -34,6 +34,9 @@ def transformer_config(cfg, params_dtype: torch.dtype) -> TransformerConfig:
         use_cpu_initialization=not on_gpu, sequence_parallel=False,
         bias_activation_fusion=False, bias_dropout_fusion=on_gpu, masked_softmax_fusion=False,
         persist_layer_norm=False, gradient_accumulation_fusion=False, apply_rope_fusion=False,
+        recompute_granularity=None if cfg.train.recompute == "none" else cfg.train.recompute,
+        recompute_method="uniform" if cfg.train.recompute == "full" else None,
+        recompute_num_layers=1 if cfg.train.recompute == "full" else None,
     )
 
 

@@ -23,6 +23,7 @@ from phsa_train.builders import batches, build_data, build_optimizer, lr_at_step
 from phsa_train.config import register_configs, validate
 from phsa_train.curriculum import LossSpikeDetector, build_curriculum
 from phsa_train.distributed import init_distributed, init_model_parallel, shutdown
+from phsa_train.megatron.core_attention import pop_path_counts
 from phsa_train.metrics import MetricsLogger, flops_per_token
 from phsa_train.model import build_model, num_parameters, padded_vocab_size
 from phsa_train.preemption import PreemptionWatcher
@@ -195,6 +196,9 @@ def train(cfg: DictConfig) -> dict:
                    "perf/tokens_per_sec": tokens_per_step / step_time,
                    "perf/tokens_per_sec_per_gpu": tokens_per_step / step_time / env.world_size,
                    **sparsity.metrics()}
+        if curriculum.phsa:
+            calls = pop_path_counts(inner)
+            metrics.update({"phsa/dense_calls": calls["dense"], "phsa/sparse_calls": calls["sparse"]})
         if spike.update(state.step, sparsity.phase, loss):
             metrics["phsa/loss_spike"] = 1.0
             if env.is_main:
@@ -205,6 +209,7 @@ def train(cfg: DictConfig) -> dict:
             stats, prev_selection = selection_stats(inner, probe, cfg.attention, curriculum.schedule.final_topk,
                                                     cur.stats_queries, prev_selection)
             metrics.update(stats)
+            pop_path_counts(inner)  # the probe forward is not training work
         if peak:
             fpt = flops_per_token(cfg, cfg.data.seq_len, data.vocab_size, sparsity.attended_tokens(cfg.data.seq_len))
             metrics["perf/mfu"] = fpt * metrics["perf/tokens_per_sec_per_gpu"] / peak

@@ -7,22 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from phsa_train.config import compose  # noqa: F401  (re-exported for tests)
+
 REPO = Path(__file__).resolve().parents[1]
-CONF = REPO / "conf"
-
-
-def compose(overrides: list[str] | None = None):
-    """The composed training config, exactly as ``python -m phsa_train.train`` would see it."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from phsa_train.config import register_configs
-
-    register_configs()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=overrides or [])
 
 
 def free_port() -> int:

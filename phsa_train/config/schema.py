@@ -95,6 +95,7 @@ class TrainConfig:
     eval_interval: int = 50
     eval_iters: int = 4
     log_interval: int = 5
+    recompute: str = "none"  # none | selective (core attention) | full (whole layers; GPU only)
     exit_after_steps: Optional[int] = None  # stop early (tests, time-boxed jobs); a checkpoint is saved
 
 

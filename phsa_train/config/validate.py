@@ -39,6 +39,7 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
     _one_of("attention.name", a.name, ATTENTION_NAMES)
     _one_of("parallel.cp_mode", p.cp_mode, CP_MODES)
     _one_of("train.precision", t.precision, PRECISIONS)
+    _one_of("train.recompute", t.recompute, ("none", "selective", "full"))
     _one_of("train.lr_decay_style", t.lr_decay_style, LR_STYLES)
     _one_of("checkpoint.resume", str(cfg.checkpoint.resume).lower(), RESUME)
     _one_of("logging.wandb.mode", cfg.logging.wandb.mode, WANDB_MODES)

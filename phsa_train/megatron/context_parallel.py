@@ -85,16 +85,25 @@ def local_chunk_positions(s_local: int, cp: int, rank: int) -> list[tuple[int, i
     return [(rank * c, (rank + 1) * c), ((2 * cp - 1 - rank) * c, (2 * cp - rank) * c)]
 
 
-def _attend_chunks(q_local, k_full, v_full, info_full, group, chunk_fn: Callable) -> torch.Tensor:
-    """Run ``chunk_fn(q_padded, k_prefix, v_prefix, info_prefix) -> o_padded`` for both local chunks."""
+def _attend_chunks(q_local, k_full, v_full, info_full, group, chunk_fn: Callable,
+                   pad_queries: bool = True) -> torch.Tensor:
+    """Run ``chunk_fn`` for both local chunks against their causal prefix [0, end).
+
+    pad_queries=True: chunk_fn(q_padded [b, end, ...], k, v, info) -> o [b, end, ...] (rows before the chunk
+    are zero queries whose output is dropped); False: chunk_fn(q_chunk [b, C, ...], k, v, info) -> [b, C, ...]
+    with the chunk's queries aligned to the end of the prefix.
+    """
     cp, rank = dist.get_world_size(group), dist.get_rank(group)
     c = q_local.shape[1] // 2
     outs = []
     for i, (start, end) in enumerate(local_chunk_positions(q_local.shape[1], cp, rank)):
         q_chunk = q_local[:, i * c:(i + 1) * c]
-        q_pad = torch.cat([q_chunk.new_zeros(q_chunk.shape[0], start, *q_chunk.shape[2:]), q_chunk], dim=1)
-        o = chunk_fn(q_pad, k_full[:, :end], v_full[:, :end], info_full[:, :end])
-        outs.append(o[:, start:end])
+        info = None if info_full is None else info_full[:, :end]
+        if pad_queries:
+            q_pad = torch.cat([q_chunk.new_zeros(q_chunk.shape[0], start, *q_chunk.shape[2:]), q_chunk], dim=1)
+            outs.append(chunk_fn(q_pad, k_full[:, :end], v_full[:, :end], info)[:, start:end])
+        else:
+            outs.append(chunk_fn(q_chunk, k_full[:, :end], v_full[:, :end], info))
     return torch.cat(outs, dim=1)
 
 
@@ -113,16 +122,22 @@ def cp_phsa_attention(q, k, v, token_info, group, mode: str, phsa_kwargs: dict) 
                           lambda q_, k_, v_, info_: phsa_local(q_, k_, v_, info_, phsa_kwargs))
 
 
-def cp_attention(q, k, v, token_info, group, dense_fn) -> torch.Tensor:
-    """Dense causal attention with all-gather CP (the baseline's CP path, no Transformer Engine)."""
+def cp_attention(q, k, v, token_info, group, softmax_scale=None) -> torch.Tensor:
+    """Dense causal attention with all-gather CP (the baseline's CP path, no Transformer Engine).
+
+    Each local chunk attends its causal prefix with a bottom-right-aligned causal mask, so SDPA can use its
+    fused kernels and no [s, s] mask is materialised (document masking, when on, does build one).
+    """
+    from phsa_train.megatron.core_attention import dense_chunk_attention
+
     k_full, v_full = gather_sequence(k, group), gather_sequence(v, group)
     info_full = None
     if token_info is not None:
         with torch.no_grad():
             info_full = gather_sequence(token_info, group)
-    cp, rank = dist.get_world_size(group), dist.get_rank(group)
-    q_pos = torch.cat([torch.arange(a, b_, device=q.device) for a, b_ in local_chunk_positions(q.shape[1], cp, rank)])
-    return dense_fn(q, k_full, v_full, info_full, q_pos)
+    return _attend_chunks(q, k_full, v_full, info_full, group,
+                          lambda q_, k_, v_, info_: dense_chunk_attention(q_, k_, v_, info_, softmax_scale),
+                          pad_queries=False)
 
 
 def ulysses_attention(q, k, v, token_info, group, local_fn) -> torch.Tensor:

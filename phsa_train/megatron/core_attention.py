@@ -93,28 +93,29 @@ class DenseCoreAttention(MegatronModule):
         if self.config.context_parallel_size > 1:
             from phsa_train.megatron.context_parallel import cp_attention
 
-            o = cp_attention(q, k, v, attention_bias, self._cp_group(),
-                             lambda q_, k_, v_, info_, q_pos: dense_causal_attention_positions(
-                                 q_, k_, v_, info_, q_pos, self.softmax_scale))
+            o = cp_attention(q, k, v, attention_bias, self._cp_group(), self.softmax_scale)
         else:
             o = dense_causal_attention(q, k, v, attention_bias, self.softmax_scale)
         return _from_bshd(o)
 
 
-def dense_causal_attention_positions(q, k, v, token_info, q_pos, softmax_scale=None):
-    """Dense attention of a subset of queries at global positions ``q_pos [sq]`` over the full k/v [b, s]."""
-    s = k.shape[1]
-    kv_pos = torch.arange(s, device=q.device)
-    mask = kv_pos[None, :] <= q_pos[:, None]  # [sq, s]
+def dense_chunk_attention(q, k, v, token_info, softmax_scale=None) -> torch.Tensor:
+    """Queries at the last ``sq`` positions of a causal prefix. q [b, sq, hq, d], k/v [b, sk, hk, d]."""
+    from torch.nn.attention.bias import causal_lower_right
+
+    sq, sk = q.shape[1], k.shape[1]
     if token_info is not None and document_cu_seqlens(token_info) is not None:
         from phsa_train.megatron.token_info import DOC_START_BIT
 
-        doc = torch.cumsum((token_info & DOC_START_BIT) != 0, dim=1)  # [b, s]
-        mask = mask[None] & (doc[:, q_pos][:, :, None] == doc[:, None, :])
+        doc = torch.cumsum((token_info & DOC_START_BIT) != 0, dim=1)  # [b, sk]
+        pos = torch.arange(sk, device=q.device)
+        mask = (pos[None, :] <= pos[sk - sq:, None])[None] & (doc[:, sk - sq:, None] == doc[:, None, :])
         mask = mask[:, None]
-    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
-    o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=softmax_scale, enable_gqa=True)
-    return o.transpose(1, 2)
+    else:
+        mask = causal_lower_right(sq, sk)
+    g = q.shape[2] // k.shape[2]
+    qt, kt, vt = q.transpose(1, 2), k.repeat_interleave(g, 2).transpose(1, 2), v.repeat_interleave(g, 2).transpose(1, 2)
+    return F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=softmax_scale).transpose(1, 2)
 
 
 class PHSACoreAttention(DenseCoreAttention):
@@ -136,6 +137,7 @@ class PHSACoreAttention(DenseCoreAttention):
         self.eval_topk = self.settings.eval_topk
         self.dense = layer_number in self.settings.dense_layers
         self.capture = None  # a list while phsa_train.selection_stats.capture_qk is active
+        self.calls = {"dense": 0, "sparse": 0}  # forward calls per path, read and reset by the training loop
 
     @property
     def topk(self) -> int:
@@ -151,6 +153,7 @@ class PHSACoreAttention(DenseCoreAttention):
                 packed_seq_params=None, **_unused):
         if self.capture is not None:
             self.capture.append((self.layer_number, _to_bshd(query), _to_bshd(key), attention_bias))
+        self.calls["dense" if self.dense else "sparse"] += 1
         if self.dense:
             return super().forward(query, key, value, attention_mask, attn_mask_type, attention_bias)
         assert attention_bias is not None, (
@@ -191,3 +194,14 @@ def set_sparsity(model: torch.nn.Module, *, train_topk: int | None = None, eval_
                 m.eval_topk = eval_topk
             if dense is not None:
                 m.dense = dense or m.layer_number in m.settings.dense_layers
+
+
+def pop_path_counts(model: torch.nn.Module) -> dict:
+    """{'dense': n, 'sparse': n} core-attention forward calls since the last pop (all PHSA layers)."""
+    total = {"dense": 0, "sparse": 0}
+    for m in model.modules():
+        if isinstance(m, PHSACoreAttention):
+            for key in total:
+                total[key] += m.calls[key]
+                m.calls[key] = 0
+    return total

@@ -1,0 +1,1 @@
+"""`python -m data_prep`: tokenize local files or a Hugging Face dataset into Megatron .bin/.idx."""
