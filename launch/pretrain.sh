@@ -8,15 +8,15 @@
 # choose, e.g. NPROC=2 gloo ranks on a CPU node). Rendezvous: c10d on the first node of the allocation,
 # port derived from the job id. The run dir is runs/<job name>-<job id> (PHSA_RUN_DIR to choose it); a
 # requeued job keeps its id, so it finds its run dir and resumes from its latest checkpoint.
-# Time limit / preemption: USR1 arrives 120 s before the end, every rank saves a checkpoint at the end of its
-# step and exits, and this script requeues the job. docs/slurm.md has the knobs.
+# Time limit: USR1 reaches this script 120 s before the end, it creates $PHSA_RUN_DIR/STOP, every rank saves
+# a checkpoint at the end of its step and exits, and this script requeues the job. docs/slurm.md has the knobs.
 #SBATCH --job-name=phsa
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=1
 #SBATCH --gpus-per-node=8
 #SBATCH --cpus-per-task=32
 #SBATCH --time=12:00:00
-#SBATCH --signal=USR1@120
+#SBATCH --signal=B:USR1@120
 #SBATCH --requeue
 #SBATCH --open-mode=append
 #SBATCH --output=logs/%x-%j.out
@@ -78,7 +78,8 @@ export MASTER_ADDR MASTER_PORT
 export NCCL_DEBUG="${NCCL_DEBUG:-WARN}" TORCH_NCCL_ASYNC_ERROR_HANDLING="${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}"
 STEP_CPUS="${SLURM_CPUS_PER_TASK:-${SLURM_CPUS_ON_NODE:-1}}"  # Slurm 22.05's srun does not inherit it
 REQUEUE_MARK="$PHSA_RUN_DIR/REQUEUE"
-rm -f "$REQUEUE_MARK"  # left over from a start that was killed after writing it
+export PHSA_STOP_FILE="$PHSA_RUN_DIR/STOP"  # the ranks look for it (phsa_train/preemption.py)
+rm -f "$REQUEUE_MARK" "$PHSA_STOP_FILE"  # left over from a start that was killed after writing them
 CONTAINER=()
 if [ -n "${PHSA_CONTAINER_IMAGE:-}" ]; then  # pyxis/enroot; the repo (shared filesystem) is mounted at its path
   CONTAINER=(--container-image="$PHSA_CONTAINER_IMAGE" --container-workdir="$REPO"
@@ -88,15 +89,18 @@ echo "[pretrain.sh] slurm job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) 
   "$SLURM_NNODES node(s) x ${NPROC:-one rank per GPU} ranks, rendezvous $MASTER_ADDR:$MASTER_PORT, run dir $PHSA_RUN_DIR"
 echo "[pretrain.sh] $(env | grep -E '^(NCCL_|TORCH_NCCL_|CUDA_VISIBLE_DEVICES=|PHSA_CONTAINER)' | sort | tr '\n' ' ')"
 
-# srun runs in the background so that this shell can act on signals while the step runs (bash defers
-# traps while a foreground child runs). --signal=USR1@120 (no B:) goes to the step's processes only: torchrun
-# and the ranks. With --signal=B:USR1@120 or `scancel --batch --signal=USR1` it reaches this shell instead,
-# which forwards it to srun -> torchrun -> ranks. SIGTERM is never forwarded: Slurm sends it when it ends
-# the job itself (scancel, scontrol requeue, time limit, preemption), then it decides what happens next.
+# The time-limit warning goes to this shell only (--signal=B:USR1@120; by hand: scancel --batch
+# --signal=USR1 <job>). It relays it through $PHSA_STOP_FILE, which every node's local rank 0 looks for
+# between steps. Signalling the job step instead (--signal=USR1@120, no B:) reaches *every* process of the
+# step (torchrun, ranks, and their helpers such as Megatron's checkpoint writer and W&B's monitor, which
+# die of it); the ranks handle that too (torchrun forwards USR1), but the relay disturbs nothing.
+# srun runs in the background because bash runs traps only between foreground commands. SIGTERM is
+# never forwarded: Slurm sends it when it ends the job itself (scancel, scontrol requeue, time limit,
+# preemption), and then Slurm decides what happens next.
 GOT_TERM=0
 on_usr1() {
-  echo "[pretrain.sh] $(date +%T) batch shell got SIGUSR1, forwarding it to the training step"
-  kill -s USR1 "$SRUN_PID" 2>/dev/null || true
+  echo "[pretrain.sh] $(date +%T) batch shell got SIGUSR1: asking the ranks to checkpoint and stop"
+  touch "$PHSA_STOP_FILE"
 }
 on_term() { GOT_TERM=1; echo "[pretrain.sh] $(date +%T) batch shell got SIGTERM: Slurm is ending the job"; }
 trap on_usr1 USR1
@@ -110,6 +114,7 @@ while :; do  # `wait` returns early when a trapped signal arrives; keep waiting 
   kill -0 "$SRUN_PID" 2>/dev/null || break
 done
 set -e
+rm -f "$PHSA_STOP_FILE"
 if [ -f "$REQUEUE_MARK" ]; then
   # The ranks stopped on a signal (time-limit warning, preemption notice) after saving a checkpoint.
   STEP="$(cat "$REQUEUE_MARK")"; rm -f "$REQUEUE_MARK"
