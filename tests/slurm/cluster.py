@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import random
 import shutil
 import signal
 import socket
@@ -53,7 +54,7 @@ def _free_port() -> int:
 
 
 class SlurmCluster:
-    def __init__(self, root: str | Path, cpus: int = 8, kill_wait: int = 30, cred_expire: int = 10):
+    def __init__(self, root: str | Path, cpus: int = 8, kill_wait: int = 30, cred_expire: int = 5):
         # cred_expire is also how long a requeued job waits before it may start again (Slurm's default: 120 s)
         self.root = Path(root)
         self.cpus, self.kill_wait, self.cred_expire = cpus, kill_wait, cred_expire
@@ -72,8 +73,10 @@ class SlurmCluster:
         key.write_bytes(os.urandom(128))
         os.chmod(key, 0o400)
         ctld_port, d_port = _free_port(), _free_port()
+        # FirstJobId: a fresh range each time, so runs/<job name>-<job id> of an earlier session never matches.
         self.conf.write_text(f"""\
 ClusterName=phsatest
+FirstJobId={random.randint(100_000, 900_000)}
 SlurmctldHost={self.node}(127.0.0.1)
 SlurmctldPort={ctld_port}
 SlurmdPort={d_port}
