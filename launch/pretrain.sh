@@ -42,7 +42,6 @@ else
   export PHSA_RUN_DIR="${PHSA_RUN_DIR:-$REPO/runs/$(run_name "$@")}"
 fi
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" PYTHONFAULTHANDLER=1 PYTHONUNBUFFERED=1
-export WANDB_MODE="${WANDB_MODE:-}"
 mkdir -p "$PHSA_RUN_DIR"
 
 if [ -z "${SLURM_JOB_ID:-}" ]; then

@@ -25,8 +25,8 @@ class Data:
 
 def build_data(cfg, env, padded_vocab_fn) -> Data:
     """Tokenizer, punctuation table and Megatron GPT datasets. Rank 0 prepares the embedded corpus first."""
-    from phsa_train.data import (build_gpt_datasets, check_vocab, load_punct_mask, load_tokenizer,
-                                 prepare_default_corpus)
+    from phsa_train.data import (MegatronTokenizer, build_gpt_datasets, check_vocab, load_punct_mask,
+                                 load_tokenizer, prepare_default_corpus)
 
     d = cfg.data
     cache_dir = Path(d.cache_dir).expanduser()
@@ -39,30 +39,27 @@ def build_data(cfg, env, padded_vocab_fn) -> Data:
         tok_spec = d.tokenizer or str(Path(prefixes[0]).parent)
         punct_path = d.punct_table or prefixes[0] + "_punct.json"
     else:
-        if env.is_main:
-            prepare_default_corpus(cache_dir / "embedded", vocab_size=d.embedded_vocab_size)
+        if env.is_main:  # build once; the others wait, then find it complete
+            prepare_default_corpus(cache_dir / "embedded", vocab_size=d.embedded_vocab_size, progress=True)
         dist.barrier()
         prepared = prepare_default_corpus(cache_dir / "embedded", vocab_size=d.embedded_vocab_size)
-        prefixes = [str(prepared.prefix)]
-        tok_spec = d.tokenizer or str(prepared.tokenizer_path)
-        punct_path = d.punct_table or str(prepared.punct_path)
-    tokenizer = load_tokenizer(tok_spec)
+        prefixes = [prepared.prefix]
+        tok_spec = d.tokenizer or prepared.tokenizer_path
+        punct_path = d.punct_table or prepared.punct_path
+    tokenizer = MegatronTokenizer(load_tokenizer(tok_spec))
     for p in prefixes:
         check_vocab(p, tokenizer.vocab_size)
     vocab = padded_vocab_fn(tokenizer.vocab_size)
     punct_lut = load_punct_mask(punct_path, tokenizer, vocab)
 
     t = cfg.train
-    valid_samples = t.eval_iters * t.global_batch_size
-    kwargs = dict(tokenizer=tokenizer, seq_len=d.seq_len, seed=t.seed, split=d.split,
-                  num_samples=(t.steps * t.global_batch_size, valid_samples), cache_dir=str(cache_dir / "index"),
-                  weights=list(d.weights) or None)
-    # Rank 0 builds the shuffled index caches; the others then read them.
-    if env.is_main:
-        train_ds, valid_ds = build_gpt_datasets(prefixes, **kwargs)
-    dist.barrier()
-    if not env.is_main:
-        train_ds, valid_ds = build_gpt_datasets(prefixes, **kwargs)
+    # Megatron's builder builds the shuffled index caches on rank 0 first, then loads them on the others.
+    # Document boundaries reach attention through token_info (make_token_info), so the datasets never
+    # materialise a [s, s] mask per sample.
+    train_ds, valid_ds = build_gpt_datasets(
+        prefixes, tokenizer=tokenizer, seq_len=d.seq_len, seed=t.seed, split=d.split,
+        num_samples=(t.steps * t.global_batch_size, max(1, t.eval_iters) * t.global_batch_size),
+        cache_dir=str(cache_dir / "index"), weights=list(d.weights) or None, verify_vocab=False)
     return Data(train_ds, valid_ds, tokenizer, punct_lut, vocab, tokenizer.eod)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import secrets
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -29,7 +30,7 @@ class MetricsLogger:
             import wandb
 
             os.environ.setdefault("WANDB_SILENT", "true")
-            self.run_id = resume_id or wandb.util.generate_id()
+            self.run_id = resume_id or secrets.token_hex(4)  # persisted in checkpoints: a restart resumes the run
             self.wandb = wandb.init(
                 project=wandb_cfg.project, entity=wandb_cfg.entity, group=wandb_cfg.group, name=wandb_cfg.name or run_name,
                 tags=list(tags) + list(wandb_cfg.tags), config=config, mode=wandb_cfg.mode, dir=str(self.run_dir),

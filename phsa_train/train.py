@@ -6,6 +6,7 @@ forward/backward, grad sync, clip, step, log, eval, checkpoint, preemption check
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import time
 from pathlib import Path
@@ -86,6 +87,7 @@ def run_dirs(cfg) -> tuple[Path, Path]:
 
 
 def train(cfg: DictConfig) -> dict:
+    logging.getLogger("megatron").setLevel(logging.WARNING)  # its dataset builder logs every index at INFO
     env = init_distributed()
     watcher = PreemptionWatcher()  # early: a signal during set-up stops the run after its first step
     validate(cfg, env.world_size)
@@ -149,7 +151,7 @@ def train(cfg: DictConfig) -> dict:
     tokens_per_step = t.global_batch_size * cfg.data.seq_len
     stop_at = min(t.steps, t.exit_after_steps) if t.exit_after_steps else t.steps
     peak = next((v for k, v in PEAK_FLOPS.items() if on_gpu and k in torch.cuda.get_device_name()), None)
-    last_saved, valid_loss, t0 = state.step, None, time.time()
+    last_saved, valid_loss, loss, t0 = state.step, None, None, time.time()
     cur = cfg.curriculum
     stats_on = curriculum.phsa and cur.stats_interval > 0 and p.context_parallel_size == 1
     probe = next(batches(data.valid, start_sample=0, global_batch_size=t.micro_batch_size * dp,
@@ -245,7 +247,7 @@ def train(cfg: DictConfig) -> dict:
     if env.is_main:
         logger.summary_charts()
     logger.finish()
-    result = {"step": state.step, "loss": loss if state.step else None, "valid_loss": valid_loss,
+    result = {"step": state.step, "loss": loss, "valid_loss": valid_loss,
               "run_dir": str(run_dir), "preempted": watcher.stopped}
     shutdown()
     return result

@@ -94,10 +94,10 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
     if a.name == "dense":
         _one_of("attention.backend", a.backend, DENSE_BACKENDS)
     else:
-        _validate_phsa(a, d.seq_len, cp)
+        _validate_phsa(a, d.seq_len, cp, scheduled=cfg.curriculum.name != "none")
 
 
-def _validate_phsa(a, seq_len: int, cp: int) -> None:
+def _validate_phsa(a, seq_len: int, cp: int, scheduled: bool) -> None:
     _one_of("attention.backend", a.backend, PHSA_BACKENDS)
     _one_of("attention.score", a.score, SCORES)
     _one_of("attention.rep_keys", a.rep_keys, ("post_rope",))
@@ -115,7 +115,7 @@ def _validate_phsa(a, seq_len: int, cp: int) -> None:
            f"data.seq_len={seq_len} is not a multiple of attention.block_size={a.block_size}; allowed: "
            f"multiples of {a.block_size} (training sequences are whole key blocks)")
     nb = seq_len // a.block_size
-    for name in ("train_topk", "eval_topk"):
+    for name in () if scheduled else ("train_topk", "eval_topk"):  # a curriculum sets both itself
         _check(a[name] <= nb,
                f"attention.{name}={a[name]} is larger than the number of blocks data.seq_len // "
                f"attention.block_size = {seq_len} // {a.block_size} = {nb}")
