@@ -8,8 +8,9 @@
 # choose, e.g. NPROC=2 gloo ranks on a CPU node). Rendezvous: c10d on the first node of the allocation,
 # port derived from the job id. The run dir is runs/<job name>-<job id> (PHSA_RUN_DIR to choose it); a
 # requeued job keeps its id, so it finds its run dir and resumes from its latest checkpoint.
-# Time limit: USR1 reaches this script 120 s before the end, it creates $PHSA_RUN_DIR/STOP, every rank saves
-# a checkpoint at the end of its step and exits, and this script requeues the job. docs/slurm.md has the knobs.
+# Time limit: 120 s before the end (USR1 to this script, which creates $PHSA_RUN_DIR/STOP, or the ranks' own
+# clock, PHSA_WARN_S) every rank saves a checkpoint after the same step and exits, and this script requeues
+# the job. docs/slurm.md has the knobs.
 #SBATCH --job-name=phsa
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=1
@@ -79,13 +80,20 @@ STEP_CPUS="${SLURM_CPUS_PER_TASK:-${SLURM_CPUS_ON_NODE:-1}}"  # Slurm 22.05's sr
 REQUEUE_MARK="$PHSA_RUN_DIR/REQUEUE"
 export PHSA_STOP_FILE="$PHSA_RUN_DIR/STOP"  # the ranks look for it (phsa_train/preemption.py)
 rm -f "$REQUEUE_MARK" "$PHSA_STOP_FILE"  # left over from a start that was killed after writing them
+# Slurm (22.05) does not reliably send the --signal warning again after a requeue: so the ranks also get
+# the job's end time minus PHSA_WARN_S (default 120 s) and stop by themselves when it passes.
+JOB_END="$(scontrol show job "$SLURM_JOB_ID" -o 2>/dev/null | grep -o 'EndTime=[^ ]*' | cut -d= -f2 || true)"
+if JOB_END_S="$(date -d "$JOB_END" +%s 2>/dev/null)"; then
+  export PHSA_STOP_AT="$((JOB_END_S - ${PHSA_WARN_S:-120}))"
+fi
 CONTAINER=()
 if [ -n "${PHSA_CONTAINER_IMAGE:-}" ]; then  # pyxis/enroot; the repo (shared filesystem) is mounted at its path
   CONTAINER=(--container-image="$PHSA_CONTAINER_IMAGE" --container-workdir="$REPO"
              --container-mounts="$REPO:$REPO${PHSA_CONTAINER_MOUNTS:+,$PHSA_CONTAINER_MOUNTS}")
 fi
 echo "[pretrain.sh] slurm job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NODELIST:" \
-  "$SLURM_NNODES node(s) x ${NPROC:-one rank per GPU} ranks, rendezvous $MASTER_ADDR:$MASTER_PORT, run dir $PHSA_RUN_DIR"
+  "$SLURM_NNODES node(s) x ${NPROC:-one rank per GPU} ranks, rendezvous $MASTER_ADDR:$MASTER_PORT, run dir $PHSA_RUN_DIR," \
+  "ends ${JOB_END:-?}"
 echo "[pretrain.sh] $(env | grep -E '^(NCCL_|TORCH_NCCL_|CUDA_VISIBLE_DEVICES=|PHSA_CONTAINER)' | sort | tr '\n' ' ')"
 
 # The time-limit warning goes to this shell only (--signal=B:USR1@120; by hand: scancel --batch

@@ -1,10 +1,13 @@
 """Graceful stop on SIGUSR1 / SIGTERM or a stop file (Slurm's time-limit warning, preemption, scancel).
 
-Two ways to ask the ranks to stop:
+Three ways to ask the ranks to stop:
   * a signal (SIGUSR1, SIGTERM) to the rank itself; torchrun forwards the ones it handles;
   * the file ``$PHSA_STOP_FILE`` appearing: ``launch/pretrain.sh`` creates it when its batch shell gets the
     warning (``#SBATCH --signal=B:USR1@120``). That keeps the signal away from the other processes of the
-    job step, which Slurm would otherwise signal all at once (see ``_shield_checkpoint_writer``).
+    job step, which Slurm would otherwise signal all at once (see ``_shield_checkpoint_writer``);
+  * the wall clock passing ``$PHSA_STOP_AT`` (Unix time): ``launch/pretrain.sh`` sets it to the job's end
+    time minus the warning, at every start, because Slurm (22.05) does not reliably send the ``--signal``
+    warning again after a requeue (seen: the next time limit came without one).
 
 The handler only sets a flag. Every step all ranks agree through an all-reduce (MAX), so they all stop
 at the *same* step, save one consistent checkpoint and exit; rank 0 then drops a ``REQUEUE`` marker in
@@ -33,6 +36,8 @@ class PreemptionWatcher:
         local_rank = os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0"))
         self._poll = self.stop_file is not None and local_rank == "0"
         self._next_poll = 0.0
+        stop_at = os.environ.get("PHSA_STOP_AT")
+        self.stop_at = float(stop_at) if stop_at else None
         _shield_checkpoint_writer()
         for sig in self.SIGNALS:
             signal.signal(sig, self._handler)
@@ -44,6 +49,10 @@ class PreemptionWatcher:
         self._flag = True
 
     def should_stop(self) -> bool:
+        if self.stop_at is not None and not self._flag and time.time() >= self.stop_at:
+            print("[phsa_train] the job's time limit is near (PHSA_STOP_AT): checkpoint at the end of this step, "
+                  "then exit", flush=True)
+            self._flag = True
         if self._poll and not self._flag and time.monotonic() >= self._next_poll:
             self._next_poll = time.monotonic() + self.POLL_S
             if self.stop_file.exists():
