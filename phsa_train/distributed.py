@@ -4,6 +4,7 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+import subprocess
 from dataclasses import dataclass
 
 import torch
@@ -38,9 +39,26 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _slurm_first_host() -> str:
+    """First host of the job's allocation: the rendezvous host every task agrees on."""
+    nodelist = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST")
+    if nodelist:
+        try:
+            out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                                 timeout=30, check=True).stdout.split()
+            if out:
+                return out[0]
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return os.environ.get("SLURMD_NODENAME", "127.0.0.1")
+
+
 def init_distributed(timeout_minutes: int = 30) -> DistEnv:
     """Start the default process group: NCCL with one GPU per rank, gloo on CPU."""
     rank, world, local_rank = env_rank_info()
+    if "RANK" not in os.environ and "SLURM_PROCID" in os.environ:  # one srun task per rank (e.g. submitit)
+        os.environ.setdefault("MASTER_ADDR", _slurm_first_host())
+        os.environ.setdefault("MASTER_PORT", str(20000 + int(os.environ.get("SLURM_JOB_ID", 0)) % 20000))
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     if "MASTER_PORT" not in os.environ:  # single process without a launcher: any free port
         os.environ["MASTER_PORT"] = str(_free_port()) if world == 1 else "29500"

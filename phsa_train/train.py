@@ -89,6 +89,7 @@ def run_dirs(cfg) -> tuple[Path, Path]:
 def train(cfg: DictConfig) -> dict:
     logging.getLogger("megatron").setLevel(logging.WARNING)  # its dataset builder logs every index at INFO
     env = init_distributed()
+    watcher = PreemptionWatcher()  # early: a signal during set-up stops the run after its first step
     validate(cfg, env.world_size)
     p = cfg.parallel
     init_model_parallel(p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.context_parallel_size)
@@ -155,7 +156,6 @@ def train(cfg: DictConfig) -> dict:
     train_iter = batches(data.train, start_sample=state.consumed_samples, global_batch_size=t.global_batch_size,
                          micro_batch_size=t.micro_batch_size, data=data,
                          reset_attention_mask=cfg.data.reset_attention_mask, device=env.device)
-    watcher = PreemptionWatcher()
     tokens_per_step = t.global_batch_size * cfg.data.seq_len
     stop_at = min(t.steps, t.exit_after_steps) if t.exit_after_steps else t.steps
     peak = next((v for k, v in PEAK_FLOPS.items() if on_gpu and k in torch.cuda.get_device_name()), None)
@@ -244,7 +244,7 @@ def train(cfg: DictConfig) -> dict:
             if env.is_main:
                 print(f"[phsa_train] saved checkpoint step {state.step} -> {ckpt_dir}", flush=True)
         if preempted:
-            if env.is_main:
+            if env.is_main and state.step < stop_at:  # a signal at the last step needs no second start
                 watcher.mark_requeue(run_dir, state.step)
             break
 
