@@ -73,6 +73,24 @@ def init_distributed(timeout_minutes: int = 30) -> DistEnv:
     return DistEnv(rank, world, local_rank, device)
 
 
+def prepare_device(env: DistEnv, seed: int) -> bool:
+    """Seed every RNG a run uses (Megatron's CUDA RNG tracker on GPU); on CPU install the Megatron shims.
+
+    Call after :func:`init_model_parallel`. Returns True on GPU.
+    """
+    on_gpu = env.device.type == "cuda"
+    if not on_gpu:
+        from phsa_train import cpu_compat
+
+        cpu_compat.install_cpu_shims()
+    torch.manual_seed(seed)
+    if on_gpu:
+        from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+        model_parallel_cuda_manual_seed(seed)
+    return on_gpu
+
+
 def init_model_parallel(tp: int, pp: int, cp: int) -> None:
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                                              context_parallel_size=cp)

@@ -425,10 +425,9 @@ def plot_recall(recall: dict, path: Path, title: str) -> Path:
 def run_eval(ecfg: DictConfig) -> dict:
     """Everything above for one checkpoint; returns the results dict (also written to results.json)."""
     from phsa_train import checkpoint as ckpt
-    from phsa_train import cpu_compat
     from phsa_train.builders import build_data
     from phsa_train.config import validate
-    from phsa_train.distributed import init_distributed, init_model_parallel, shutdown
+    from phsa_train.distributed import init_distributed, init_model_parallel, prepare_device, shutdown
     from phsa_train.model import build_model, padded_vocab_size
 
     logging.getLogger("megatron").setLevel(logging.WARNING)
@@ -449,14 +448,7 @@ def run_eval(ecfg: DictConfig) -> dict:
     env = init_distributed()
     try:
         init_model_parallel(1, 1, 1)
-        on_gpu = env.device.type == "cuda"
-        if not on_gpu:
-            cpu_compat.install_cpu_shims()
-        torch.manual_seed(cfg.train.seed)
-        if on_gpu:
-            from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
-
-            model_parallel_cuda_manual_seed(cfg.train.seed)
+        on_gpu = prepare_device(env, cfg.train.seed)
         log(f"checkpoint {root} step {step}: {cfg.model.name} {cfg.attention.name}"
             + (f" (lam {cfg.attention.lam})" if plan.topks else "") + ", "
             f"trained at seq {cfg.data.seq_len}" + (f", top-k train {plan.train_topk} / eval {plan.eval_topk} "

@@ -23,7 +23,7 @@ from phsa_train import cpu_compat
 from phsa_train.builders import batches, build_data, build_optimizer, lr_at_step
 from phsa_train.config import register_configs, validate
 from phsa_train.curriculum import LossSpikeDetector, build_curriculum
-from phsa_train.distributed import init_distributed, init_model_parallel, shutdown
+from phsa_train.distributed import init_distributed, init_model_parallel, prepare_device, shutdown
 from phsa_train.megatron.core_attention import pop_path_counts
 from phsa_train.metrics import MetricsLogger, flops_per_token
 from phsa_train.model import build_model, num_parameters, padded_vocab_size
@@ -93,14 +93,7 @@ def train(cfg: DictConfig) -> dict:
     validate(cfg, env.world_size)
     p = cfg.parallel
     init_model_parallel(p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.context_parallel_size)
-    on_gpu = env.device.type == "cuda"
-    if not on_gpu:
-        cpu_compat.install_cpu_shims()
-    torch.manual_seed(cfg.train.seed)
-    if on_gpu:
-        from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
-
-        model_parallel_cuda_manual_seed(cfg.train.seed)
+    on_gpu = prepare_device(env, cfg.train.seed)
     run_dir, ckpt_dir = run_dirs(cfg)
     t = cfg.train
 

@@ -7,7 +7,7 @@ Cross-field rules (heads vs TP, sequence vs block size, ...) live in :mod:`phsa_
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, List, Optional
+from typing import List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
