@@ -73,7 +73,9 @@ fi
 
 # Batch part: runs once, on the first node of the allocation.
 MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
-MASTER_PORT="${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}"  # per job: two jobs on a node do not collide
+# Per job, so two jobs on one node never collide; sbatch exports the submitting shell's environment, so an
+# inherited MASTER_PORT is ignored (PHSA_MASTER_PORT sets one explicitly).
+MASTER_PORT="${PHSA_MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}"
 export MASTER_ADDR MASTER_PORT
 export NCCL_DEBUG="${NCCL_DEBUG:-WARN}" TORCH_NCCL_ASYNC_ERROR_HANDLING="${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}"
 STEP_CPUS="${SLURM_CPUS_PER_TASK:-${SLURM_CPUS_ON_NODE:-1}}"  # Slurm 22.05's srun does not inherit it

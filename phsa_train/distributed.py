@@ -57,8 +57,10 @@ def init_distributed(timeout_minutes: int = 30) -> DistEnv:
     """Start the default process group: NCCL with one GPU per rank, gloo on CPU."""
     rank, world, local_rank = env_rank_info()
     if "RANK" not in os.environ and "SLURM_PROCID" in os.environ:  # one srun task per rank (e.g. submitit)
-        os.environ.setdefault("MASTER_ADDR", _slurm_first_host())
-        os.environ.setdefault("MASTER_PORT", str(20000 + int(os.environ.get("SLURM_JOB_ID", 0)) % 20000))
+        # Derived from the job, never inherited: sbatch exports the submitting shell's MASTER_* variables.
+        os.environ["MASTER_ADDR"] = _slurm_first_host()
+        os.environ["MASTER_PORT"] = os.environ.get(
+            "PHSA_MASTER_PORT", str(20000 + int(os.environ.get("SLURM_JOB_ID", 0)) % 20000))
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     if "MASTER_PORT" not in os.environ:  # single process without a launcher: any free port
         os.environ["MASTER_PORT"] = str(_free_port()) if world == 1 else "29500"

@@ -1,6 +1,4 @@
 """PHSA as a Megatron-Core spec swap: structure, dense equivalence, and a few training steps on CPU."""
-import os
-
 import pytest
 import torch
 import torch.distributed as dist
@@ -19,8 +17,8 @@ VOCAB, SEQ = 256, 64
 def single_process():
     from megatron.core import parallel_state
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    dist.init_process_group("gloo", rank=0, world_size=1)
+    store = dist.TCPStore("127.0.0.1", free_port(), 1, is_master=True)
+    dist.init_process_group("gloo", rank=0, world_size=1, store=store)  # no MASTER_* left in os.environ
     parallel_state.initialize_model_parallel(1, 1)
     cpu_compat.install_cpu_shims()
     yield
