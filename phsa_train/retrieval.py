@@ -173,9 +173,10 @@ def write_retrieval_mix(base_prefix: str, output_prefix: str, tokenizer, *, shar
     documents (not appended: Megatron splits train/valid by document index). Deterministic in ``seed``.
     The punctuation table ``<output_prefix>_punct.json`` is rebuilt for ``tokenizer``.
     """
-    from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     from phsa_train.data import MegatronTokenizer, build_punct_table, write_punct_table
+    from phsa_train.data.prepare import atomic_indexed_dataset
 
     tok = tokenizer if isinstance(tokenizer, MegatronTokenizer) else MegatronTokenizer(tokenizer)
     if not 0.0 < share < 1.0:
@@ -196,11 +197,9 @@ def write_retrieval_mix(base_prefix: str, output_prefix: str, tokenizer, *, shar
     slots = np.sort(rng.integers(0, len(base) + 1, n_planted))
 
     os.makedirs(os.path.dirname(os.path.abspath(output_prefix)), exist_ok=True)
-    tmp = f"{output_prefix}.tmp-{os.getpid()}"
-    builder = IndexedDatasetBuilder(tmp + ".bin", dtype=base.index.dtype)
     planted_tokens, j = 0, 0
     eod = tok.eod
-    try:
+    with atomic_indexed_dataset(output_prefix, base.index.dtype) as builder:
         for i in range(len(base) + 1):
             while j < n_planted and slots[j] == i:
                 fact = random_fact(rng, tok, kind, value_digits)
@@ -216,14 +215,5 @@ def write_retrieval_mix(base_prefix: str, output_prefix: str, tokenizer, *, shar
             if i < len(base):
                 doc = base[i]
                 builder.add_document(doc, [len(doc)])
-        builder.finalize(tmp + ".idx")
-    except BaseException:
-        builder.data_file.close()
-        for ext in (".bin", ".idx"):
-            if os.path.exists(tmp + ext):
-                os.remove(tmp + ext)
-        raise
-    os.replace(tmp + ".bin", output_prefix + ".bin")
-    os.replace(tmp + ".idx", output_prefix + ".idx")
     punct = write_punct_table(build_punct_table(tok, punct_charset), output_prefix, tok)
     return MixResult(output_prefix, punct, len(base), n_planted, base_tokens + planted_tokens, planted_tokens)

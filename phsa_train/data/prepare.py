@@ -12,6 +12,7 @@ from __future__ import annotations
 import gzip
 import json
 import multiprocessing
+import contextlib
 import os
 import platform
 import shutil
@@ -149,6 +150,26 @@ def prepare(
                            progress=progress, punct_charset=punct_charset)
 
 
+@contextlib.contextmanager
+def atomic_indexed_dataset(prefix: str, dtype):
+    """Yield an IndexedDatasetBuilder writing ``<prefix>.tmp-<pid>.bin``; on success finalize and rename both
+    files into place (.idx last, so ``IndexedDataset.exists(prefix)`` never sees a half-written dataset);
+    on any error remove the temp files."""
+    tmp = f"{prefix}.tmp-{os.getpid()}"
+    builder = IndexedDatasetBuilder(tmp + ".bin", dtype=dtype)
+    try:
+        yield builder
+        builder.finalize(tmp + ".idx")
+    except BaseException:
+        builder.data_file.close()
+        for ext in (".bin", ".idx"):
+            if os.path.exists(tmp + ext):
+                os.remove(tmp + ext)
+        raise
+    os.replace(tmp + ".bin", prefix + ".bin")
+    os.replace(tmp + ".idx", prefix + ".idx")
+
+
 def write_documents(
     docs: Iterable[str],
     output_prefix: str | os.PathLike,
@@ -170,39 +191,29 @@ def write_documents(
         raise ValueError(f"data.workers={workers}: must be >= 1")
     prefix = os.fspath(output_prefix)
     os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
-    tmp = f"{prefix}.tmp-{os.getpid()}"
-    builder = IndexedDatasetBuilder(tmp + ".bin", dtype=DType.optimal_dtype(tok.vocab_size))
     n_docs = n_tokens = 0
     pool = None
     try:
-        if workers > 1:
-            # spawn, not fork: forking after the Rust tokenizer started its thread pool can deadlock.
-            pool = multiprocessing.get_context("spawn").Pool(workers, _init_worker, (tok.tokenizer.to_str(),))
-            encoded = (ids for batch in pool.imap(_encode_chunk, _chunks(docs, _BATCH_DOCS)) for ids in batch)
-        else:
-            encoded = (ids for batch in _chunks(docs, _BATCH_DOCS) for ids in tok.tokenize_batch(batch))
-        for ids in tqdm(encoded, desc=f"tokenize -> {os.path.basename(prefix)}", unit="doc", disable=not progress):
-            if append_eod:
-                ids.append(tok.eod)
-            if not ids:
-                continue
-            builder.add_document(np.asarray(ids), [len(ids)])
-            n_docs += 1
-            n_tokens += len(ids)
-        if n_docs == 0:
-            raise ValueError("data.inputs: no non-empty documents found")
-        builder.finalize(tmp + ".idx")
-    except BaseException:
-        builder.data_file.close()
-        for ext in (".bin", ".idx"):
-            if os.path.exists(tmp + ext):
-                os.remove(tmp + ext)
-        raise
+        with atomic_indexed_dataset(prefix, DType.optimal_dtype(tok.vocab_size)) as builder:
+            if workers > 1:
+                # spawn, not fork: forking after the Rust tokenizer started its thread pool can deadlock.
+                pool = multiprocessing.get_context("spawn").Pool(workers, _init_worker, (tok.tokenizer.to_str(),))
+                encoded = (ids for batch in pool.imap(_encode_chunk, _chunks(docs, _BATCH_DOCS)) for ids in batch)
+            else:
+                encoded = (ids for batch in _chunks(docs, _BATCH_DOCS) for ids in tok.tokenize_batch(batch))
+            for ids in tqdm(encoded, desc=f"tokenize -> {os.path.basename(prefix)}", unit="doc", disable=not progress):
+                if append_eod:
+                    ids.append(tok.eod)
+                if not ids:
+                    continue
+                builder.add_document(np.asarray(ids), [len(ids)])
+                n_docs += 1
+                n_tokens += len(ids)
+            if n_docs == 0:
+                raise ValueError("data.inputs: no non-empty documents found")
     finally:
         if pool is not None:
             pool.terminate()
-    os.replace(tmp + ".bin", prefix + ".bin")
-    os.replace(tmp + ".idx", prefix + ".idx")
     punct_path = write_punct_table(build_punct_table(tok, punct_charset), prefix, tok)
     return PrepareResult(prefix=prefix, punct_path=punct_path, docs=n_docs, tokens=n_tokens)
 
