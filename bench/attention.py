@@ -22,6 +22,7 @@ bench/results/<device>-<date>.json (or --out).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -45,6 +46,9 @@ CONFIGS = {
     "b": dict(hq=64, hk=4, d=128, params=PHSAParams(block_size=64, n_init=128, local_window=512, topk=16,
                                                      query_block=8)),
 }
+# the same shapes with score=dot_group_sum (PHSA_SPEC §4 knob): a group's queries collapse into one row for scoring
+for _n in ("a", "b"):
+    CONFIGS[_n + "_dot"] = dict(CONFIGS[_n], params=dataclasses.replace(CONFIGS[_n]["params"], score="dot_group_sum"))
 
 
 def attended_tokens(L: int, p: PHSAParams) -> float:

@@ -82,6 +82,22 @@ def test_per_token_selection(hq, hk, d, m, dtype, score):
     _check(1, 4 * m, hq, hk, d, dtype, p, seed=m + hq)
 
 
+
+@pytest.mark.parametrize(
+    "hq,hk,d,m,B,dtype,cu",
+    [
+        (4, 2, 128, 16, 64, torch.bfloat16, None),  # the paper config's shape: 128 rows collapse into one
+        (8, 1, 64, 32, 4, torch.float16, None),  # G=8
+        (4, 2, 64, 16, 8, torch.bfloat16, [0, 40, 41, 120, 200]),  # packed documents
+        (2, 1, 64, 16, 16, torch.float32, None),  # fp32 inputs: M unsplit
+    ],
+)
+def test_dot_score_grouped_selection(hq, hk, d, m, B, dtype, cu):
+    """score=dot_group_sum with query_block > 1: the summed-query fast path (one fp32 row per group)."""
+    p = PHSAParams(block_size=m, n_init=m, local_window=2 * m, topk=3, query_block=B, score="dot_group_sum")
+    cu_t = None if cu is None else torch.tensor(cu, dtype=torch.int32)
+    _check(1, 200 if cu else 16 * m, hq, hk, d, dtype, p, cu=cu_t, seed=7 * B + hq, grads=dtype != torch.float32)
+
 def test_packed_documents():
     cu = torch.tensor([0, 40, 41, 120, 200], dtype=torch.int32)
     p = PHSAParams(block_size=16, n_init=8, local_window=16, topk=2, query_block=8)

@@ -120,7 +120,9 @@ def _select_internal(q, k, punct_mask, params: PHSAParams, plan: _Plan) -> torch
     pu8 = None if punct_mask is None else punct_mask.to(torch.uint8)
     max_nb = plan.max_n // params.block_size
     rep = block_reps(k, pu8, plan.seq, plan.n_rep, max_nb, params.block_size, params.lam)
-    lsebuf = torch.empty((b, L, hq), dtype=torch.float32, device=q.device)
+    # per-row LSE scratch of the softmax score's pass 1 (the dot score needs none)
+    lsebuf = torch.empty((b, L, hq) if params.score == "softmax_group_sum" else (1,), dtype=torch.float32,
+                         device=q.device)
     select_launch(q, rep, plan.seq, plan.max_n, params, plan.kk, sel, lsebuf)
     return sel
 

@@ -21,6 +21,8 @@ chunks of BM rows (when B*G > BM), for one KV head g. Rows are (query, head) pai
         later block and all keys are distinct; while the tile's largest key beats the buffer's smallest, it
         replaces it (two reductions per insertion; most tiles need none once the buffer is good). At the end the
         buffer, sorted, is the selection.
+``score=dot_group_sum`` runs ``_select_dot_kernel`` instead: the score is linear in q, so each group's rows are
+summed first and one pass streams the representatives with one row per group (docstring there).
 Precision: the logits q . M are computed as q . M_hi + q . M_lo with M_hi = bf16/fp16(M), M_lo = M - M_hi
 (q is exact in its own 16-bit type; the split is precomputed by ``reps.py``), two tensor-core dots with fp32
 accumulation: ~fp32 accuracy (the reference scores in fp32), so selections agree except at genuine near-ties.
@@ -44,6 +46,37 @@ def _logits(q, RHI, RLO, roff, tt, tmask, cols, hk, D: tl.constexpr, SPLIT: tl.c
     else:
         s = tl.dot(q, tl.trans(hi), input_precision="ieee")
     return s * scale2
+
+
+@triton.jit
+def _topk_insert(acc, tt, gel, buf, thr, MIN64):
+    """Insert the [NG, BN] fp32 scores ``acc`` of blocks ``tt`` (where ``gel``) into the running top-k ``buf``."""
+    acc = acc + 0.0  # -0.0 -> +0.0 so that equal scores compare equal
+    bits = acc.to(tl.int32, bitcast=True)
+    key32 = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    key = (key32.to(tl.int64) << 32) | tt.to(tl.int64)[None, :]
+    key = tl.where(gel, key, MIN64)
+    mx = tl.max(key, axis=1)
+    while tl.max((mx > thr).to(tl.int32), axis=0) > 0:
+        ins = mx > thr
+        buf = tl.where((buf == thr[:, None]) & ins[:, None], mx[:, None], buf)
+        key = tl.where((key == mx[:, None]) & ins[:, None], MIN64, key)
+        thr = tl.min(buf, axis=1)
+        mx = tl.max(key, axis=1)
+    return buf, thr
+
+
+@triton.jit
+def _store_selection(buf, slot, TOPK, SEL, base, row_off, gmask):
+    """Unpack the running buffer [NG, KB] into ascending block indices (-1 padded) at SEL + base + row_off."""
+    hi32 = (buf >> 32).to(tl.int32)
+    blk = (buf & 0xFFFFFFFF).to(tl.int32)
+    BIG: tl.constexpr = 2147483647
+    idx = tl.where((slot[None, :] < TOPK) & (hi32 != -2147483648), blk, BIG)
+    idx = tl.sort(idx, dim=1)
+    idx = tl.where(idx == BIG, -1, idx)
+    sptr = SEL + base + row_off[:, None] + slot[None, :]
+    tl.store(sptr, idx, mask=(slot[None, :] < TOPK) & gmask[:, None])
 
 
 @triton.jit
@@ -141,33 +174,87 @@ def _select_kernel(
             else:
                 p = tl.where(elig, s * 0.6931471805599453, 0.0)  # back from log2 units to scale * q.M
             acc += tl.sum(tl.reshape(p, [NG, RPG, BN]), axis=1)
-        acc = acc + 0.0  # -0.0 -> +0.0 so that equal scores compare equal
-        bits = acc.to(tl.int32, bitcast=True)
-        key32 = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
         gel = (tt[None, :] <= t_hi_g[:, None]) & tmask[None, :]
-        key = (key32.to(tl.int64) << 32) | tt.to(tl.int64)[None, :]
-        key = tl.where(gel, key, MIN64)
-        mx = tl.max(key, axis=1)
-        while tl.max((mx > thr).to(tl.int32), axis=0) > 0:
-            ins = mx > thr
-            buf = tl.where((buf == thr[:, None]) & ins[:, None], mx[:, None], buf)
-            key = tl.where((key == mx[:, None]) & ins[:, None], MIN64, key)
-            thr = tl.min(buf, axis=1)
-            mx = tl.max(key, axis=1)
-    hi32 = (buf >> 32).to(tl.int32)
-    blk = (buf & 0xFFFFFFFF).to(tl.int32)
-    BIG: tl.constexpr = 2147483647
-    idx = tl.where((slot[None, :] < TOPK) & (hi32 != -2147483648), blk, BIG)
-    idx = tl.sort(idx, dim=1)
-    idx = tl.where(idx == BIG, -1, idx)
-    pos = slot
-    rowg = start + i0g
-    sptr = SEL + b64 * ss_b + rowg.to(tl.int64)[:, None] * ss_l + g * ss_h + pos[None, :]
-    smask = (pos[None, :] < TOPK) & (j_first + gidx < n_groups)[:, None]
-    tl.store(sptr, idx, mask=smask)
+        buf, thr = _topk_insert(acc, tt, gel, buf, thr, MIN64)
+    _store_selection(buf, slot, TOPK, SEL, b64 * ss_b, (start + i0g).to(tl.int64) * ss_l + g * ss_h,
+                     (j_first + gidx) < n_groups)
 
 
-def select_launch(q, rep, seq, max_n, params, topk, sel, lsebuf, BN=None):
+@triton.jit
+def _select_dot_kernel(
+    Q, RHI, RLO, SEQ, SEL,
+    sq_b, sq_l, sq_h, ss_b, ss_l, ss_h, hk,
+    scale, n_init, W, TOPK,
+    SPLIT: tl.constexpr, TC: tl.constexpr, G: tl.constexpr, QB: tl.constexpr, NG: tl.constexpr,
+    BR: tl.constexpr, BN: tl.constexpr, KB: tl.constexpr, BS: tl.constexpr, D: tl.constexpr,
+):
+    """``dot_group_sum`` fast path: the group score is linear in q, sum_r scale*q_r.M_t = scale*(sum_r q_r).M_t,
+    so a group's B*G rows collapse into one fp32 row before any block is touched: one streaming pass over the
+    representatives with an fp32 [NG, D] x [D, BN] product, ~B*G times fewer FLOPs than the softmax score and no
+    LSE pass. One program = NG query groups of one KV head of one sequence."""
+    pid = tl.program_id(0)
+    si = tl.program_id(1)
+    g = tl.program_id(2)
+    batch = tl.load(SEQ + si * 4 + 0)
+    start = tl.load(SEQ + si * 4 + 1)
+    n = tl.load(SEQ + si * 4 + 2)
+    roff = tl.load(SEQ + si * 4 + 3)
+    n_groups = (n + QB - 1) // QB
+    j_first = pid * NG
+    if j_first >= n_groups:
+        return
+    j_last = tl.minimum(j_first + NG - 1, n_groups - 1)
+    t_lo = n_init // BS
+    t_max = (tl.maximum(j_last * QB - W, -BS) + BS) // BS - 1  # -1 when no block is eligible
+    cols = tl.arange(0, D)
+    b64 = batch.to(tl.int64)
+    gidx = tl.arange(0, NG)
+    gvalid = (j_first + gidx) < n_groups
+    i0g = (j_first + gidx) * QB
+
+    # the group's query sum, fp32, over its valid (query, head) rows
+    qs = tl.zeros([NG, D], tl.float32)
+    for r0 in range(0, QB * G, BR):
+        rr = r0 + tl.arange(0, BR)
+        ql = rr // G
+        hh = rr % G
+        qi = i0g[:, None] + ql[None, :]
+        valid = gvalid[:, None] & (ql < QB)[None, :] & (qi < n)
+        qptr = (Q + b64 * sq_b + (start + qi).to(tl.int64)[:, :, None] * sq_l
+                + (g * G + hh)[None, :, None] * sq_h + cols[None, None, :])
+        qs += tl.sum(tl.load(qptr, mask=valid[:, :, None], other=0.0).to(tl.float32), axis=1)
+
+    if TC:  # the group mean (not sum) keeps fp16 in range; the ranking is the same
+        qm = qs * (1.0 / (QB * G))
+        qm_hi = qm.to(RHI.dtype.element_ty)
+        qm_lo = (qm - qm_hi.to(tl.float32)).to(RHI.dtype.element_ty)
+        scale_tc = scale * (QB * G)
+    t_hi_g = tl.where((i0g >= W) & gvalid, (i0g - W) // BS, -1)
+    MIN64 = tl.full([NG, BN], -2147483648, tl.int32).to(tl.int64) << 32
+    slot = tl.arange(0, KB)
+    bmin = tl.full([NG, KB], -2147483648, tl.int32).to(tl.int64) << 32
+    buf = tl.where(slot[None, :] < TOPK, bmin + slot[None, :], ~bmin)
+    thr = tl.min(buf, axis=1)
+    for t0 in range(t_lo, t_max + 1, BN):
+        tt = t0 + tl.arange(0, BN)
+        tmask = tt <= t_max
+        moff = ((roff + tt).to(tl.int64) * hk)[:, None] * D + cols[None, :]
+        if TC:  # three 16-bit tensor-core dots: (qm_hi + qm_lo) . (M_hi + M_lo) minus the lo.lo term (~2^-32)
+            mh = tl.load(RHI + g * D + moff, mask=tmask[:, None], other=0.0)
+            ml = tl.load(RLO + g * D + moff, mask=tmask[:, None], other=0.0)
+            acc = tl.dot(qm_hi, tl.trans(mh)) + tl.dot(qm_lo, tl.trans(mh)) + tl.dot(qm_hi, tl.trans(ml))
+            acc = acc * scale_tc
+        else:  # fp32 FMA dot
+            m = tl.load(RHI + g * D + moff, mask=tmask[:, None], other=0.0).to(tl.float32)
+            if SPLIT:
+                m += tl.load(RLO + g * D + moff, mask=tmask[:, None], other=0.0).to(tl.float32)
+            acc = tl.dot(qs, tl.trans(m), input_precision="ieee") * scale
+        gel = (tt[None, :] <= t_hi_g[:, None]) & tmask[None, :]
+        buf, thr = _topk_insert(acc, tt, gel, buf, thr, MIN64)
+    _store_selection(buf, slot, TOPK, SEL, b64 * ss_b, (start + i0g).to(tl.int64) * ss_l + g * ss_h, gvalid)
+
+
+def select_launch(q, rep, seq, max_n, params, topk, sel, lsebuf, BN=None, dot_bn=None, dot_ng=None, dot_tc=None):
     """Fill ``sel`` (int32 [b, L, hk, topk], group-start rows) for every sequence of ``seq``."""
     b, L, hq, d = q.shape
     rhi, rlo = rep
@@ -181,8 +268,20 @@ def select_launch(q, rep, seq, max_n, params, topk, sel, lsebuf, BN=None):
     BN = BN or int(os.environ.get("PHSA_SELECT_BN", 0)) or 32  # 32 beat 64 / 128 on H100 (docs/kernels.md)
     KB = triton.next_power_of_2(max(topk, 1))
     n_groups_max = -(-max_n // B)
-    grid = (triton.cdiv(n_groups_max, NG), seq.shape[0], hk)
     split = q.dtype in (__import__("torch").bfloat16, __import__("torch").float16)
+    if params.score == "dot_group_sum":
+        ng = dot_ng or int(os.environ.get("PHSA_SELECT_DOT_NG", 0)) or 16  # tl.dot needs >= 16 rows
+        bn = dot_bn or int(os.environ.get("PHSA_SELECT_DOT_BN", 0)) or 128
+        tc = split and (dot_tc if dot_tc is not None else os.environ.get("PHSA_SELECT_DOT_TC", "1") == "1")
+        br = max(1, min(triton.next_power_of_2(B * G), 8192 // (ng * d)))  # [ng, br, d] loads: 64 regs/thread
+        _select_dot_kernel[(triton.cdiv(n_groups_max, ng), seq.shape[0], hk)](
+            q, rhi, rlo, seq, sel,
+            q.stride(0), q.stride(1), q.stride(2), sel.stride(0), sel.stride(1), sel.stride(2), hk,
+            params.scale(d), params.n_init, params.local_window, topk,
+            SPLIT=split, TC=tc, G=G, QB=B, NG=ng, BR=br, BN=bn, KB=KB, BS=params.block_size, D=d, num_warps=4,
+        )
+        return
+    grid = (triton.cdiv(n_groups_max, NG), seq.shape[0], hk)
     _select_kernel[grid](
         q, rhi, rlo, seq, lsebuf, sel,
         q.stride(0), q.stride(1), q.stride(2), sel.stride(0), sel.stride(1), sel.stride(2), L, hq, hk,
