@@ -90,7 +90,8 @@ def main():
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--recompute", default="full", help="none | selective | full (0.6B at 32k needs full on 80 GB)")
     ap.add_argument("--phsa", nargs="*", default=[], help="extra Hydra overrides for the PHSA variant")
-    ap.add_argument("--variants", default="dense,phsa", help="comma list of dense, phsa")
+    ap.add_argument("--variants", default="dense,phsa",
+                    help="comma list of dense, phsa, phsa_dot (phsa with attention.score=dot_group_sum)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
@@ -99,15 +100,18 @@ def main():
     os.environ.setdefault("MASTER_PORT", "29533")
     init_distributed()
     init_model_parallel(1, 1, 1)
-    variants = {"dense": ["attention=dense"], "phsa": ["attention=phsa", *args.phsa]}
+    variants = {"dense": ["attention=dense"], "phsa": ["attention=phsa", *args.phsa],
+                "phsa_dot": ["attention=phsa", *args.phsa, "attention.score=dot_group_sum"]}
     results = {}
     for name in args.variants.split(","):
         results[name] = run_variant(name, variants[name], args)
         print(json.dumps(results[name]), flush=True)
     summary = {"device": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
                "results": list(results.values())}
-    if "dense" in results and "phsa" in results:
-        summary["phsa_over_dense_tokens_per_s"] = results["phsa"]["tokens_per_s"] / results["dense"]["tokens_per_s"]
+    for name in ("phsa", "phsa_dot"):
+        if "dense" in results and name in results:
+            summary[f"{name}_over_dense_tokens_per_s"] = (results[name]["tokens_per_s"]
+                                                          / results["dense"]["tokens_per_s"])
     print(json.dumps({k: v for k, v in summary.items() if k != "results"}), flush=True)
     out = Path(args.out or f"bench/results/train_step-{summary['device'].replace(' ', '_')}-{summary['date']}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
