@@ -43,7 +43,7 @@ def _bwd_tile(dq, q, do, lse2, delta, kbase, vbase, dkbase, dvbase, kj, kvalid, 
     return dq
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["TOPK"])  # top-k changes every step of a curriculum ramp: not a JIT key
 def _bwd_kernel(
     Q, K, V, O, DO, LSE, DQ, DK, DV, SEL, SEQ,
     sq_b, sq_l, sq_h, sk_b, sk_l, sk_h, sv_b, sv_l, sv_h, so_b, so_l, so_h, sdo_b, sdo_l, sdo_h,

@@ -40,7 +40,7 @@ def _fwd_tile(acc, m_i, l_i, q, kbase, vbase, kj, kvalid, mask2d, sk_l, sv_l, co
     return acc, m_new, l_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["TOPK"])  # top-k changes every step of a curriculum ramp: not a JIT key
 def _fwd_kernel(
     Q, K, V, O, LSE, SEL, SEQ,
     sq_b, sq_l, sq_h, sk_b, sk_l, sk_h, sv_b, sv_l, sv_h, so_b, so_l, so_h, ss_b, ss_l, ss_h, L, hq,

@@ -79,7 +79,7 @@ def _store_selection(buf, slot, TOPK, SEL, base, row_off, gmask):
     tl.store(sptr, idx, mask=(slot[None, :] < TOPK) & gmask[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["TOPK"])  # top-k changes every step of a curriculum ramp: not a JIT key
 def _select_kernel(
     Q, RHI, RLO, SEQ, LSEBUF, SEL,
     sq_b, sq_l, sq_h, ss_b, ss_l, ss_h, L, hq, hk,
@@ -180,7 +180,7 @@ def _select_kernel(
                      (j_first + gidx) < n_groups)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["TOPK"])  # top-k changes every step of a curriculum ramp: not a JIT key
 def _select_dot_kernel(
     Q, RHI, RLO, SEQ, SEL,
     sq_b, sq_l, sq_h, ss_b, ss_l, ss_h, hk,
