@@ -5,7 +5,9 @@ state from the loaded tensors, but without Apex/TE torch Adam keeps a per-parame
 checkpoint's parameter state never holds (Megatron stores it in the param groups), so every resume
 fails with ``KeyError: 'step'`` (seen on H100, torch 2.11, both fully_reshardable and dp_reshardable).
 The fix copies only the keys the checkpoint provides; ``step`` is restored from the param groups by
-Megatron itself. Applied once, on GPU, before the optimizer loads a checkpoint.
+Megatron itself. Applied once, on GPU, before the optimizer loads a checkpoint. Verified on an H100
+(2026-11-23): `launch/pretrain.sh model=tiny train.steps=4 checkpoint.interval=2`, then `train.steps=6` in the
+same run dir -> "resumed at step 4", steps 5-6 train on (loss 8.20 -> 8.02).
 """
 from __future__ import annotations
 
