@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from tests.helpers import torchrun
+from tests.helpers import subprocess_env, torchrun
 from tests.test_parallel_step import assert_same, run_layout
 
 
@@ -22,6 +22,16 @@ def test_cp_operator_matches_single_rank(tmp_path, mode, nproc, extra):
         if nproc == 4 and not extra:
             pytest.skip("4 KV heads / CP=4 = 1 head per rank is covered by tp2xcp2; keep the suite short")
     _cp_operator(tmp_path, nproc, "--mode", mode, *extra)
+
+
+@pytest.mark.slow
+def test_cp2_triton_kernels_with_query_offset(tmp_path):
+    """The all-gather chunk path through the Triton kernels (interpreter on CPU): each chunk runs as suffix
+    queries (native q_offset, no padded rows) and must equal the kernels' own CP=1 run."""
+    out = tmp_path / "ok"
+    torchrun(2, ["tests/workers/cp_operator.py", "--out", str(out), "--backend", "triton", "--query-block", "4"],
+             env={**subprocess_env(), "TRITON_INTERPRET": "1"})
+    assert sorted(p.read_text() for p in tmp_path.glob("ok.*")) == ["ok"] * 2
 
 
 @pytest.mark.slow

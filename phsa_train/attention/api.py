@@ -74,6 +74,7 @@ def phsa_attention(
     cu_seqlens: torch.Tensor | None = None,
     backend: str = "auto",
     softmax_scale: float | None = None,
+    q_offset: int = 0,
 ) -> torch.Tensor:
     """Punctuation-aware hybrid sparse attention (PHSA_SPEC §3-§4), causal.
 
@@ -87,6 +88,10 @@ def phsa_attention(
         cu_seqlens: int32/int64 [n_docs + 1] for packed documents (b must be 1); every document is an
             independent sequence.
         backend: "auto" | "reference" | "triton".
+        q_offset: q holds only the query rows [q_offset, L) of the L key positions: q [b, L - q_offset, hq, d]
+            -> o [b, L - q_offset, hq, dv], equal to those rows of the full call (a context-parallel chunk
+            against its causal prefix). A multiple of query_block; not with cu_seqlens. The Triton kernels
+            compute only those rows; the reference pads.
 
     Returns:
         o: [b, L, hq, dv] in q's dtype.
@@ -96,13 +101,17 @@ def phsa_attention(
         ImportError for backend="triton" when the kernels cannot be imported.
     """
     params = _params(block_size, n_init, local_window, topk, lam, score, query_block, softmax_scale)
-    check_shapes(q, k, v, punct_mask, cu_seqlens)
+    check_shapes(q, k, v, punct_mask, cu_seqlens, q_offset=q_offset, query_block=query_block)
     impl = _resolve_backend(backend, q, params)
     if impl == "reference":
+        if q_offset:  # the oracle stays simple: zero query rows in front, dropped after
+            q_full = torch.cat([q.new_zeros(q.shape[0], q_offset, *q.shape[2:]), q], dim=1)
+            return phsa_reference(q_full, k, v, punct_mask, params, cu_seqlens)[:, q_offset:]
         return phsa_reference(q, k, v, punct_mask, params, cu_seqlens)
     # "auto" also takes the measured dense fallback: at <= DENSE_FALLBACK_MAX_SEQLEN tokens cuDNN dense is
     # faster than the sparse kernels (InfLLM-v2 does the same below 8k); "triton" always runs PHSA.
-    return impl.phsa_triton(q, k, v, punct_mask, params, cu_seqlens, dense_fallback=backend == "auto")
+    return impl.phsa_triton(q, k, v, punct_mask, params, cu_seqlens, dense_fallback=backend == "auto",
+                            q_offset=q_offset)
 
 
 def select_blocks(

@@ -75,15 +75,27 @@ def check_shapes(
     v: torch.Tensor | None,
     punct_mask: torch.Tensor | None,
     cu_seqlens: torch.Tensor | None = None,
+    *,
+    q_offset: int = 0,
+    query_block: int = 1,
 ) -> None:
     """Check the operator's inputs; raise ``ValueError`` with the offending shapes.
 
     q: [b, L, hq, d], k: [b, L, hk, d], v: [b, L, hk, dv] or None, punct_mask: bool [b, L] or None,
     cu_seqlens: int32/int64 [n_docs + 1], starting at 0 and ending at L, non-decreasing; needs b == 1.
+    q_offset > 0: q is [b, L - q_offset, hq, d] (the query rows [q_offset, L)); a multiple of query_block,
+    without cu_seqlens.
     """
     if q.dim() != 4 or k.dim() != 4:
         raise ValueError(f"q and k must be [b, L, h, d]; got q{tuple(q.shape)} k{tuple(k.shape)}")
-    b, L, hq, d = q.shape
+    if q_offset:
+        if q_offset < 0 or q_offset % query_block or cu_seqlens is not None:
+            raise ValueError(f"q_offset={q_offset} must be a non-negative multiple of attention.query_block="
+                             f"{query_block}, without cu_seqlens")
+        if q.shape[1] + q_offset != k.shape[1]:
+            raise ValueError(f"q{tuple(q.shape)} with q_offset={q_offset} must hold the last "
+                             f"{k.shape[1] - q_offset} of the {k.shape[1]} positions of k{tuple(k.shape)}")
+    b, L, hq, d = q.shape[0], q.shape[1] + q_offset, q.shape[2], q.shape[3]
     if k.shape[0] != b or k.shape[1] != L or k.shape[3] != d:
         raise ValueError(f"k{tuple(k.shape)} must be [b, L, hk, d] matching q{tuple(q.shape)}")
     hk = k.shape[2]

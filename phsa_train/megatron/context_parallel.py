@@ -16,12 +16,12 @@ holds Megatron's load-balanced ("zigzag") slice of every sequence: chunks ``r`` 
     sequence for ``hk/cp`` KV heads (and their ``hq/cp`` query heads), runs the unchanged single-GPU
     operator, and the output goes back by the inverse all-to-all. Needs ``hk % cp == 0``.
 
-A chunk's queries at global positions ``[c*C, (c+1)*C)`` need keys ``[0, (c+1)*C)`` only (causal).
-The operator's API takes queries and keys of the same length, so the chunk's queries are placed at the
-end of a zero-padded query tensor of the prefix length; padded rows are computed and discarded (the
-cost is the reason the Triton path should grow a native query offset). This is exact: a query's
-selection and softmax depend only on its own row, the keys and the punctuation flags, and chunk
-boundaries are multiples of ``attention.query_block`` (validated), so query groups never straddle them.
+A chunk's queries at global positions ``[c*C, (c+1)*C)`` need keys ``[0, (c+1)*C)`` only (causal). The
+operator takes them as suffix queries (``q_offset = c*C``): the Triton kernels index those rows natively and
+compute nothing for the prefix; the reference backend pads them with zero rows. This is exact: a query's
+selection and softmax depend only on its own row, the keys and the punctuation flags, and chunk boundaries
+are multiples of ``attention.query_block`` (validated), so query groups never straddle them. With packed
+documents (doc-local query groups may straddle a chunk start) the chunk is still padded to its prefix.
 """
 from __future__ import annotations
 
@@ -119,7 +119,7 @@ def cp_phsa_attention(q, k, v, token_info, group, mode: str, phsa_kwargs: dict) 
     with torch.no_grad():
         info_full = gather_sequence(token_info, group)
     return _attend_chunks(q, k_full, v_full, info_full, group,
-                          lambda q_, k_, v_, info_: phsa_local(q_, k_, v_, info_, phsa_kwargs))
+                          lambda q_, k_, v_, info_: phsa_local(q_, k_, v_, info_, phsa_kwargs), pad_queries=False)
 
 
 def cp_attention(q, k, v, token_info, group, softmax_scale=None) -> torch.Tensor:

@@ -140,3 +140,41 @@ def test_per_token_topk_among_many_blocks():
     """query_block = 1 with up to 14 eligible blocks for k = 3: the running top-k really has to choose."""
     p = PHSAParams(block_size=16, n_init=16, local_window=32, topk=3, query_block=1)
     _check(1, 256, 2, 1, 64, torch.bfloat16, p, seed=11, grads=False)
+
+
+@pytest.mark.parametrize(
+    "hq,hk,d,m,B,score,q_offset",
+    [
+        (4, 2, 64, 16, 16, "softmax_group_sum", 64),  # query groups of 16, a chunk starting at 64 of 160
+        (4, 2, 64, 16, 16, "dot_group_sum", 96),
+        (2, 1, 64, 16, 1, "softmax_group_sum", 80),  # per-token selection
+    ],
+)
+def test_suffix_queries_q_offset(hq, hk, d, m, B, score, q_offset):
+    """q_offset: the kernels compute only the query rows [q_offset, L) (a context-parallel chunk against its
+    prefix) and give exactly those rows of the full call: outputs, dq, and dk/dv of the chunk's queries."""
+    L = 160
+    p = PHSAParams(block_size=m, n_init=m, local_window=2 * m, topk=2, query_block=B, score=score)
+    q, k, v, pm, do = _inputs(1, L, hq, hk, d, torch.bfloat16, seed=q_offset + B)
+    do[:, :q_offset] = 0  # the full call's gradients then come from the chunk's queries only
+    x = [t.clone().requires_grad_() for t in (q, k, v)]
+    o_full = phsa_triton(*x, pm, p)
+    o_full.backward(do)
+    y = [q[:, q_offset:].clone().requires_grad_(), k.clone().requires_grad_(), v.clone().requires_grad_()]
+    o = phsa_triton(*y, pm, p, q_offset=q_offset)
+    assert o.shape == (1, L - q_offset, hq, d)
+    assert torch.equal(o, o_full[:, q_offset:])
+    o.backward(do[:, q_offset:])
+    assert torch.equal(y[0].grad, x[0].grad[:, q_offset:])
+    assert_close("dk", x[1].grad.float(), y[1].grad.float(), 1e-6)  # fp32 atomics: summation order may differ
+    assert_close("dv", x[2].grad.float(), y[2].grad.float(), 1e-6)
+    # the public API, reference backend (pads internally) agrees with the kernels
+    from phsa_train.attention import phsa_attention
+
+    o_ref = phsa_attention(q[:, q_offset:].float(), k.float(), v.float(), pm, block_size=m, n_init=m,
+                           local_window=2 * m, topk=2, query_block=B, score=score, backend="reference",
+                           q_offset=q_offset)
+    assert_close("o vs reference", o_ref, o.float(), 1e-2)
+    with pytest.raises(ValueError, match="q_offset"):
+        phsa_triton(q[:, 8:], k, v, pm, PHSAParams(block_size=m, n_init=m, local_window=2 * m, topk=2,
+                                                   query_block=16), q_offset=8)

@@ -87,8 +87,9 @@ def _check(q, params):
 class _Plan:
     """Host-side description of one call: sequences, selection width, dense shortcut."""
 
-    def __init__(self, q, params: PHSAParams, cu_seqlens):
-        b, L = q.shape[:2]
+    def __init__(self, q, params: PHSAParams, cu_seqlens, qoff: int = 0):
+        b, L = q.shape[0], q.shape[1] + qoff  # L: key positions; q holds the query rows [qoff, L)
+        self.qoff = qoff
         self.cu_seqlens = cu_seqlens
         self.docs, self.seq, self.n_rep, self.max_n = _seq_table(b, L, cu_seqlens, params.block_size, q.device)
         max_elig = max((_max_eligible(n, params) for _, _, n in self.docs), default=0)
@@ -116,14 +117,16 @@ def _select_internal(q, k, punct_mask, params: PHSAParams, plan: _Plan) -> torch
     if plan.kk > SELECT_MAX_TOPK:  # rare: a selection too wide for the register top-k -> the reference
         from .reference import select_blocks_reference  # noqa: PLC0415
 
-        return select_blocks_reference(q, k, punct_mask, params, plan.cu_seqlens)[..., : plan.kk].to(torch.int32)
+        qf = _pad_front(q, plan.qoff)
+        return select_blocks_reference(qf, k, punct_mask, params, plan.cu_seqlens)[:, plan.qoff:, :, : plan.kk].to(
+            torch.int32)
     pu8 = None if punct_mask is None else punct_mask.to(torch.uint8)
     max_nb = plan.max_n // params.block_size
     rep = block_reps(k, pu8, plan.seq, plan.n_rep, max_nb, params.block_size, params.lam)
     # per-row LSE scratch of the softmax score's pass 1 (the dot score needs none)
     lsebuf = torch.empty((b, L, hq) if params.score == "softmax_group_sum" else (1,), dtype=torch.float32,
                          device=q.device)
-    select_launch(q, rep, plan.seq, plan.max_n, params, plan.kk, sel, lsebuf)
+    select_launch(q, rep, plan.seq, plan.max_n, params, plan.kk, sel, lsebuf, qoff=plan.qoff)
     return sel
 
 
@@ -139,13 +142,14 @@ def _group_rows(L: int, plan: _Plan, B: int, device) -> torch.Tensor:
 
 class _PHSAFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, punct_mask, params, cu_seqlens):
+    def forward(ctx, q, k, v, punct_mask, params, cu_seqlens, q_offset):
         q, k, v = _contig(q), _contig(k), _contig(v)
-        plan = _Plan(q, params, cu_seqlens)
+        plan = _Plan(q, params, cu_seqlens, q_offset)
         with torch.no_grad():
             sel = _select_internal(q, k, punct_mask, params, plan) if not plan.dense else \
                 torch.full((1, 1, 1, 1), -1, dtype=torch.int32, device=q.device)
-            o, lse = fwd_launch(q, k, v, sel, plan.seq, plan.max_n, params, plan.k_attn, plan.n_init, plan.W)
+            o, lse = fwd_launch(q, k, v, sel, plan.seq, plan.max_n, params, plan.k_attn, plan.n_init, plan.W,
+                                qoff=plan.qoff)
         ctx.save_for_backward(q, k, v, o, lse, sel)
         ctx.plan, ctx.params = plan, params
         return o
@@ -155,8 +159,8 @@ class _PHSAFunction(torch.autograd.Function):
         q, k, v, o, lse, sel = ctx.saved_tensors
         plan, params = ctx.plan, ctx.params
         dq, dk, dv = bwd_launch(q, k, v, o, _contig(do), lse, sel, plan.seq, plan.max_n, params, plan.k_attn,
-                                plan.n_init, plan.W)
-        return dq, dk, dv, None, None, None
+                                plan.n_init, plan.W, qoff=plan.qoff)
+        return dq, dk, dv, None, None, None, None
 
 
 def dense_sdpa(q, k, v, cu_seqlens=None):
@@ -191,17 +195,27 @@ def use_dense_fallback(q, params: PHSAParams, cu_seqlens=None) -> bool:
     return longest <= DENSE_FALLBACK_MAX_SEQLEN and params.softmax_scale in (None, q.shape[-1] ** -0.5)
 
 
-def phsa_triton(q, k, v, punct_mask, params: PHSAParams, cu_seqlens=None, *, dense_fallback: bool = False):
+def _pad_front(q, n: int):
+    """q [b, Lq, ...] -> [b, n + Lq, ...] with n zero rows in front (suffix queries for full-length code)."""
+    return q if n == 0 else torch.cat([q.new_zeros(q.shape[0], n, *q.shape[2:]), q], dim=1)
+
+
+def phsa_triton(q, k, v, punct_mask, params: PHSAParams, cu_seqlens=None, *, dense_fallback: bool = False,
+                q_offset: int = 0):
     """PHSA forward (autograd-capable): q [b, L, hq, d], k [b, L, hk, d], v [b, L, hk, dv] -> [b, L, hq, dv].
+
+    ``q_offset > 0``: q holds only the query rows [q_offset, L) of the L key positions ([b, L - q_offset, hq, d]
+    -> [b, L - q_offset, hq, dv]); the kernels index those rows natively (no padded rows are computed). This is
+    the context-parallel chunk case; q_offset must be a multiple of query_block, without cu_seqlens.
 
     Exact against ``phsa_reference`` at the same ``params`` (selection equal up to float near-ties).
     ``dense_fallback=True`` swaps in dense causal SDPA for sequences up to DENSE_FALLBACK_MAX_SEQLEN tokens
     (faster there, but a different function: every query sees every earlier token)."""
     _check(q, params)
-    check_shapes(q, k, v, punct_mask, cu_seqlens)
-    if dense_fallback and use_dense_fallback(q, params, cu_seqlens):
-        return dense_sdpa(q, k, v, cu_seqlens)
-    return _PHSAFunction.apply(q, k, v, punct_mask, params, cu_seqlens)
+    check_shapes(q, k, v, punct_mask, cu_seqlens, q_offset=q_offset, query_block=params.query_block)
+    if dense_fallback and use_dense_fallback(k, params, cu_seqlens):
+        return dense_sdpa(_pad_front(q, q_offset), k, v, cu_seqlens)[:, q_offset:]
+    return _PHSAFunction.apply(q, k, v, punct_mask, params, cu_seqlens, q_offset)
 
 
 def select_blocks_triton(q, k, punct_mask, params: PHSAParams, cu_seqlens=None) -> torch.Tensor:

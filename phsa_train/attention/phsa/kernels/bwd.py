@@ -47,8 +47,9 @@ def _bwd_tile(dq, q, do, lse2, delta, kbase, vbase, dkbase, dvbase, kj, kvalid, 
 def _bwd_kernel(
     Q, K, V, O, DO, LSE, DQ, DK, DV, SEL, SEQ,
     sq_b, sq_l, sq_h, sk_b, sk_l, sk_h, sv_b, sv_l, sv_h, so_b, so_l, so_h, sdo_b, sdo_l, sdo_h,
+    sdq_b, sdq_l, sdq_h,
     sdk_b, sdk_l, sdk_h, sdv_b, sdv_l, sdv_h, ss_b, ss_l, ss_h, L, hq,
-    scale2, scale, n_init, W, TOPK,
+    scale2, scale, n_init, W, TOPK, QOFF,
     G: tl.constexpr, QB: tl.constexpr, QT: tl.constexpr, NSUB: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, DV_: tl.constexpr, PREC: tl.constexpr,
     ATOMICS: tl.constexpr,
@@ -59,7 +60,7 @@ def _bwd_kernel(
     batch = tl.load(SEQ + si * 4 + 0)
     start = tl.load(SEQ + si * 4 + 1)
     n = tl.load(SEQ + si * 4 + 2)
-    grp = tile // NSUB
+    grp = tile // NSUB + QOFF // QB  # QOFF: q, o, do, dq hold the query rows [QOFF, n) only
     sub = tile % NSUB
     i0 = grp * QB
     q_first = i0 + sub * QT
@@ -74,12 +75,12 @@ def _bwd_kernel(
     rvalid = (ql < QT) & (qi < q_end)
     cols = tl.arange(0, D)
     colsv = tl.arange(0, DV_)
-    rowq = (start + qi).to(tl.int64)[:, None]
+    rowq = (start + qi - QOFF).to(tl.int64)[:, None]
     q = tl.load(Q + b64 * sq_b + rowq * sq_l + (g * G + hh)[:, None] * sq_h + cols[None, :],
                 mask=rvalid[:, None], other=0.0)
     do = tl.load(DO + b64 * sdo_b + rowq * sdo_l + (g * G + hh)[:, None] * sdo_h + colsv[None, :],
                  mask=rvalid[:, None], other=0.0)
-    loff = (b64 * L + start + qi) * hq + g * G + hh
+    loff = (b64 * L + start + qi - QOFF) * hq + g * G + hh
     lse2 = tl.load(LSE + loff, mask=rvalid, other=float("inf"))
     o = tl.load(O + b64 * so_b + rowq * so_l + (g * G + hh)[:, None] * so_h + colsv[None, :],
                 mask=rvalid[:, None], other=0.0)
@@ -105,7 +106,7 @@ def _bwd_kernel(
         mask2d = kvalid[None, :] & (kj[None, :] <= qi[:, None])
         dq = _bwd_tile(dq, q, do, lse2, delta, kbase, vbase, dkbase, dvbase, kj, kvalid, mask2d,
                        sk_l, sv_l, sdk_l, sdv_l, cols, colsv, scale2, scale, PREC, ATOMICS)
-    sbase = SEL + b64 * ss_b + (start + i0).to(tl.int64) * ss_l + g * ss_h
+    sbase = SEL + b64 * ss_b + (start + i0 - QOFF).to(tl.int64) * ss_l + g * ss_h
     for t0 in range(0, TOPK * BS, BN):
         kk = t0 + cn
         slot = kk // BS
@@ -115,12 +116,12 @@ def _bwd_kernel(
         dq = _bwd_tile(dq, q, do, lse2, delta, kbase, vbase, dkbase, dvbase, kj, kvalid, kvalid[None, :],
                        sk_l, sv_l, sdk_l, sdv_l, cols, colsv, scale2, scale, PREC, ATOMICS)
     dq = dq * scale
-    tl.store(DQ + b64 * sq_b + rowq * sq_l + (g * G + hh)[:, None] * sq_h + cols[None, :],
+    tl.store(DQ + b64 * sdq_b + rowq * sdq_l + (g * G + hh)[:, None] * sdq_h + cols[None, :],
              dq.to(DQ.dtype.element_ty), mask=rvalid[:, None])
 
 
 def bwd_launch(q, k, v, o, do, lse, sel, seq, max_n, params, topk, n_init, W, BN=None, num_warps=None,
-               atomics=True):
+               atomics=True, qoff=0):
     import torch
 
     from .fwd import tile_shape
@@ -129,20 +130,21 @@ def bwd_launch(q, k, v, o, do, lse, sel, seq, max_n, params, topk, n_init, W, BN
     hk, dv = k.shape[2], v.shape[3]
     G, B = hq // hk, params.query_block
     QT, NSUB, BM = tile_shape(B, G)
-    dq = torch.empty_like(q)
-    dk32 = torch.zeros((b, L, hk, d), device=q.device, dtype=torch.float32)
-    dv32 = torch.zeros((b, L, hk, dv), device=q.device, dtype=torch.float32)
+    dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)  # dense even when q is a strided view
+    Lk = k.shape[1]
+    dk32 = torch.zeros((b, Lk, hk, d), device=q.device, dtype=torch.float32)
+    dv32 = torch.zeros((b, Lk, hk, dv), device=q.device, dtype=torch.float32)
     BN = BN or int(os.environ.get("PHSA_BWD_BN", 0)) or 64  # 64 beat 32 on H100 (docs/kernels.md)
-    grid = (triton.cdiv(max_n, B) * NSUB, seq.shape[0], hk)
+    grid = (triton.cdiv(max_n - qoff, B) * NSUB, seq.shape[0], hk)
     scale = params.scale(d)
     _bwd_kernel[grid](
         q, k, v, o, do, lse, dq, dk32, dv32, sel, seq,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
-        do.stride(0), do.stride(1), do.stride(2),
+        do.stride(0), do.stride(1), do.stride(2), dq.stride(0), dq.stride(1), dq.stride(2),
         dk32.stride(0), dk32.stride(1), dk32.stride(2), dv32.stride(0), dv32.stride(1), dv32.stride(2),
         sel.stride(0), sel.stride(1), sel.stride(2), L, hq,
-        scale * 1.4426950408889634, scale, n_init, W, topk,
+        scale * 1.4426950408889634, scale, n_init, W, topk, qoff,
         G=G, QB=B, QT=QT, NSUB=NSUB, BM=BM, BN=BN, BS=params.block_size, D=d, DV_=dv,
         PREC="ieee" if q.dtype == torch.float32 else "tf32", ATOMICS=atomics,
         num_warps=num_warps or (8 if BM >= 128 else 4), num_stages=1,

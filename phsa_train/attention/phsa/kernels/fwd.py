@@ -44,7 +44,7 @@ def _fwd_tile(acc, m_i, l_i, q, kbase, vbase, kj, kvalid, mask2d, sk_l, sv_l, co
 def _fwd_kernel(
     Q, K, V, O, LSE, SEL, SEQ,
     sq_b, sq_l, sq_h, sk_b, sk_l, sk_h, sv_b, sv_l, sv_h, so_b, so_l, so_h, ss_b, ss_l, ss_h, L, hq,
-    scale2, n_init, W, TOPK,
+    scale2, n_init, W, TOPK, QOFF,
     G: tl.constexpr, QB: tl.constexpr, QT: tl.constexpr, NSUB: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, PREC: tl.constexpr,
 ):
@@ -54,7 +54,7 @@ def _fwd_kernel(
     batch = tl.load(SEQ + si * 4 + 0)
     start = tl.load(SEQ + si * 4 + 1)
     n = tl.load(SEQ + si * 4 + 2)
-    grp = tile // NSUB
+    grp = tile // NSUB + QOFF // QB  # QOFF: q holds the query rows [QOFF, n) only (suffix queries)
     sub = tile % NSUB
     i0 = grp * QB
     q_first = i0 + sub * QT
@@ -69,7 +69,7 @@ def _fwd_kernel(
     rvalid = (ql < QT) & (qi < q_end)
     cols = tl.arange(0, D)
     colsv = tl.arange(0, DV)
-    qptr = Q + b64 * sq_b + (start + qi).to(tl.int64)[:, None] * sq_l + (g * G + hh)[:, None] * sq_h + cols[None, :]
+    qptr = Q + b64 * sq_b + (start + qi - QOFF).to(tl.int64)[:, None] * sq_l + (g * G + hh)[:, None] * sq_h + cols[None, :]
     q = tl.load(qptr, mask=rvalid[:, None], other=0.0)
     kbase = K + b64 * sk_b + start.to(tl.int64) * sk_l + g * sk_h
     vbase = V + b64 * sv_b + start.to(tl.int64) * sv_l + g * sv_h
@@ -94,7 +94,7 @@ def _fwd_kernel(
         acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, kbase, vbase, kj, kvalid, mask2d, sk_l, sv_l,
                                   cols, colsv, scale2, PREC)
     # TOPK
-    sbase = SEL + b64 * ss_b + (start + i0).to(tl.int64) * ss_l + g * ss_h
+    sbase = SEL + b64 * ss_b + (start + i0 - QOFF).to(tl.int64) * ss_l + g * ss_h
     for t0 in range(0, TOPK * BS, BN):
         kk = t0 + cn
         slot = kk // BS
@@ -104,9 +104,9 @@ def _fwd_kernel(
         acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, kbase, vbase, kj, kvalid, kvalid[None, :], sk_l, sv_l,
                                   cols, colsv, scale2, PREC)
     o = acc / l_i[:, None]
-    optr = O + b64 * so_b + (start + qi).to(tl.int64)[:, None] * so_l + (g * G + hh)[:, None] * so_h + colsv[None, :]
+    optr = O + b64 * so_b + (start + qi - QOFF).to(tl.int64)[:, None] * so_l + (g * G + hh)[:, None] * so_h + colsv[None, :]
     tl.store(optr, o.to(O.dtype.element_ty), mask=rvalid[:, None])
-    lptr = LSE + (b64 * L + start + qi) * hq + g * G + hh
+    lptr = LSE + (b64 * L + start + qi - QOFF) * hq + g * G + hh
     tl.store(lptr, m_i + tl.log2(l_i), mask=rvalid)
 
 
@@ -118,7 +118,7 @@ def tile_shape(B, G):
     return QT, NSUB, BM
 
 
-def fwd_launch(q, k, v, sel, seq, max_n, params, topk, n_init, W):
+def fwd_launch(q, k, v, sel, seq, max_n, params, topk, n_init, W, qoff=0):
     import torch
 
     b, L, hq, d = q.shape
@@ -128,13 +128,13 @@ def fwd_launch(q, k, v, sel, seq, max_n, params, topk, n_init, W):
     o = torch.empty((b, L, hq, dv), device=q.device, dtype=q.dtype)
     lse = torch.empty((b, L, hq), device=q.device, dtype=torch.float32)
     BN = 64 if d <= 128 else 32
-    grid = (triton.cdiv(max_n, B) * NSUB, seq.shape[0], hk)
+    grid = (triton.cdiv(max_n - qoff, B) * NSUB, seq.shape[0], hk)
     _fwd_kernel[grid](
         q, k, v, o, lse, sel, seq,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
         sel.stride(0), sel.stride(1), sel.stride(2), L, hq,
-        params.scale(d) * 1.4426950408889634, n_init, W, topk,
+        params.scale(d) * 1.4426950408889634, n_init, W, topk, qoff,
         G=G, QB=B, QT=QT, NSUB=NSUB, BM=BM, BN=BN, BS=params.block_size, D=d, DV=dv,
         PREC="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=8 if BM >= 128 else 4, num_stages=2,

@@ -83,7 +83,7 @@ def _store_selection(buf, slot, TOPK, SEL, base, row_off, gmask):
 def _select_kernel(
     Q, RHI, RLO, SEQ, LSEBUF, SEL,
     sq_b, sq_l, sq_h, ss_b, ss_l, ss_h, L, hq, hk,
-    scale2, n_init, W, TOPK,
+    scale2, n_init, W, TOPK, QOFF,
     SOFTMAX: tl.constexpr, SPLIT: tl.constexpr,
     G: tl.constexpr, QB: tl.constexpr, GRP: tl.constexpr, BM: tl.constexpr, NCH: tl.constexpr,
     NG: tl.constexpr, BN: tl.constexpr, KB: tl.constexpr, BS: tl.constexpr, D: tl.constexpr,
@@ -96,7 +96,7 @@ def _select_kernel(
     n = tl.load(SEQ + si * 4 + 2)
     roff = tl.load(SEQ + si * 4 + 3)
     n_groups = (n + QB - 1) // QB
-    j_first = pid * NG
+    j_first = pid * NG + QOFF // QB  # QOFF: Q, LSEBUF and SEL hold the query rows [QOFF, n) only
     if j_first >= n_groups:
         return
     j_last = tl.minimum(j_first + NG - 1, n_groups - 1)
@@ -119,7 +119,7 @@ def _select_kernel(
             qi = i0 + ql
             valid = (ql < QB) & (qi < n) & (j_first + gi < n_groups)
             t_hi = tl.where(i0 >= W, (i0 - W) // BS, -1)
-            qptr = Q + b64 * sq_b + (start + qi).to(tl.int64)[:, None] * sq_l + (g * G + hh)[:, None] * sq_h + cols[None, :]
+            qptr = Q + b64 * sq_b + (start + qi - QOFF).to(tl.int64)[:, None] * sq_l + (g * G + hh)[:, None] * sq_h + cols[None, :]
             q = tl.load(qptr, mask=valid[:, None], other=0.0)
             m_i = tl.full([BM], float("-inf"), tl.float32)
             l_i = tl.zeros([BM], tl.float32)
@@ -134,7 +134,7 @@ def _select_kernel(
                 l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), axis=1)
                 m_i = m_new
             lse2 = m_i + tl.log2(l_i)
-            lptr = LSEBUF + (b64 * L + start + qi) * hq + g * G + hh
+            lptr = LSEBUF + (b64 * L + start + qi - QOFF) * hq + g * G + hh
             tl.store(lptr, lse2, mask=valid)
         # pass 2 reads rows that other threads of this program wrote: make those stores visible first
         tl.debug_barrier()
@@ -163,12 +163,12 @@ def _select_kernel(
             qi = i0 + ql
             valid = (ql < QB) & (qi < n) & (j_first + gi < n_groups)
             t_hi = tl.where(i0 >= W, (i0 - W) // BS, -1)
-            qptr = Q + b64 * sq_b + (start + qi).to(tl.int64)[:, None] * sq_l + (g * G + hh)[:, None] * sq_h + cols[None, :]
+            qptr = Q + b64 * sq_b + (start + qi - QOFF).to(tl.int64)[:, None] * sq_l + (g * G + hh)[:, None] * sq_h + cols[None, :]
             q = tl.load(qptr, mask=valid[:, None], other=0.0)
             s = _logits(q, RHI + g * D, RLO + g * D, roff, tt, tmask, cols, hk, D, SPLIT, scale2)
             elig = (tt[None, :] <= t_hi[:, None]) & tmask[None, :] & valid[:, None]
             if SOFTMAX:
-                lptr = LSEBUF + (b64 * L + start + qi) * hq + g * G + hh
+                lptr = LSEBUF + (b64 * L + start + qi - QOFF) * hq + g * G + hh
                 lse2 = tl.load(lptr, mask=valid, other=0.0)
                 p = tl.where(elig, tl.exp2(s - lse2[:, None]), 0.0)
             else:
@@ -176,7 +176,7 @@ def _select_kernel(
             acc += tl.sum(tl.reshape(p, [NG, RPG, BN]), axis=1)
         gel = (tt[None, :] <= t_hi_g[:, None]) & tmask[None, :]
         buf, thr = _topk_insert(acc, tt, gel, buf, thr, MIN64)
-    _store_selection(buf, slot, TOPK, SEL, b64 * ss_b, (start + i0g).to(tl.int64) * ss_l + g * ss_h,
+    _store_selection(buf, slot, TOPK, SEL, b64 * ss_b, (start + i0g - QOFF).to(tl.int64) * ss_l + g * ss_h,
                      (j_first + gidx) < n_groups)
 
 
@@ -184,7 +184,7 @@ def _select_kernel(
 def _select_dot_kernel(
     Q, RHI, RLO, SEQ, SEL,
     sq_b, sq_l, sq_h, ss_b, ss_l, ss_h, hk,
-    scale, n_init, W, TOPK,
+    scale, n_init, W, TOPK, QOFF,
     SPLIT: tl.constexpr, TC: tl.constexpr, G: tl.constexpr, QB: tl.constexpr, NG: tl.constexpr,
     BR: tl.constexpr, BN: tl.constexpr, KB: tl.constexpr, BS: tl.constexpr, D: tl.constexpr,
 ):
@@ -200,7 +200,7 @@ def _select_dot_kernel(
     n = tl.load(SEQ + si * 4 + 2)
     roff = tl.load(SEQ + si * 4 + 3)
     n_groups = (n + QB - 1) // QB
-    j_first = pid * NG
+    j_first = pid * NG + QOFF // QB  # QOFF: Q, LSEBUF and SEL hold the query rows [QOFF, n) only
     if j_first >= n_groups:
         return
     j_last = tl.minimum(j_first + NG - 1, n_groups - 1)
@@ -220,7 +220,7 @@ def _select_dot_kernel(
         hh = rr % G
         qi = i0g[:, None] + ql[None, :]
         valid = gvalid[:, None] & (ql < QB)[None, :] & (qi < n)
-        qptr = (Q + b64 * sq_b + (start + qi).to(tl.int64)[:, :, None] * sq_l
+        qptr = (Q + b64 * sq_b + (start + qi - QOFF).to(tl.int64)[:, :, None] * sq_l
                 + (g * G + hh)[None, :, None] * sq_h + cols[None, None, :])
         qs += tl.sum(tl.load(qptr, mask=valid[:, :, None], other=0.0).to(tl.float32), axis=1)
 
@@ -251,10 +251,11 @@ def _select_dot_kernel(
             acc = tl.dot(qs, tl.trans(m), input_precision="ieee") * scale
         gel = (tt[None, :] <= t_hi_g[:, None]) & tmask[None, :]
         buf, thr = _topk_insert(acc, tt, gel, buf, thr, MIN64)
-    _store_selection(buf, slot, TOPK, SEL, b64 * ss_b, (start + i0g).to(tl.int64) * ss_l + g * ss_h, gvalid)
+    _store_selection(buf, slot, TOPK, SEL, b64 * ss_b, (start + i0g - QOFF).to(tl.int64) * ss_l + g * ss_h, gvalid)
 
 
-def select_launch(q, rep, seq, max_n, params, topk, sel, lsebuf, BN=None, dot_bn=None, dot_ng=None, dot_tc=None):
+def select_launch(q, rep, seq, max_n, params, topk, sel, lsebuf, BN=None, dot_bn=None, dot_ng=None, dot_tc=None,
+                  qoff=0):
     """Fill ``sel`` (int32 [b, L, hk, topk], group-start rows) for every sequence of ``seq``."""
     b, L, hq, d = q.shape
     rhi, rlo = rep
@@ -267,7 +268,7 @@ def select_launch(q, rep, seq, max_n, params, topk, sel, lsebuf, BN=None, dot_bn
     NG = max(1, BM // grp)
     BN = BN or int(os.environ.get("PHSA_SELECT_BN", 0)) or 32  # 32 beat 64 / 128 on H100 (docs/kernels.md)
     KB = triton.next_power_of_2(max(topk, 1))
-    n_groups_max = -(-max_n // B)
+    n_groups_max = -(-(max_n - qoff) // B)
     split = q.dtype in (__import__("torch").bfloat16, __import__("torch").float16)
     if params.score == "dot_group_sum":
         ng = dot_ng or int(os.environ.get("PHSA_SELECT_DOT_NG", 0)) or 16  # tl.dot needs >= 16 rows
@@ -277,7 +278,7 @@ def select_launch(q, rep, seq, max_n, params, topk, sel, lsebuf, BN=None, dot_bn
         _select_dot_kernel[(triton.cdiv(n_groups_max, ng), seq.shape[0], hk)](
             q, rhi, rlo, seq, sel,
             q.stride(0), q.stride(1), q.stride(2), sel.stride(0), sel.stride(1), sel.stride(2), hk,
-            params.scale(d), params.n_init, params.local_window, topk,
+            params.scale(d), params.n_init, params.local_window, topk, qoff,
             SPLIT=split, TC=tc, G=G, QB=B, NG=ng, BR=br, BN=bn, KB=KB, BS=params.block_size, D=d, num_warps=4,
         )
         return
@@ -285,7 +286,7 @@ def select_launch(q, rep, seq, max_n, params, topk, sel, lsebuf, BN=None, dot_bn
     _select_kernel[grid](
         q, rhi, rlo, seq, lsebuf, sel,
         q.stride(0), q.stride(1), q.stride(2), sel.stride(0), sel.stride(1), sel.stride(2), L, hq, hk,
-        params.scale(d) * 1.4426950408889634, params.n_init, params.local_window, topk,
+        params.scale(d) * 1.4426950408889634, params.n_init, params.local_window, topk, qoff,
         SOFTMAX=params.score == "softmax_group_sum", SPLIT=split,
         G=G, QB=B, GRP=max(grp, 1), BM=BM, NCH=NCH, NG=NG, BN=BN, KB=KB, BS=params.block_size, D=d,
         num_warps=8 if BM * d >= 128 * 128 else 4, num_stages=2,
