@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .params import KERNEL_BLOCK_SIZES, PHSAParams, check_shapes
+from .params import KERNEL_BLOCK_SIZES, PHSAParams, check_shapes, pad_queries_front
 from .phsa.reference import phsa_reference, select_blocks_reference
 
 BACKENDS = ("auto", "reference", "triton")
@@ -104,10 +104,9 @@ def phsa_attention(
     check_shapes(q, k, v, punct_mask, cu_seqlens, q_offset=q_offset, query_block=query_block)
     impl = _resolve_backend(backend, q, params)
     if impl == "reference":
-        if q_offset:  # the oracle stays simple: zero query rows in front, dropped after
-            q_full = torch.cat([q.new_zeros(q.shape[0], q_offset, *q.shape[2:]), q], dim=1)
-            return phsa_reference(q_full, k, v, punct_mask, params, cu_seqlens)[:, q_offset:]
-        return phsa_reference(q, k, v, punct_mask, params, cu_seqlens)
+        # the oracle stays simple: suffix queries get zero query rows in front, dropped after
+        q_full = pad_queries_front(q, q_offset)
+        return phsa_reference(q_full, k, v, punct_mask, params, cu_seqlens)[:, q_offset:]
     # "auto" also takes the measured dense fallback: at <= DENSE_FALLBACK_MAX_SEQLEN tokens cuDNN dense is
     # faster than the sparse kernels (InfLLM-v2 does the same below 8k); "triton" always runs PHSA.
     return impl.phsa_triton(q, k, v, punct_mask, params, cu_seqlens, dense_fallback=backend == "auto",

@@ -69,6 +69,12 @@ class PHSAParams:
         return self.softmax_scale if self.softmax_scale is not None else head_dim**-0.5
 
 
+def pad_queries_front(q: torch.Tensor, n: int) -> torch.Tensor:
+    """Suffix queries [b, Lq, ...] -> [b, n + Lq, ...] with n zero rows in front, for code that needs queries
+    and keys of one length (their outputs are dropped after)."""
+    return q if n == 0 else torch.cat([q.new_zeros(q.shape[0], n, *q.shape[2:]), q], dim=1)
+
+
 def check_shapes(
     q: torch.Tensor,
     k: torch.Tensor,

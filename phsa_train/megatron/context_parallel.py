@@ -30,6 +30,8 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from phsa_train.attention.params import pad_queries_front
+
 
 def _is_nccl(group) -> bool:
     return dist.get_backend(group) == "nccl"
@@ -100,7 +102,7 @@ def _attend_chunks(q_local, k_full, v_full, info_full, group, chunk_fn: Callable
         q_chunk = q_local[:, i * c:(i + 1) * c]
         info = None if info_full is None else info_full[:, :end]
         if pad_queries:
-            q_pad = torch.cat([q_chunk.new_zeros(q_chunk.shape[0], start, *q_chunk.shape[2:]), q_chunk], dim=1)
+            q_pad = pad_queries_front(q_chunk, start)
             outs.append(chunk_fn(q_pad, k_full[:, :end], v_full[:, :end], info)[:, start:end])
         else:
             outs.append(chunk_fn(q_chunk, k_full[:, :end], v_full[:, :end], info))

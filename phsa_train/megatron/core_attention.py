@@ -173,6 +173,7 @@ def phsa_local(q, k, v, token_info, kwargs) -> torch.Tensor:
     """PHSA on one rank. k/v [b, s, hk, d], token_info [b, s], q [b, s_q, hq, d] -> [b, s_q, hq, d]; s_q < s
     means q holds the last s_q positions (a context-parallel chunk against its causal prefix)."""
     from phsa_train.attention import phsa_attention
+    from phsa_train.attention.params import pad_queries_front
 
     cu_seqlens = document_cu_seqlens(token_info)
     pm = punct_mask(token_info)
@@ -180,8 +181,7 @@ def phsa_local(q, k, v, token_info, kwargs) -> torch.Tensor:
     if cu_seqlens is None:
         return phsa_attention(q, k, v, pm, q_offset=q_offset, **kwargs)
     if q_offset:  # packed documents: a query group may straddle the chunk start; pad to the prefix instead
-        q = torch.cat([q.new_zeros(q.shape[0], q_offset, *q.shape[2:]), q], dim=1)
-        return phsa_local(q, k, v, token_info, kwargs)[:, q_offset:]
+        return phsa_local(pad_queries_front(q, q_offset), k, v, token_info, kwargs)[:, q_offset:]
     b, s = pm.shape
     flat = lambda x: x.reshape(1, b * s, *x.shape[2:])  # noqa: E731  packed documents: one long row
     o = phsa_attention(flat(q), flat(k), flat(v), pm.reshape(1, b * s), cu_seqlens=cu_seqlens, **kwargs)

@@ -25,7 +25,7 @@ import os
 
 import torch
 
-from ..params import PHSAParams, check_shapes
+from ..params import PHSAParams, check_shapes, pad_queries_front
 from .kernels.bwd import bwd_launch
 from .kernels.fwd import fwd_launch
 from .kernels.reps import block_reps
@@ -117,7 +117,7 @@ def _select_internal(q, k, punct_mask, params: PHSAParams, plan: _Plan) -> torch
     if plan.kk > SELECT_MAX_TOPK:  # rare: a selection too wide for the register top-k -> the reference
         from .reference import select_blocks_reference  # noqa: PLC0415
 
-        qf = _pad_front(q, plan.qoff)
+        qf = pad_queries_front(q, plan.qoff)
         return select_blocks_reference(qf, k, punct_mask, params, plan.cu_seqlens)[:, plan.qoff:, :, : plan.kk].to(
             torch.int32)
     pu8 = None if punct_mask is None else punct_mask.to(torch.uint8)
@@ -195,11 +195,6 @@ def use_dense_fallback(q, params: PHSAParams, cu_seqlens=None) -> bool:
     return longest <= DENSE_FALLBACK_MAX_SEQLEN and params.softmax_scale in (None, q.shape[-1] ** -0.5)
 
 
-def _pad_front(q, n: int):
-    """q [b, Lq, ...] -> [b, n + Lq, ...] with n zero rows in front (suffix queries for full-length code)."""
-    return q if n == 0 else torch.cat([q.new_zeros(q.shape[0], n, *q.shape[2:]), q], dim=1)
-
-
 def phsa_triton(q, k, v, punct_mask, params: PHSAParams, cu_seqlens=None, *, dense_fallback: bool = False,
                 q_offset: int = 0):
     """PHSA forward (autograd-capable): q [b, L, hq, d], k [b, L, hk, d], v [b, L, hk, dv] -> [b, L, hq, dv].
@@ -214,7 +209,7 @@ def phsa_triton(q, k, v, punct_mask, params: PHSAParams, cu_seqlens=None, *, den
     _check(q, params)
     check_shapes(q, k, v, punct_mask, cu_seqlens, q_offset=q_offset, query_block=params.query_block)
     if dense_fallback and use_dense_fallback(k, params, cu_seqlens):
-        return dense_sdpa(_pad_front(q, q_offset), k, v, cu_seqlens)[:, q_offset:]
+        return dense_sdpa(pad_queries_front(q, q_offset), k, v, cu_seqlens)[:, q_offset:]
     return _PHSAFunction.apply(q, k, v, punct_mask, params, cu_seqlens, q_offset)
 
 

@@ -49,6 +49,18 @@ def _logits(q, RHI, RLO, roff, tt, tmask, cols, hk, D: tl.constexpr, SPLIT: tl.c
 
 
 @triton.jit
+def _topk_buffer(NG: tl.constexpr, KB: tl.constexpr, BN: tl.constexpr, TOPK):
+    """An empty running top-k: buf [NG, KB] int64 keys, its minimum thr [NG], slot = arange(KB), and MIN64, the
+    [NG, BN] "no block" key that ``_topk_insert`` gives ineligible blocks."""
+    MIN64 = tl.full([NG, BN], -2147483648, tl.int32).to(tl.int64) << 32
+    slot = tl.arange(0, KB)
+    bmin = tl.full([NG, KB], -2147483648, tl.int32).to(tl.int64) << 32
+    # live slots start at distinct sentinels (score bits INT32_MIN: "no block"), dead slots at INT64_MAX
+    buf = tl.where(slot[None, :] < TOPK, bmin + slot[None, :], ~bmin)
+    return buf, tl.min(buf, axis=1), slot, MIN64
+
+
+@triton.jit
 def _topk_insert(acc, tt, gel, buf, thr, MIN64):
     """Insert the [NG, BN] fp32 scores ``acc`` of blocks ``tt`` (where ``gel``) into the running top-k ``buf``."""
     acc = acc + 0.0  # -0.0 -> +0.0 so that equal scores compare equal
@@ -143,12 +155,7 @@ def _select_kernel(
     gidx = tl.arange(0, NG)
     i0g = (j_first + gidx) * QB
     t_hi_g = tl.where((i0g >= W) & (j_first + gidx < n_groups), (i0g - W) // BS, -1)
-    MIN64 = tl.full([NG, BN], -2147483648, tl.int32).to(tl.int64) << 32
-    slot = tl.arange(0, KB)
-    bmin = tl.full([NG, KB], -2147483648, tl.int32).to(tl.int64) << 32
-    # live slots start at distinct sentinels (score bits INT32_MIN: "no block"), dead slots at INT64_MAX
-    buf = tl.where(slot[None, :] < TOPK, bmin + slot[None, :], ~bmin)
-    thr = tl.min(buf, axis=1)
+    buf, thr, slot, MIN64 = _topk_buffer(NG, KB, BN, TOPK)
     for t0 in range(t_lo, t_max + 1, BN):
         tt = t0 + tl.arange(0, BN)
         tmask = tt <= t_max
@@ -230,11 +237,7 @@ def _select_dot_kernel(
         qm_lo = (qm - qm_hi.to(tl.float32)).to(RHI.dtype.element_ty)
         scale_tc = scale * (QB * G)
     t_hi_g = tl.where((i0g >= W) & gvalid, (i0g - W) // BS, -1)
-    MIN64 = tl.full([NG, BN], -2147483648, tl.int32).to(tl.int64) << 32
-    slot = tl.arange(0, KB)
-    bmin = tl.full([NG, KB], -2147483648, tl.int32).to(tl.int64) << 32
-    buf = tl.where(slot[None, :] < TOPK, bmin + slot[None, :], ~bmin)
-    thr = tl.min(buf, axis=1)
+    buf, thr, slot, MIN64 = _topk_buffer(NG, KB, BN, TOPK)
     for t0 in range(t_lo, t_max + 1, BN):
         tt = t0 + tl.arange(0, BN)
         tmask = tt <= t_max
