@@ -8,14 +8,12 @@ bf16 and fp16, packed documents (cu_seqlens, batch 1), query_block 1 and > 1, bo
 
 from __future__ import annotations
 
-import os
+from tests.triton_interpreter import enable
 
-os.environ["TRITON_INTERPRET"] = "1"  # before any triton kernel is imported
+enable()  # before triton is imported: triton.jit picks the interpreter at decoration time
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-
-pytest.importorskip("triton")
 
 from phsa_train.attention.params import PHSAParams  # noqa: E402
 from phsa_train.attention.phsa import reference as R  # noqa: E402

@@ -40,7 +40,7 @@ def _ref_rows(q, k, v, pm, p: PHSAParams, r0, r1):
     b, L, hq, d = q.shape
     hk = k.shape[2]
     G, B = hq // hk, p.query_block
-    M = R.block_representatives(k, pm, p.block_size, p.lam)[0]  # [nb, hk, d] fp32
+    M = R.score_representatives(k, pm, p.block_size, p.lam)[0]  # [nb, hk, d] fp32 (bf16-rounded values)
     nb = M.shape[0]
     elig = R.eligible_blocks(L, p).to(q.device)[r0 // B : -(-r1 // B)]  # [groups, nb]
     elig_q = elig.repeat_interleave(B, 0)[: r1 - r0]

@@ -5,8 +5,8 @@ None, cu_seqlens int [n_docs + 1] (b == 1, every document an independent sequenc
 selected blocks LongTensor [b, L, hk, topk], ascending, -1 padded, document-local.
 
 Pipeline (kernels in ``kernels/``, docs in docs/kernels.md):
-    reps.py    block representatives M (fp32)                                   PHSA_SPEC §3
-    select.py  block scores + running top-k per query group, no [L, nb] matrix  PHSA_SPEC §4
+    reps.py    block representatives M (fp32 maths, stored in the input dtype)
+    select.py  block scores + running top-k per query group, no [L, nb] matrix
     fwd.py     attention over INIT ∪ LOCAL ∪ TOPK, online softmax, saves LSE
     bwd.py     dq (registers), dk / dv (fp32 atomics)
 Selection runs under no_grad; gradients flow to q, k, v through the attention only.
@@ -16,12 +16,10 @@ dense causal attention, and the attention kernels run with INIT = 0 and an unbou
 
 Dense fallback (NOT the same function): with ``dense_fallback=True`` (what backend="auto" is meant to use) a
 sequence no longer than ``DENSE_FALLBACK_MAX_SEQLEN`` runs dense causal cuDNN SDPA instead, as InfLLM-v2 does
-below 8k (PHSA_SPEC §9). The threshold is a measurement, see the constant.
+below 8k. The threshold is a measurement, see the constant.
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 
@@ -30,11 +28,6 @@ from .kernels.bwd import bwd_launch
 from .kernels.fwd import fwd_launch
 from .kernels.reps import block_reps
 from .kernels.select import select_launch
-
-if os.environ.get("TRITON_INTERPRET") == "1":  # CPU interpreter (tests): work around its numpy-2 scalar bug
-    from .kernels._interp import patch as _patch_interpreter
-
-    _patch_interpreter()
 
 # Longest sequence (L, or the longest document with cu_seqlens) at which dense cuDNN SDPA forward+backward was
 # measured faster than this operator: config (a) of bench/attention.py (hq=16, hk=8, d=128, bf16, block 16,

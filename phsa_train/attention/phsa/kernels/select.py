@@ -1,9 +1,8 @@
-"""Block scoring + top-k selection (PHSA_SPEC §4) without materialising the [L, nb] score matrix.
+"""Block scoring + top-k selection without materialising the [L, nb] score matrix.
 
 Layouts
     Q       [b, L, hq, d] (last stride 1), bf16/fp16/fp32; query head h belongs to KV head h // G
-    REP_HI, REP_LO  [n_rep, hk, d] from ``reps.py`` (row rep_offset + t = block t of a sequence): M split in
-            two 16-bit parts (fp32 inputs: REP_HI = M in fp32, REP_LO unused)
+    REP     [n_rep, hk, d] from ``reps.py`` (row rep_offset + t = block t of a sequence): M in Q's dtype
     SEQ     int32 [n_seq, 4]: (batch, start, length, rep_offset); positions, blocks, INIT, LOCAL and the
             selected indices are all relative to ``start`` (packed documents are independent sequences)
     LSEBUF  fp32 [b, L, hq] scratch: per-(query, head) log2-sum-exp of the block logits (pass 1)
@@ -23,29 +22,24 @@ chunks of BM rows (when B*G > BM), for one KV head g. Rows are (query, head) pai
         buffer, sorted, is the selection.
 ``score=dot_group_sum`` runs ``_select_dot_kernel`` instead: the score is linear in q, so each group's rows are
 summed first and one pass streams the representatives with one row per group (docstring there).
-Precision: the logits q . M are computed as q . M_hi + q . M_lo with M_hi = bf16/fp16(M), M_lo = M - M_hi
-(q is exact in its own 16-bit type; the split is precomputed by ``reps.py``), two tensor-core dots with fp32
-accumulation: ~fp32 accuracy (the reference scores in fp32), so selections agree except at genuine near-ties.
+Precision (the score's definition, shared with the reference): the logits are q . M with q and M in the input
+dtype (M rounded once by ``reps.py``) and fp32 accumulation: one tensor-core dot per tile and pass. The
+products of two bf16 / fp16 numbers are exact in fp32, so kernel and reference differ only in the order of the
+fp32 sums, and selections agree except at genuine near-ties.
 """
 
 from __future__ import annotations
-
-import os
 
 import triton
 import triton.language as tl
 
 
 @triton.jit
-def _logits(q, RHI, RLO, roff, tt, tmask, cols, hk, D: tl.constexpr, SPLIT: tl.constexpr, scale2):
+def _logits(q, REP, roff, tt, tmask, cols, hk, D: tl.constexpr, PREC: tl.constexpr, scale2):
+    """[rows, BN] fp32 logits (log2 units) of the query rows ``q`` against the representatives of blocks ``tt``."""
     moff = ((roff + tt).to(tl.int64) * hk)[:, None] * D + cols[None, :]
-    hi = tl.load(RHI + moff, mask=tmask[:, None], other=0.0)
-    if SPLIT:
-        lo = tl.load(RLO + moff, mask=tmask[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(hi)) + tl.dot(q, tl.trans(lo))
-    else:
-        s = tl.dot(q, tl.trans(hi), input_precision="ieee")
-    return s * scale2
+    m = tl.load(REP + moff, mask=tmask[:, None], other=0.0)
+    return tl.dot(q, tl.trans(m), input_precision=PREC) * scale2
 
 
 @triton.jit
@@ -93,10 +87,10 @@ def _store_selection(buf, slot, TOPK, SEL, base, row_off, gmask):
 
 @triton.jit(do_not_specialize=["TOPK"])  # top-k changes every step of a curriculum ramp: not a JIT key
 def _select_kernel(
-    Q, RHI, RLO, SEQ, LSEBUF, SEL,
+    Q, REP, SEQ, LSEBUF, SEL,
     sq_b, sq_l, sq_h, ss_b, ss_l, ss_h, L, hq, hk,
     scale2, n_init, W, TOPK, QOFF,
-    SOFTMAX: tl.constexpr, SPLIT: tl.constexpr,
+    SOFTMAX: tl.constexpr, PREC: tl.constexpr,
     G: tl.constexpr, QB: tl.constexpr, GRP: tl.constexpr, BM: tl.constexpr, NCH: tl.constexpr,
     NG: tl.constexpr, BN: tl.constexpr, KB: tl.constexpr, BS: tl.constexpr, D: tl.constexpr,
 ):
@@ -138,7 +132,7 @@ def _select_kernel(
             for t0 in range(t_lo, t_max + 1, BN):
                 tt = t0 + tl.arange(0, BN)
                 tmask = tt <= t_max
-                s = _logits(q, RHI + g * D, RLO + g * D, roff, tt, tmask, cols, hk, D, SPLIT, scale2)
+                s = _logits(q, REP + g * D, roff, tt, tmask, cols, hk, D, PREC, scale2)
                 elig = (tt[None, :] <= t_hi[:, None]) & tmask[None, :]
                 s = tl.where(elig, s, float("-inf"))
                 m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -172,7 +166,7 @@ def _select_kernel(
             t_hi = tl.where(i0 >= W, (i0 - W) // BS, -1)
             qptr = Q + b64 * sq_b + (start + qi - QOFF).to(tl.int64)[:, None] * sq_l + (g * G + hh)[:, None] * sq_h + cols[None, :]
             q = tl.load(qptr, mask=valid[:, None], other=0.0)
-            s = _logits(q, RHI + g * D, RLO + g * D, roff, tt, tmask, cols, hk, D, SPLIT, scale2)
+            s = _logits(q, REP + g * D, roff, tt, tmask, cols, hk, D, PREC, scale2)
             elig = (tt[None, :] <= t_hi[:, None]) & tmask[None, :] & valid[:, None]
             if SOFTMAX:
                 lptr = LSEBUF + (b64 * L + start + qi - QOFF) * hq + g * G + hh
@@ -189,10 +183,10 @@ def _select_kernel(
 
 @triton.jit(do_not_specialize=["TOPK"])  # top-k changes every step of a curriculum ramp: not a JIT key
 def _select_dot_kernel(
-    Q, RHI, RLO, SEQ, SEL,
+    Q, REP, SEQ, SEL,
     sq_b, sq_l, sq_h, ss_b, ss_l, ss_h, hk,
     scale, n_init, W, TOPK, QOFF,
-    SPLIT: tl.constexpr, TC: tl.constexpr, G: tl.constexpr, QB: tl.constexpr, NG: tl.constexpr,
+    TC: tl.constexpr, G: tl.constexpr, QB: tl.constexpr, NG: tl.constexpr,
     BR: tl.constexpr, BN: tl.constexpr, KB: tl.constexpr, BS: tl.constexpr, D: tl.constexpr,
 ):
     """``dot_group_sum`` fast path: the group score is linear in q, sum_r scale*q_r.M_t = scale*(sum_r q_r).M_t,
@@ -233,8 +227,8 @@ def _select_dot_kernel(
 
     if TC:  # the group mean (not sum) keeps fp16 in range; the ranking is the same
         qm = qs * (1.0 / (QB * G))
-        qm_hi = qm.to(RHI.dtype.element_ty)
-        qm_lo = (qm - qm_hi.to(tl.float32)).to(RHI.dtype.element_ty)
+        qm_hi = qm.to(REP.dtype.element_ty)
+        qm_lo = (qm - qm_hi.to(tl.float32)).to(REP.dtype.element_ty)
         scale_tc = scale * (QB * G)
     t_hi_g = tl.where((i0g >= W) & gvalid, (i0g - W) // BS, -1)
     buf, thr, slot, MIN64 = _topk_buffer(NG, KB, BN, TOPK)
@@ -242,55 +236,54 @@ def _select_dot_kernel(
         tt = t0 + tl.arange(0, BN)
         tmask = tt <= t_max
         moff = ((roff + tt).to(tl.int64) * hk)[:, None] * D + cols[None, :]
-        if TC:  # three 16-bit tensor-core dots: (qm_hi + qm_lo) . (M_hi + M_lo) minus the lo.lo term (~2^-32)
-            mh = tl.load(RHI + g * D + moff, mask=tmask[:, None], other=0.0)
-            ml = tl.load(RLO + g * D + moff, mask=tmask[:, None], other=0.0)
-            acc = tl.dot(qm_hi, tl.trans(mh)) + tl.dot(qm_lo, tl.trans(mh)) + tl.dot(qm_hi, tl.trans(ml))
-            acc = acc * scale_tc
+        m = tl.load(REP + g * D + moff, mask=tmask[:, None], other=0.0)
+        if TC:  # M is exact in 16 bits, the fp32 mean is split in two 16-bit halves: two tensor-core dots
+            acc = (tl.dot(qm_hi, tl.trans(m)) + tl.dot(qm_lo, tl.trans(m))) * scale_tc
         else:  # fp32 FMA dot
-            m = tl.load(RHI + g * D + moff, mask=tmask[:, None], other=0.0).to(tl.float32)
-            if SPLIT:
-                m += tl.load(RLO + g * D + moff, mask=tmask[:, None], other=0.0).to(tl.float32)
-            acc = tl.dot(qs, tl.trans(m), input_precision="ieee") * scale
+            acc = tl.dot(qs, tl.trans(m.to(tl.float32)), input_precision="ieee") * scale
         gel = (tt[None, :] <= t_hi_g[:, None]) & tmask[None, :]
         buf, thr = _topk_insert(acc, tt, gel, buf, thr, MIN64)
     _store_selection(buf, slot, TOPK, SEL, b64 * ss_b, (start + i0g - QOFF).to(tl.int64) * ss_l + g * ss_h, gvalid)
 
 
-def select_launch(q, rep, seq, max_n, params, topk, sel, lsebuf, BN=None, dot_bn=None, dot_ng=None, dot_tc=None,
-                  qoff=0):
-    """Fill ``sel`` (int32 [b, L, hk, topk], group-start rows) for every sequence of ``seq``."""
+def select_launch(q, rep, seq, max_n, params, topk, sel, lsebuf, *, qoff=0, block_n=32, num_warps=None,
+                  num_stages=2, dot_groups=16, dot_block_n=128, dot_tensor_cores=True):
+    """Fill ``sel`` (int32 [b, L, hk, topk], group-start rows) for every sequence of ``seq``.
+
+    Tuning (defaults from the H100 sweeps of ``bench/tune.py`` / ``bench/tune_select_dot.py``, docs/kernels.md):
+    softmax score: ``block_n`` blocks per tile, ``num_warps`` (None: 8 for 128x128 query tiles, else 4),
+    ``num_stages``; dot score: ``dot_groups`` query groups per program, ``dot_block_n`` blocks per tile,
+    ``dot_tensor_cores`` (False: an fp32 FMA dot, same selections, slower)."""
+    import torch
+
     b, L, hq, d = q.shape
-    rhi, rlo = rep
-    hk = rhi.shape[1]
+    hk = rep.shape[1]
     G = hq // hk
     B = params.query_block
     grp = triton.next_power_of_2(B * G)
     BM = max(16, min(grp, 128))
     NCH = max(1, grp // BM)
     NG = max(1, BM // grp)
-    BN = BN or int(os.environ.get("PHSA_SELECT_BN", 0)) or 32  # 32 beat 64 / 128 on H100 (docs/kernels.md)
     KB = triton.next_power_of_2(max(topk, 1))
     n_groups_max = -(-(max_n - qoff) // B)
-    split = q.dtype in (__import__("torch").bfloat16, __import__("torch").float16)
+    half = q.dtype in (torch.bfloat16, torch.float16)
     if params.score == "dot_group_sum":
-        ng = dot_ng or int(os.environ.get("PHSA_SELECT_DOT_NG", 0)) or 16  # tl.dot needs >= 16 rows
-        bn = dot_bn or int(os.environ.get("PHSA_SELECT_DOT_BN", 0)) or 128
-        tc = split and (dot_tc if dot_tc is not None else os.environ.get("PHSA_SELECT_DOT_TC", "1") == "1")
+        ng = dot_groups  # tl.dot needs >= 16 rows
         br = max(1, min(triton.next_power_of_2(B * G), 8192 // (ng * d)))  # [ng, br, d] loads: 64 regs/thread
         _select_dot_kernel[(triton.cdiv(n_groups_max, ng), seq.shape[0], hk)](
-            q, rhi, rlo, seq, sel,
+            q, rep, seq, sel,
             q.stride(0), q.stride(1), q.stride(2), sel.stride(0), sel.stride(1), sel.stride(2), hk,
             params.scale(d), params.n_init, params.local_window, topk, qoff,
-            SPLIT=split, TC=tc, G=G, QB=B, NG=ng, BR=br, BN=bn, KB=KB, BS=params.block_size, D=d, num_warps=4,
+            TC=half and dot_tensor_cores, G=G, QB=B, NG=ng, BR=br, BN=dot_block_n, KB=KB, BS=params.block_size,
+            D=d, num_warps=4,
         )
         return
     grid = (triton.cdiv(n_groups_max, NG), seq.shape[0], hk)
     _select_kernel[grid](
-        q, rhi, rlo, seq, lsebuf, sel,
+        q, rep, seq, lsebuf, sel,
         q.stride(0), q.stride(1), q.stride(2), sel.stride(0), sel.stride(1), sel.stride(2), L, hq, hk,
         params.scale(d) * 1.4426950408889634, params.n_init, params.local_window, topk, qoff,
-        SOFTMAX=params.score == "softmax_group_sum", SPLIT=split,
-        G=G, QB=B, GRP=max(grp, 1), BM=BM, NCH=NCH, NG=NG, BN=BN, KB=KB, BS=params.block_size, D=d,
-        num_warps=8 if BM * d >= 128 * 128 else 4, num_stages=2,
+        SOFTMAX=params.score == "softmax_group_sum", PREC="tf32" if half else "ieee",
+        G=G, QB=B, GRP=max(grp, 1), BM=BM, NCH=NCH, NG=NG, BN=block_n, KB=KB, BS=params.block_size, D=d,
+        num_warps=num_warps or (8 if BM * d >= 128 * 128 else 4), num_stages=num_stages,
     )
