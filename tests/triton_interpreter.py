@@ -6,8 +6,10 @@ kernel tests and the context-parallel test worker call it.
 
 Interpreter bugs of Triton 3.6.0 met by these kernels (none of them exists on the GPU):
 1. A loop bound computed from a loaded scalar goes through ``int(array)`` on a 1-element (not 0-d) array,
-   which numpy >= 2.3 refuses ("only 0-dimensional arrays can be converted to Python scalars").
-2. ``tl.dot`` on bf16 operands multiplies their raw uint16 storage (bf16 is kept as uint16 there): garbage.
+   which numpy >= 2.4 refuses ("only 0-dimensional arrays can be converted to Python scalars"; upstream
+   triton-lang/triton#9171).
+2. ``tl.dot`` on bf16 operands multiplies their raw uint16 storage (bf16 is kept as uint16 there): garbage
+   (upstream triton-lang/triton#11584; the fix, #11585, was declined: bf16 is unsupported in the interpreter).
 3. fp32 -> bf16 / fp16 -> bf16 casts truncate instead of rounding to nearest even as the GPU does.
 4. (speed) ``tl.sort`` runs its bitonic network through generic reductions: minutes for one small kernel.
 ``patch()`` fixes the four inside the interpreter (dot: bf16 operands are widened to fp32, which is exact for

@@ -21,6 +21,8 @@ below 8k. The threshold is a measurement, see the constant.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ..params import PHSAParams, check_shapes, pad_queries_front
@@ -39,9 +41,19 @@ DENSE_FALLBACK_MAX_SEQLEN = 4096  # measured: PHSA/cuDNN fwd+bwd = 0.29x @1k, 0.
 SELECT_MAX_TOPK = 128
 
 
+@functools.lru_cache(maxsize=64)
+def _batch_seq_table(b: int, L: int, block_size: int, device: torch.device) -> torch.Tensor:
+    """The SEQ table of b unpacked sequences of length L, built once per shape: a host-to-device copy from
+    pageable memory waits for the GPU, so building it on every call would stall the launch queue each time."""
+    return torch.tensor([(bi, 0, L, bi * (L // block_size)) for bi in range(b)], dtype=torch.int32, device=device)
+
+
 def _seq_table(b: int, L: int, cu_seqlens, block_size: int, device):
+    if cu_seqlens is None and L > 0:
+        docs = [(bi, 0, L) for bi in range(b)]
+        return docs, _batch_seq_table(b, L, block_size, torch.device(device)), b * (L // block_size), L
     if cu_seqlens is None:
-        docs = [(bi, 0, L) for bi in range(b)] if L > 0 else []
+        docs = []
     else:
         cs = [int(x) for x in cu_seqlens.tolist()]
         docs = [(0, s, e - s) for s, e in zip(cs, cs[1:]) if e > s]

@@ -114,7 +114,7 @@ def _bwd_kernel(
 
 
 def bwd_launch(q, k, v, o, do, lse, sel, seq, max_n, params, topk, n_init, W, *, qoff=0, block_n=64,
-               num_warps=None, num_stages=1):
+               num_warps=None, num_stages=2):
     """dq, dk, dv in the inputs' dtypes. Tuning: ``block_n`` keys per tile, ``num_warps`` (None: 8 for 128-row
     tiles, else 4), ``num_stages``; defaults from the H100 sweep of ``bench/tune.py`` (docs/kernels.md)."""
     import torch

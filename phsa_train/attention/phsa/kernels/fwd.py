@@ -119,7 +119,7 @@ def tile_shape(B, G):
 
 
 def fwd_launch(q, k, v, sel, seq, max_n, params, topk, n_init, W, *, qoff=0, block_n=None, num_warps=None,
-               num_stages=2):
+               num_stages=3):
     """o [b, L, hq, dv] in q's dtype and LSE fp32 [b, L, hq] (base 2). Tuning: ``block_n`` keys per tile (None:
     64 for d <= 128, else 32), ``num_warps`` (None: 8 for 128-row tiles, else 4), ``num_stages``."""
     import torch
