@@ -31,7 +31,7 @@ from phsa_train.attention.phsa.kernels.reps import block_reps  # noqa: E402
 from phsa_train.attention.phsa.kernels.select import select_launch  # noqa: E402
 
 # (block_n, num_warps, num_stages[, ftz_exp2]); the first of each list is the launcher's default
-SELECT = [(32, 4, 3, None), (32, 4, 3, False), (32, 4, 2, None), (64, 4, 3, None)]  # + ftz_exp2 (None: default)
+SELECT = [(32, 4, 3, False), (32, 4, 3, True), (32, 4, 2, False), (64, 4, 3, False)]  # + ftz_exp2
 FWD = [(64, 8, 3), (64, 8, 2)]
 BWD = [(64, 8, 2), (64, 8, 1)]
 

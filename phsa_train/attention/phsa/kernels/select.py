@@ -290,12 +290,12 @@ def _select_dot_kernel(
 
 
 def select_launch(q, rep, seq, max_n, params, topk, sel, lsebuf, *, qoff=0, block_n=32, num_warps=4,
-                  num_stages=3, ftz_exp2=None, dot_groups=16, dot_block_n=128, dot_tensor_cores=True):
+                  num_stages=3, ftz_exp2=False, dot_groups=16, dot_block_n=128, dot_tensor_cores=True):
     """Fill ``sel`` (int32 [b, L, hk, topk], group-start rows) for every sequence of ``seq``.
 
     Tuning (defaults from the H100 sweeps of ``bench/tune.py`` / ``bench/tune_select_dot.py``, docs/kernels.md):
-    softmax score: ``block_n`` blocks per tile, ``num_warps``, ``num_stages``, ``ftz_exp2`` (None: on CUDA, see
-    ``_exp2``); dot score: ``dot_groups`` query groups per program, ``dot_block_n`` blocks per tile,
+    softmax score: ``block_n`` blocks per tile, ``num_warps``, ``num_stages``, ``ftz_exp2`` (opt-in, CUDA
+    only, see ``_exp2``; not yet measured on a GPU, hence off); dot score: ``dot_groups`` query groups per program, ``dot_block_n`` blocks per tile,
     ``dot_tensor_cores`` (False: an fp32 FMA dot, same selections, slower)."""
     import torch
 
@@ -326,7 +326,7 @@ def select_launch(q, rep, seq, max_n, params, topk, sel, lsebuf, *, qoff=0, bloc
         q, rep, seq, lsebuf, sel,
         q.stride(0), q.stride(1), q.stride(2), sel.stride(0), sel.stride(1), sel.stride(2), L, hq, hk,
         params.scale(d) * 1.4426950408889634, params.n_init, params.local_window, topk, qoff,
-        PREC="tf32" if half else "ieee", FTZ=q.is_cuda if ftz_exp2 is None else ftz_exp2,
+        PREC="tf32" if half else "ieee", FTZ=ftz_exp2 and q.is_cuda,
         G=G, QB=B, GRP=max(grp, 1), BM=BM, NCH=NCH, NG=NG, BN=block_n, KB=KB, BS=params.block_size, D=d,
         num_warps=num_warps, num_stages=num_stages,
     )
