@@ -29,7 +29,7 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 def block_representatives(
     k: torch.Tensor, punct_mask: torch.Tensor | None, block_size: int, lam: float
 ) -> torch.Tensor:
-    """Dual-branch representative of every complete block (spec §3).
+    """Dual-branch representative of every complete block (README.md, "Representatives").
 
     k: [b, L, hk, d], punct_mask: bool [b, L] or None (no punctuation) -> M: [b, nb, hk, d], nb = L // block_size.
     M_o is the block mean, M_p the mean over the block's punctuation keys (M_o when it has none),
@@ -65,7 +65,7 @@ def score_representatives(
 
 def eligible_blocks(n: int, params: PHSAParams) -> torch.Tensor:
     """bool [n_groups, nb]: block t is eligible for query group j (first query i0 = j * B) when it is not
-    entirely inside INIT, (t+1)*m > n_init, and starts before the local window, t*m <= i0 - w (spec §4).
+    entirely inside INIT, (t+1)*m > n_init, and starts before the local window, t*m <= i0 - w (README.md).
     With w >= m an eligible block holds no token at or after i0; blocks past n // m do not exist."""
     m, B = params.block_size, params.query_block
     nb, n_groups = n // m, -(-n // B)
@@ -210,7 +210,7 @@ def phsa_reference(
     params: PHSAParams,
     cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """PHSA forward: o[i,h] = sum_{j in S(i)} softmax_j(scale * q[i,h]·k[j]) v[j] (spec §4).
+    """PHSA forward: o[i,h] = sum_{j in S(i)} softmax_j(scale * q[i,h]·k[j]) v[j] (README.md).
 
     q: [b, L, hq, d], k: [b, L, hk, d], v: [b, L, hk, dv], punct_mask: bool [b, L] or None,
     cu_seqlens: [n_docs + 1] with b == 1, or None -> o: [b, L, hq, dv] in q's dtype.

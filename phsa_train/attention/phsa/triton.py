@@ -128,9 +128,10 @@ def _select_internal(q, k, punct_mask, params: PHSAParams, plan: _Plan) -> torch
     pu8 = None if punct_mask is None else punct_mask.to(torch.uint8)
     max_nb = plan.max_n // params.block_size
     rep = block_reps(k, pu8, plan.seq, plan.n_rep, max_nb, params.block_size, params.lam)
-    # per-row LSE scratch of the softmax score's pass 1 (the dot score needs none)
-    lsebuf = torch.empty((b, L, hq) if params.score == "softmax_group_sum" else (1,), dtype=torch.float32,
-                         device=q.device)
+    # per-row LSE scratch of the softmax score's pass 1, only for query groups of more than 128 (query, head) rows
+    # (smaller groups keep it in registers; the dot score needs none)
+    big = params.score == "softmax_group_sum" and params.query_block * (hq // hk) > 128
+    lsebuf = torch.empty((b, L, hq) if big else (1,), dtype=torch.float32, device=q.device)
     select_launch(q, rep, plan.seq, plan.max_n, params, plan.kk, sel, lsebuf, qoff=plan.qoff)
     return sel
 
