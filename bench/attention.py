@@ -1,6 +1,6 @@
 """Benchmark of the PHSA Triton operator against dense and block-sparse baselines, on one GPU, in one run.
 
-    PYTHONPATH=. python bench/attention.py [--T 8192,32768,65536,131072] [--configs a,b] [--no-flex]
+    PYTHONPATH=. python bench/attention.py [--T 8192,32768,65536,131072] [--configs a,b] [--no-flex] [--baselines cudnn]
 
 For every config and sequence length T (batch 1, bf16, causal) it times, with triton.testing.do_bench
 (median, ms):
@@ -39,16 +39,23 @@ from phsa_train.attention.phsa.kernels.bwd import bwd_launch  # noqa: E402
 from phsa_train.attention.phsa.kernels.fwd import fwd_launch  # noqa: E402
 from phsa_train.attention.phsa.kernels.reps import block_reps  # noqa: E402
 
+SHIPPED = PHSAParams()  # the knobs `attention=phsa` ships with (PHSAParams; conf/attention/phsa.yaml mirrors it)
+# Config (a): the paper's 0.6B shape with the shipped knobs (896 tokens per query at 32k) and query_block 64, the
+# fast path; (b): a wide-GQA shape. The "_dot" variants are the opt-in score=dot_group_sum. Every record names
+# all knobs and, under "vs_shipped", those that differ from the shipped defaults.
 CONFIGS = {
-    # the paper's 0.6B setting (PHSA_SPEC §5): 896 tokens per query at 32k
-    "a": dict(hq=16, hk=8, d=128, params=PHSAParams(block_size=16, n_init=128, local_window=512, topk=16,
-                                                     query_block=64)),
-    "b": dict(hq=64, hk=4, d=128, params=PHSAParams(block_size=64, n_init=128, local_window=512, topk=16,
-                                                     query_block=8)),
+    "a": dict(hq=16, hk=8, d=128, params=dataclasses.replace(SHIPPED, query_block=64)),
+    "b": dict(hq=64, hk=4, d=128, params=dataclasses.replace(SHIPPED, block_size=64, query_block=8)),
 }
-# the same shapes with score=dot_group_sum (PHSA_SPEC §4 knob): a group's queries collapse into one row for scoring
 for _n in ("a", "b"):
     CONFIGS[_n + "_dot"] = dict(CONFIGS[_n], params=dataclasses.replace(CONFIGS[_n]["params"], score="dot_group_sum"))
+
+
+def knobs(p: PHSAParams) -> dict:
+    """Every PHSA knob of a run (backend included) and the ones that differ from the shipped defaults."""
+    k = dict(dataclasses.asdict(p), backend="triton", dense_fallback=False)
+    k["vs_shipped"] = {f: v for f, v in dataclasses.asdict(p).items() if getattr(SHIPPED, f) != v}
+    return k
 
 
 def attended_tokens(L: int, p: PHSAParams) -> float:
@@ -149,9 +156,7 @@ def run_config(name, cfg, L, args, out):
     tok = attended_tokens(L, p)
     f_sparse = 4.0 * d * tok * hq
     f_dense = 4.0 * d * (L * (L + 1) / 2) * hq
-    row = dict(config=name, T=L, hq=hq, hk=hk, d=d, block_size=p.block_size, n_init=p.n_init,
-               window=p.local_window, topk=p.topk, query_block=p.query_block, tokens_per_query=tok / L,
-               qkv_bytes=qkv_bytes)
+    row = dict(config=name, T=L, hq=hq, hk=hk, d=d, **knobs(p), tokens_per_query=tok / L, qkv_bytes=qkv_bytes)
 
     def emit(metric, ms, flops=None, **kw):
         rec = dict(row, metric=metric, ms=ms, **kw)
@@ -185,7 +190,7 @@ def run_config(name, cfg, L, args, out):
     ms_ab = bench(lambda: bwd_launch(q.detach(), k.detach(), v.detach(), o, do, lse, sel, plan.seq, plan.max_n, p,
                                      plan.k_attn, plan.n_init, plan.W))
     res = {}
-    for be in ("cudnn", "flash"):
+    for be in args.baselines.split(","):
         try:
             f = dense_sdpa_fn(q, k, v, be)
             res[be + "_fb"] = bench(lambda: f().backward(do.transpose(1, 2)), rep=100)
@@ -200,7 +205,7 @@ def run_config(name, cfg, L, args, out):
          peak_extra_bytes=mem, peak_extra_over_qkv=mem / qkv_bytes)
     emit("phsa_fwd", ms_f, f_sparse, vs_cudnn=res.get("cudnn_f", float("nan")) / ms_f)
     emit("stage_reps", ms_reps)
-    emit("stage_select", ms_sel)
+    emit("stage_select", ms_sel, share_of_fwd_bwd=ms_sel / ms_fb)
     emit("stage_attn_fwd", ms_af, f_sparse)
     emit("stage_attn_bwd", ms_ab, 2.5 * f_sparse)
     for be in ("cudnn", "flash"):
@@ -228,6 +233,7 @@ def main():
     ap.add_argument("--T", default="8192,32768,65536,131072")
     ap.add_argument("--configs", default="a,b")
     ap.add_argument("--no-flex", dest="flex", action="store_false")
+    ap.add_argument("--baselines", default="cudnn,flash", help="dense SDPA backends to time: cudnn,flash")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     dev = torch.cuda.get_device_name().replace(" ", "_")

@@ -1,5 +1,19 @@
-"""Variant sweep on the GPU (one call): selection tile width, backward tile width / warps, atomics cost.
-Prints JSON lines and the best choices; used to pick the kernels' defaults (docs/kernels.md)."""
+"""Tile sweep of the PHSA kernels on one GPU (config (a) of bench/attention.py), plus two precision checks.
+
+    PYTHONPATH=. python bench/tune.py [--T 32768,65536] [--config a] [--stages select,fwd,bwd,precision] [--out f]
+
+Prints (and writes) one JSON line per measurement:
+    stage=select   softmax selection (representatives excluded): block_n, num_warps, num_stages; ms and whether
+                   the selection equals the first variant's
+    stage=fwd/bwd  sparse attention: block_n, num_warps, num_stages; ms
+    stage=reps_bits  kernel M (reps.py) against the reference's score_representatives, bit for bit
+    stage=lse_precision  how many group selections change when every row's normaliser (pass 1) carries a relative
+                   error eps in its sum (lse + log(1 + eps * N(0, 1))): the precision pass 1 needs
+Used to pick the launchers' defaults (docs/kernels.md).
+"""
+from __future__ import annotations
+
+import argparse
 import json
 import os
 import sys
@@ -9,52 +23,126 @@ import triton
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from bench.attention import CONFIGS  # noqa: E402
+from phsa_train.attention.phsa import reference as R  # noqa: E402
 from phsa_train.attention.phsa import triton as T  # noqa: E402
 from phsa_train.attention.phsa.kernels.bwd import bwd_launch  # noqa: E402
 from phsa_train.attention.phsa.kernels.fwd import fwd_launch  # noqa: E402
 from phsa_train.attention.phsa.kernels.reps import block_reps  # noqa: E402
 from phsa_train.attention.phsa.kernels.select import select_launch  # noqa: E402
 
-best = {}
-for name, L in (("a", 32768), ("a", 65536), ("b", 65536)):
-    cfg = CONFIGS[name]
+# (block_n, num_warps, num_stages[, ftz_exp2]); the first of each list is the launcher's default
+SELECT = [(32, 4, 3, False), (32, 4, 3, True), (32, 4, 2, False), (64, 4, 3, False)]  # + ftz_exp2
+FWD = [(64, 8, 3), (64, 8, 2)]
+BWD = [(64, 8, 2), (64, 8, 1)]
+
+
+def bench(fn):
+    return triton.testing.do_bench(fn, warmup=10, rep=100, return_mode="median")
+
+
+def lse_precision(q, k, pm, p, out, n_rows=4096):
+    """Selections of the last n_rows queries with exact vs perturbed per-row normalisers (torch, fp32)."""
+    L, hq, d = q.shape[1], q.shape[2], q.shape[3]
+    hk = k.shape[2]
+    G, B = hq // hk, p.query_block
+    M = R.score_representatives(k, pm, p.block_size, p.lam)[0]  # [nb, hk, d]
+    r0 = L - n_rows
+    elig = R.eligible_blocks(L, p).to(q.device)[r0 // B:]  # [groups, nb]
+    logits = torch.einsum("ihd,thd->iht", q[0, r0:].float(), M.repeat_interleave(G, 1)) * p.scale(d)
+    mask = elig.repeat_interleave(B, 0)[:, None, :]
+    logits = logits.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(logits, -1, keepdim=True)  # [rows, hq, 1]
+    g = torch.Generator(device=q.device).manual_seed(0)
+
+    def select(lse_):
+        pr = torch.exp(logits - lse_)
+        s = pr.view(n_rows, hk, G, -1).sum(2).view(-1, B, hk, M.shape[0]).sum(1)
+        return R.topk_blocks(s.masked_fill(~elig[:, None, :], float("-inf")), p.topk)
+
+    ref = select(lse)
+    for eps in (1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 4e-3):
+        noise = torch.log1p(eps * torch.randn(lse.shape, device=q.device, generator=g))
+        changed = (select(lse + noise) != ref).any(-1).float().mean().item()
+        rec = dict(stage="lse_precision", T=L, rows=n_rows, eps=eps, groups_changed=changed)
+        print(json.dumps(rec), flush=True)
+        out.append(rec)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--T", default="32768,65536")
+    ap.add_argument("--config", default="a")
+    ap.add_argument("--stages", default="select,fwd,bwd,precision")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    cfg = CONFIGS[args.config]
     p = cfg["params"]
-    torch.manual_seed(0)
-    q = torch.randn(1, L, cfg["hq"], cfg["d"], device="cuda", dtype=torch.bfloat16)
-    k = torch.randn(1, L, cfg["hk"], cfg["d"], device="cuda", dtype=torch.bfloat16)
-    v = torch.randn_like(k)
-    do = torch.randn_like(q)
-    pm = torch.rand(1, L, device="cuda") < 0.1
-    plan = T._Plan(q, p, None)
-    rep = block_reps(k, pm.to(torch.uint8), plan.seq, plan.n_rep, L // p.block_size, p.block_size, p.lam)
-    lb = torch.empty(1, L, cfg["hq"], device="cuda")
-    ref_sel = None
-    for BN in (32, 64, 128):
-        sel = torch.empty(1, L, cfg["hk"], plan.kk, dtype=torch.int32, device="cuda")
-        try:
-            ms = triton.testing.do_bench(lambda: select_launch(q, rep, plan.seq, L, p, plan.kk, sel, lb, BN=BN),
-                                         return_mode="median")
-        except Exception as e:  # noqa: BLE001
-            print(json.dumps(dict(cfg=name, L=L, stage="select", BN=BN, error=repr(e)[:200])))
-            continue
+    out = []
+
+    def emit(**rec):
+        rec = dict(config=args.config, device=torch.cuda.get_device_name(), **rec)
+        print(json.dumps(rec), flush=True)
+        out.append(rec)
+
+    for L in [int(x) for x in args.T.split(",")]:
+        torch.manual_seed(0)
+        q = torch.randn(1, L, cfg["hq"], cfg["d"], device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(1, L, cfg["hk"], cfg["d"], device="cuda", dtype=torch.bfloat16)
+        v = torch.randn_like(k)
+        do = torch.randn_like(q)
+        pm = torch.rand(1, L, device="cuda") < 0.1
+        plan = T._Plan(q, p, None)
+        rep = block_reps(k, pm.to(torch.uint8), plan.seq, plan.n_rep, L // p.block_size, p.block_size, p.lam)
+        ref_m = R.score_representatives(k, pm, p.block_size, p.lam)[0].to(k.dtype)
+        emit(stage="reps_bits", T=L, elements=ref_m.numel(),
+             differing=int((rep.view(torch.int16) != ref_m.view(torch.int16)).sum()))
+        lb = torch.empty(1, L, cfg["hq"], device="cuda")
         rows = torch.arange(0, L, p.query_block, device="cuda")
-        same = None if ref_sel is None else (sel[0, rows] == ref_sel[0, rows]).float().mean().item()
-        ref_sel = sel.clone() if ref_sel is None else ref_sel
-        print(json.dumps(dict(cfg=name, L=L, stage="select", BN=BN, ms=ms, agree=same)), flush=True)
-        best.setdefault(("select", name), []).append((ms, BN))
-    o, lse = fwd_launch(q, k, v, ref_sel, plan.seq, L, p, plan.k_attn, plan.n_init, plan.W)
-    for BN, nw, at in ((32, 8, True), (64, 8, True), (32, 4, True), (32, 8, False), (64, 8, False)):
-        try:
-            ms = triton.testing.do_bench(lambda: bwd_launch(q, k, v, o, do, lse, ref_sel, plan.seq, L, p, plan.k_attn,
-                                                            plan.n_init, plan.W, BN=BN, num_warps=nw, atomics=at),
-                                         return_mode="median")
-        except Exception as e:  # noqa: BLE001
-            print(json.dumps(dict(cfg=name, L=L, stage="bwd", BN=BN, nw=nw, error=repr(e)[:200])))
-            continue
-        print(json.dumps(dict(cfg=name, L=L, stage="bwd", BN=BN, num_warps=nw, atomics=at, ms=ms)), flush=True)
-        if at:
-            best.setdefault(("bwd", name), []).append((ms, BN, nw))
-    del q, k, v, do, o, lse
-    torch.cuda.empty_cache()
-choice = {f"{k[0]}_{k[1]}": min(v) for k, v in best.items()}
-print("BEST", json.dumps(choice))
+        ref_sel = None
+        for bn, nw, ns, ftz in SELECT if "select" in args.stages else []:
+            sel = torch.empty(1, L, cfg["hk"], plan.kk, dtype=torch.int32, device="cuda")
+            fn = lambda: select_launch(q, rep, plan.seq, L, p, plan.kk, sel, lb, block_n=bn, num_warps=nw,  # noqa
+                                       num_stages=ns, ftz_exp2=ftz)
+            knob = dict(block_n=bn, num_warps=nw, num_stages=ns, ftz_exp2=ftz)
+            try:
+                ms = bench(fn)
+            except Exception as e:  # noqa: BLE001
+                emit(stage="select", T=L, **knob, error=repr(e)[:200])
+                continue
+            s = sel[0, rows].clone()
+            same = True if ref_sel is None else bool(torch.equal(s, ref_sel))
+            ref_sel = s if ref_sel is None else ref_sel
+            emit(stage="select", T=L, **knob, ms=ms, same_selection=same)
+        sel_full = torch.empty(1, L, cfg["hk"], plan.kk, dtype=torch.int32, device="cuda")
+        select_launch(q, rep, plan.seq, L, p, plan.kk, sel_full, lb)
+        o, lse = fwd_launch(q, k, v, sel_full, plan.seq, L, p, plan.k_attn, plan.n_init, plan.W)
+        for bn, nw, ns in FWD if "fwd" in args.stages else []:
+            try:
+                ms = bench(lambda: fwd_launch(q, k, v, sel_full, plan.seq, L, p, plan.k_attn, plan.n_init, plan.W,
+                                              block_n=bn, num_warps=nw, num_stages=ns))
+                emit(stage="fwd", T=L, block_n=bn, num_warps=nw, num_stages=ns, ms=ms)
+            except Exception as e:  # noqa: BLE001
+                emit(stage="fwd", T=L, block_n=bn, num_warps=nw, num_stages=ns, error=repr(e)[:200])
+        for bn, nw, ns in BWD if "bwd" in args.stages else []:
+            try:
+                ms = bench(lambda: bwd_launch(q, k, v, o, do, lse, sel_full, plan.seq, L, p, plan.k_attn, plan.n_init,
+                                              plan.W, block_n=bn, num_warps=nw, num_stages=ns))
+                emit(stage="bwd", T=L, block_n=bn, num_warps=nw, num_stages=ns, ms=ms)
+            except Exception as e:  # noqa: BLE001
+                emit(stage="bwd", T=L, block_n=bn, num_warps=nw, num_stages=ns, error=repr(e)[:200])
+        if "bwd" in args.stages:  # probe: INIT keys are atomically updated by every query group (contention?)
+            emit(stage="fwd_no_init", T=L, ms=bench(lambda: fwd_launch(q, k, v, sel_full, plan.seq, L, p, plan.k_attn,
+                                                                       0, plan.W)))
+            emit(stage="bwd_no_init", T=L, ms=bench(lambda: bwd_launch(q, k, v, o, do, lse, sel_full, plan.seq, L, p,
+                                                                       plan.k_attn, 0, plan.W)))
+        if L == int(args.T.split(",")[0]) and "precision" in args.stages:
+            lse_precision(q, k, pm, p, out)
+        del q, k, v, do, o, lse
+        torch.cuda.empty_cache()
+    if args.out:
+        with open(args.out, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in out)
+
+
+if __name__ == "__main__":
+    main()

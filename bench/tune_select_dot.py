@@ -1,5 +1,5 @@
 """Sweep of the dot_group_sum selection kernel on the GPU, config (a): blocks per tile BN, query groups per
-program NG, fp32 FMA dot vs three bf16 tensor-core dots (TC); prints JSON lines, the rows whose selection differs
+program NG, fp32 FMA dot vs two bf16 tensor-core dots (TC); prints JSON lines, the rows whose selection differs
 from the first variant, and the fastest variant."""
 import dataclasses
 import json
@@ -32,7 +32,8 @@ for L in (32768, 65536):
                        (32, 128, True), (16, 256, True)]:
         sel = torch.empty(1, L, cfg["hk"], plan.kk, dtype=torch.int32, device="cuda")
         try:
-            fn = lambda: select_launch(q, rep, plan.seq, L, p, plan.kk, sel, lb, dot_bn=bn, dot_ng=ng, dot_tc=tc)  # noqa
+            fn = lambda: select_launch(q, rep, plan.seq, L, p, plan.kk, sel, lb, dot_block_n=bn, dot_groups=ng,  # noqa
+                                       dot_tensor_cores=tc)
             ms = triton.testing.do_bench(fn, return_mode="median")
         except Exception as e:  # noqa: BLE001
             print(json.dumps(dict(L=L, NG=ng, BN=bn, TC=tc, error=repr(e)[:200])), flush=True)
@@ -44,6 +45,4 @@ for L in (32768, 65536):
         print(json.dumps(dict(L=L, NG=ng, BN=bn, TC=tc, ms=ms, same_selection=same,
                          rows_differing=int((s != ref).any(-1).sum()))), flush=True)
 best = min(totals, key=totals.get)
-print(json.dumps(dict(best_NG=best[0], best_BN=best[1], best_TC=best[2])))
-print(f"export PHSA_SELECT_DOT_NG={best[0]} PHSA_SELECT_DOT_BN={best[1]} PHSA_SELECT_DOT_TC={int(best[2])}",
-      file=open("/tmp/dot_best.sh", "w"))
+print(json.dumps(dict(best_dot_groups=best[0], best_dot_block_n=best[1], best_dot_tensor_cores=best[2])))

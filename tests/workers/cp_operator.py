@@ -6,16 +6,22 @@ against a full-sequence run of the reference operator, in float64, and writes ``
 chunk path's native query offset is checked against the kernels' own full-sequence result.
 """
 import argparse
+import os
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
-from megatron.core import parallel_state
+if os.environ.get("TRITON_INTERPRET") == "1":  # --backend triton on CPU: the interpreter's shims, before the kernels
+    from tests.triton_interpreter import patch
 
-from phsa_train.attention import phsa_attention, select_blocks
-from phsa_train.distributed import init_distributed, init_model_parallel
-from phsa_train.megatron.context_parallel import cp_phsa_attention, cp_select_blocks, natural_to_zigzag
-from phsa_train.megatron.token_info import PUNCT_BIT
+    patch()
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from megatron.core import parallel_state  # noqa: E402
+
+from phsa_train.attention import phsa_attention, select_blocks  # noqa: E402
+from phsa_train.distributed import init_distributed, init_model_parallel  # noqa: E402
+from phsa_train.megatron.context_parallel import cp_phsa_attention, cp_select_blocks, natural_to_zigzag  # noqa: E402
+from phsa_train.megatron.token_info import PUNCT_BIT  # noqa: E402
 
 
 def main():

@@ -4,8 +4,10 @@ Layout: q [b, L, hq, d], k [b, L, hk, d], v [b, L, hk, dv], punct_mask bool [b, 
 [b, L, hk, topk] (sorted ascending, padded with -1). GQA: query head h reads KV head h // G, G = hq // hk.
 
 It builds the full [L, L] support mask, so memory is O(b * h * L^2): fine for tests and short sequences,
-not for training lengths. Selection, representatives and scores run in float32 (float64 for float64
-inputs) and under no_grad; the attention itself is differentiable in q, k and v.
+not for training lengths. Representatives and scores run in float32 (float64 for float64 inputs) and under
+no_grad, except that for 16-bit inputs the representatives are rounded to the input dtype before scoring (the
+score is q · M of two bf16 / fp16 operands with fp32 accumulation, see ``score_representatives``); the
+attention itself is differentiable in q, k and v.
 
 Packed documents (``cu_seqlens``, b == 1) are a decision of this project: every document is an independent
 sequence. Its block grid, INIT, LOCAL, eligibility and representatives are all relative to the document
@@ -27,7 +29,7 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 def block_representatives(
     k: torch.Tensor, punct_mask: torch.Tensor | None, block_size: int, lam: float
 ) -> torch.Tensor:
-    """Dual-branch representative of every complete block (spec §3).
+    """Dual-branch representative of every complete block (README.md, "Representatives").
 
     k: [b, L, hk, d], punct_mask: bool [b, L] or None (no punctuation) -> M: [b, nb, hk, d], nb = L // block_size.
     M_o is the block mean, M_p the mean over the block's punctuation keys (M_o when it has none),
@@ -45,9 +47,25 @@ def block_representatives(
     return lam * m_o + (1.0 - lam) * m_p
 
 
+def score_representatives(
+    k: torch.Tensor, punct_mask: torch.Tensor | None, block_size: int, lam: float
+) -> torch.Tensor:
+    """The representatives the block score uses: ``block_representatives`` [b, nb, hk, d] rounded (to nearest)
+    to k's dtype when that is bf16 / fp16, returned in the compute dtype.
+
+    Why: the score is the product of two tensors of the input dtype, q and M, accumulated in fp32, as compressed
+    keys are input-dtype tensors in NSA and InfLLM-v2; it is one tensor-core dot in the kernels, and the products
+    of two 16-bit numbers are exact in fp32, so the reference and the kernels differ only in the order of fp32
+    sums. For fp32 / fp64 inputs M is not rounded."""
+    M = block_representatives(k, punct_mask, block_size, lam)
+    if k.dtype in (torch.bfloat16, torch.float16):
+        M = M.to(k.dtype).to(M.dtype)
+    return M
+
+
 def eligible_blocks(n: int, params: PHSAParams) -> torch.Tensor:
     """bool [n_groups, nb]: block t is eligible for query group j (first query i0 = j * B) when it is not
-    entirely inside INIT, (t+1)*m > n_init, and starts before the local window, t*m <= i0 - w (spec §4).
+    entirely inside INIT, (t+1)*m > n_init, and starts before the local window, t*m <= i0 - w (README.md).
     With w >= m an eligible block holds no token at or after i0; blocks past n // m do not exist."""
     m, B = params.block_size, params.query_block
     nb, n_groups = n // m, -(-n // B)
@@ -68,11 +86,12 @@ def block_scores(
     softmax_group_sum: s(j, g, t) = sum_{i in group j} sum_{h in KV group g} softmax_t(scale * q[i,h]·M_g(t)),
         the softmax taken per query and head over the group's eligible blocks;
     dot_group_sum: the same sum of the raw scaled dot products.
+    q · M: q and M (``score_representatives``) in the input dtype, products and sums in fp32.
     """
     b, n, hq, d = q.shape
     hk = k.shape[2]
     G, B = hq // hk, params.query_block
-    M = block_representatives(k, punct_mask, params.block_size, params.lam)  # [b, nb, hk, d]
+    M = score_representatives(k, punct_mask, params.block_size, params.lam)  # [b, nb, hk, d]
     nb = M.shape[1]
     elig_g = eligible_blocks(n, params).to(q.device)  # [n_groups, nb]
     n_groups = elig_g.shape[0]
@@ -191,7 +210,7 @@ def phsa_reference(
     params: PHSAParams,
     cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """PHSA forward: o[i,h] = sum_{j in S(i)} softmax_j(scale * q[i,h]·k[j]) v[j] (spec §4).
+    """PHSA forward: o[i,h] = sum_{j in S(i)} softmax_j(scale * q[i,h]·k[j]) v[j] (README.md).
 
     q: [b, L, hq, d], k: [b, L, hk, d], v: [b, L, hk, dv], punct_mask: bool [b, L] or None,
     cu_seqlens: [n_docs + 1] with b == 1, or None -> o: [b, L, hq, dv] in q's dtype.

@@ -5,8 +5,8 @@ None, cu_seqlens int [n_docs + 1] (b == 1, every document an independent sequenc
 selected blocks LongTensor [b, L, hk, topk], ascending, -1 padded, document-local.
 
 Pipeline (kernels in ``kernels/``, docs in docs/kernels.md):
-    reps.py    block representatives M (fp32)                                   PHSA_SPEC §3
-    select.py  block scores + running top-k per query group, no [L, nb] matrix  PHSA_SPEC §4
+    reps.py    block representatives M (fp32 maths, stored in the input dtype)
+    select.py  block scores + running top-k per query group, no [L, nb] matrix
     fwd.py     attention over INIT ∪ LOCAL ∪ TOPK, online softmax, saves LSE
     bwd.py     dq (registers), dk / dv (fp32 atomics)
 Selection runs under no_grad; gradients flow to q, k, v through the attention only.
@@ -16,12 +16,12 @@ dense causal attention, and the attention kernels run with INIT = 0 and an unbou
 
 Dense fallback (NOT the same function): with ``dense_fallback=True`` (what backend="auto" is meant to use) a
 sequence no longer than ``DENSE_FALLBACK_MAX_SEQLEN`` runs dense causal cuDNN SDPA instead, as InfLLM-v2 does
-below 8k (PHSA_SPEC §9). The threshold is a measurement, see the constant.
+below 8k. The threshold is a measurement, see the constant.
 """
 
 from __future__ import annotations
 
-import os
+import functools
 
 import torch
 
@@ -30,11 +30,6 @@ from .kernels.bwd import bwd_launch
 from .kernels.fwd import fwd_launch
 from .kernels.reps import block_reps
 from .kernels.select import select_launch
-
-if os.environ.get("TRITON_INTERPRET") == "1":  # CPU interpreter (tests): work around its numpy-2 scalar bug
-    from .kernels._interp import patch as _patch_interpreter
-
-    _patch_interpreter()
 
 # Longest sequence (L, or the longest document with cu_seqlens) at which dense cuDNN SDPA forward+backward was
 # measured faster than this operator: config (a) of bench/attention.py (hq=16, hk=8, d=128, bf16, block 16,
@@ -46,9 +41,19 @@ DENSE_FALLBACK_MAX_SEQLEN = 4096  # measured: PHSA/cuDNN fwd+bwd = 0.29x @1k, 0.
 SELECT_MAX_TOPK = 128
 
 
+@functools.lru_cache(maxsize=64)
+def _batch_seq_table(b: int, L: int, block_size: int, device: torch.device) -> torch.Tensor:
+    """The SEQ table of b unpacked sequences of length L, built once per shape: a host-to-device copy from
+    pageable memory waits for the GPU, so building it on every call would stall the launch queue each time."""
+    return torch.tensor([(bi, 0, L, bi * (L // block_size)) for bi in range(b)], dtype=torch.int32, device=device)
+
+
 def _seq_table(b: int, L: int, cu_seqlens, block_size: int, device):
+    if cu_seqlens is None and L > 0:
+        docs = [(bi, 0, L) for bi in range(b)]
+        return docs, _batch_seq_table(b, L, block_size, torch.device(device)), b * (L // block_size), L
     if cu_seqlens is None:
-        docs = [(bi, 0, L) for bi in range(b)] if L > 0 else []
+        docs = []
     else:
         cs = [int(x) for x in cu_seqlens.tolist()]
         docs = [(0, s, e - s) for s, e in zip(cs, cs[1:]) if e > s]
@@ -123,9 +128,10 @@ def _select_internal(q, k, punct_mask, params: PHSAParams, plan: _Plan) -> torch
     pu8 = None if punct_mask is None else punct_mask.to(torch.uint8)
     max_nb = plan.max_n // params.block_size
     rep = block_reps(k, pu8, plan.seq, plan.n_rep, max_nb, params.block_size, params.lam)
-    # per-row LSE scratch of the softmax score's pass 1 (the dot score needs none)
-    lsebuf = torch.empty((b, L, hq) if params.score == "softmax_group_sum" else (1,), dtype=torch.float32,
-                         device=q.device)
+    # per-row LSE scratch of the softmax score's pass 1, only for query groups of more than 128 (query, head) rows
+    # (smaller groups keep it in registers; the dot score needs none)
+    big = params.score == "softmax_group_sum" and params.query_block * (hq // hk) > 128
+    lsebuf = torch.empty((b, L, hq) if big else (1,), dtype=torch.float32, device=q.device)
     select_launch(q, rep, plan.seq, plan.max_n, params, plan.kk, sel, lsebuf, qoff=plan.qoff)
     return sel
 

@@ -1,4 +1,4 @@
-"""Sparse attention backward: dq, dk, dv over INIT ∪ LOCAL ∪ TOPK (PHSA_SPEC §4), GQA-aware.
+"""Sparse attention backward: dq, dk, dv over INIT ∪ LOCAL ∪ TOPK, GQA-aware.
 
 Layouts: as ``fwd.py``; O, DO [b, L, hq, dv] (delta = rowsum(o * do) is computed in the kernel); LSE fp32 [b, L, hq] (base 2);
 DQ [b, L, hq, d] in q's dtype; DK32 / DV32 fp32 [b, L, hk, d | dv] accumulators (zero-initialised), cast by the
@@ -15,15 +15,13 @@ first for simplicity; see docs/kernels.md for its measured cost.
 
 from __future__ import annotations
 
-import os
-
 import triton
 import triton.language as tl
 
 
 @triton.jit
 def _bwd_tile(dq, q, do, lse2, delta, kbase, vbase, dkbase, dvbase, kj, kvalid, mask2d, sk_l, sv_l, sdk_l,
-              sdv_l, cols, colsv, scale2, scale, PREC: tl.constexpr, ATOMICS: tl.constexpr):
+              sdv_l, cols, colsv, scale2, scale, PREC: tl.constexpr):
     koff = kj.to(tl.int64)[:, None]
     k = tl.load(kbase + koff * sk_l + cols[None, :], mask=kvalid[:, None], other=0.0)
     v = tl.load(vbase + koff * sv_l + colsv[None, :], mask=kvalid[:, None], other=0.0)
@@ -34,12 +32,8 @@ def _bwd_tile(dq, q, do, lse2, delta, kbase, vbase, dkbase, dvbase, kj, kvalid, 
     dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
     dv_t = tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
     dk_t = tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC) * scale
-    if ATOMICS:
-        tl.atomic_add(dvbase + koff * sdv_l + colsv[None, :], dv_t, mask=kvalid[:, None], sem="relaxed")
-        tl.atomic_add(dkbase + koff * sdk_l + cols[None, :], dk_t, mask=kvalid[:, None], sem="relaxed")
-    else:  # measurement only (bench): the same work without the atomic traffic; dk / dv are wrong
-        tl.store(dvbase + koff * 0 + colsv[None, :], dv_t, mask=kvalid[:, None] & (kj[:, None] < 0))
-        tl.store(dkbase + koff * 0 + cols[None, :], dk_t, mask=kvalid[:, None] & (kj[:, None] < 0))
+    tl.atomic_add(dvbase + koff * sdv_l + colsv[None, :], dv_t, mask=kvalid[:, None], sem="relaxed")
+    tl.atomic_add(dkbase + koff * sdk_l + cols[None, :], dk_t, mask=kvalid[:, None], sem="relaxed")
     return dq
 
 
@@ -52,7 +46,6 @@ def _bwd_kernel(
     scale2, scale, n_init, W, TOPK, QOFF,
     G: tl.constexpr, QB: tl.constexpr, QT: tl.constexpr, NSUB: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, DV_: tl.constexpr, PREC: tl.constexpr,
-    ATOMICS: tl.constexpr,
 ):
     tile = tl.program_id(0)
     si = tl.program_id(1)
@@ -99,13 +92,13 @@ def _bwd_kernel(
         kj = j0 + cn
         kvalid = kj < init_end
         dq = _bwd_tile(dq, q, do, lse2, delta, kbase, vbase, dkbase, dvbase, kj, kvalid, kvalid[None, :],
-                       sk_l, sv_l, sdk_l, sdv_l, cols, colsv, scale2, scale, PREC, ATOMICS)
+                       sk_l, sv_l, sdk_l, sdv_l, cols, colsv, scale2, scale, PREC)
     for j0 in range(ls, q_last + 1, BN):
         kj = j0 + cn
         kvalid = kj <= q_last
         mask2d = kvalid[None, :] & (kj[None, :] <= qi[:, None])
         dq = _bwd_tile(dq, q, do, lse2, delta, kbase, vbase, dkbase, dvbase, kj, kvalid, mask2d,
-                       sk_l, sv_l, sdk_l, sdv_l, cols, colsv, scale2, scale, PREC, ATOMICS)
+                       sk_l, sv_l, sdk_l, sdv_l, cols, colsv, scale2, scale, PREC)
     sbase = SEL + b64 * ss_b + (start + i0 - QOFF).to(tl.int64) * ss_l + g * ss_h
     for t0 in range(0, TOPK * BS, BN):
         kk = t0 + cn
@@ -114,14 +107,16 @@ def _bwd_kernel(
         kj = blk * BS + kk % BS
         kvalid = (blk >= 0) & (kj >= n_init) & (kj < ls)
         dq = _bwd_tile(dq, q, do, lse2, delta, kbase, vbase, dkbase, dvbase, kj, kvalid, kvalid[None, :],
-                       sk_l, sv_l, sdk_l, sdv_l, cols, colsv, scale2, scale, PREC, ATOMICS)
+                       sk_l, sv_l, sdk_l, sdv_l, cols, colsv, scale2, scale, PREC)
     dq = dq * scale
     tl.store(DQ + b64 * sdq_b + rowq * sdq_l + (g * G + hh)[:, None] * sdq_h + cols[None, :],
              dq.to(DQ.dtype.element_ty), mask=rvalid[:, None])
 
 
-def bwd_launch(q, k, v, o, do, lse, sel, seq, max_n, params, topk, n_init, W, BN=None, num_warps=None,
-               atomics=True, qoff=0):
+def bwd_launch(q, k, v, o, do, lse, sel, seq, max_n, params, topk, n_init, W, *, qoff=0, block_n=64,
+               num_warps=None, num_stages=2):
+    """dq, dk, dv in the inputs' dtypes. Tuning: ``block_n`` keys per tile, ``num_warps`` (None: 8 for 128-row
+    tiles, else 4), ``num_stages``; defaults from the H100 sweep of ``bench/tune.py`` (docs/kernels.md)."""
     import torch
 
     from .fwd import tile_shape
@@ -134,7 +129,6 @@ def bwd_launch(q, k, v, o, do, lse, sel, seq, max_n, params, topk, n_init, W, BN
     Lk = k.shape[1]
     dk32 = torch.zeros((b, Lk, hk, d), device=q.device, dtype=torch.float32)
     dv32 = torch.zeros((b, Lk, hk, dv), device=q.device, dtype=torch.float32)
-    BN = BN or int(os.environ.get("PHSA_BWD_BN", 0)) or 64  # 64 beat 32 on H100 (docs/kernels.md)
     grid = (triton.cdiv(max_n - qoff, B) * NSUB, seq.shape[0], hk)
     scale = params.scale(d)
     _bwd_kernel[grid](
@@ -145,8 +139,8 @@ def bwd_launch(q, k, v, o, do, lse, sel, seq, max_n, params, topk, n_init, W, BN
         dk32.stride(0), dk32.stride(1), dk32.stride(2), dv32.stride(0), dv32.stride(1), dv32.stride(2),
         sel.stride(0), sel.stride(1), sel.stride(2), L, hq,
         scale * 1.4426950408889634, scale, n_init, W, topk, qoff,
-        G=G, QB=B, QT=QT, NSUB=NSUB, BM=BM, BN=BN, BS=params.block_size, D=d, DV_=dv,
-        PREC="ieee" if q.dtype == torch.float32 else "tf32", ATOMICS=atomics,
-        num_warps=num_warps or (8 if BM >= 128 else 4), num_stages=1,
+        G=G, QB=B, QT=QT, NSUB=NSUB, BM=BM, BN=block_n, BS=params.block_size, D=d, DV_=dv,
+        PREC="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=num_warps or (8 if BM >= 128 else 4), num_stages=num_stages,
     )
     return dq, dk32.to(k.dtype), dv32.to(v.dtype)

@@ -1,4 +1,4 @@
-"""Sparse attention forward over INIT ∪ LOCAL ∪ TOPK with online softmax (PHSA_SPEC §4), GQA-aware.
+"""Sparse attention forward over INIT ∪ LOCAL ∪ TOPK with online softmax, GQA-aware.
 
 Layouts
     Q [b, L, hq, d], K [b, L, hk, d], V [b, L, hk, dv], O [b, L, hq, dv] (last strides 1), bf16/fp16/fp32
@@ -118,7 +118,10 @@ def tile_shape(B, G):
     return QT, NSUB, BM
 
 
-def fwd_launch(q, k, v, sel, seq, max_n, params, topk, n_init, W, qoff=0):
+def fwd_launch(q, k, v, sel, seq, max_n, params, topk, n_init, W, *, qoff=0, block_n=None, num_warps=None,
+               num_stages=3):
+    """o [b, L, hq, dv] in q's dtype and LSE fp32 [b, L, hq] (base 2). Tuning: ``block_n`` keys per tile (None:
+    64 for d <= 128, else 32), ``num_warps`` (None: 8 for 128-row tiles, else 4), ``num_stages``."""
     import torch
 
     b, L, hq, d = q.shape
@@ -127,7 +130,7 @@ def fwd_launch(q, k, v, sel, seq, max_n, params, topk, n_init, W, qoff=0):
     QT, NSUB, BM = tile_shape(B, G)
     o = torch.empty((b, L, hq, dv), device=q.device, dtype=q.dtype)
     lse = torch.empty((b, L, hq), device=q.device, dtype=torch.float32)
-    BN = 64 if d <= 128 else 32
+    BN = block_n or (64 if d <= 128 else 32)
     grid = (triton.cdiv(max_n - qoff, B) * NSUB, seq.shape[0], hk)
     _fwd_kernel[grid](
         q, k, v, o, lse, sel, seq,
@@ -137,6 +140,6 @@ def fwd_launch(q, k, v, sel, seq, max_n, params, topk, n_init, W, qoff=0):
         params.scale(d) * 1.4426950408889634, n_init, W, topk, qoff,
         G=G, QB=B, QT=QT, NSUB=NSUB, BM=BM, BN=BN, BS=params.block_size, D=d, DV=dv,
         PREC="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=8 if BM >= 128 else 4, num_stages=2,
+        num_warps=num_warps or (8 if BM >= 128 else 4), num_stages=num_stages,
     )
     return o, lse

@@ -1,51 +1,109 @@
-"""Block scoring + top-k selection (PHSA_SPEC §4) without materialising the [L, nb] score matrix.
+"""Block scoring + top-k selection without materialising the [L, nb] score matrix.
 
 Layouts
     Q       [b, L, hq, d] (last stride 1), bf16/fp16/fp32; query head h belongs to KV head h // G
-    REP_HI, REP_LO  [n_rep, hk, d] from ``reps.py`` (row rep_offset + t = block t of a sequence): M split in
-            two 16-bit parts (fp32 inputs: REP_HI = M in fp32, REP_LO unused)
+    REP     [n_rep, hk, d] from ``reps.py`` (row rep_offset + t = block t of a sequence): M in Q's dtype
     SEQ     int32 [n_seq, 4]: (batch, start, length, rep_offset); positions, blocks, INIT, LOCAL and the
             selected indices are all relative to ``start`` (packed documents are independent sequences)
-    LSEBUF  fp32 [b, L, hq] scratch: per-(query, head) log2-sum-exp of the block logits (pass 1)
+    LSEBUF  fp32 [b, L, hq] scratch: per-(query, head) log2-sum-exp of the block logits, used only when a
+            group has more than BM = 128 rows (otherwise the normaliser stays in registers)
     SEL     int32 [b, L, hk, topk]: written only at the first row i0 of every query group (query_block B),
             ascending block indices, -1 padded. The public API expands it to every row.
 
-Algorithm: one program = NG query groups (when a group's B*G rows are few) or one group split in NCH row
-chunks of BM rows (when B*G > BM), for one KV head g. Rows are (query, head) pairs of the group(s).
+Algorithm (``score=softmax_group_sum``): one program = NG query groups (when a group's B*G rows are few) or one
+group split in NCH row chunks of BM rows (when B*G > BM), for one KV head g. Rows are (query, head) pairs of the
+group(s). Programs run longest first (the last groups see the most blocks).
     eligible t: n_init // m <= t <= (i0 - w) // m  (i0 = first query of the group)
-    pass 1 (softmax_group_sum only): stream the eligible representatives in tiles of BN blocks and keep an
-        online max / sum per row -> lse2 (base 2), stored to LSEBUF (O(L*hq) floats, no [L, nb] matrix);
-    pass 2: stream the tiles again, p = exp2(s - lse2) (or the raw scaled logit for dot_group_sum), sum over
-        the rows of each group -> [NG, BN] scores, and insert them into a running top-k buffer kept in registers:
-        every (score, block) pair is packed into one int64 whose order is (score, block index), so ties go to the
-        later block and all keys are distinct; while the tile's largest key beats the buffer's smallest, it
-        replaces it (two reductions per insertion; most tiles need none once the buffer is good). At the end the
-        buffer, sorted, is the selection.
+    pass 1: stream the eligible representatives in tiles of BN blocks and keep an online max / sum per row
+        -> lse2 (base 2): O(L*hq) floats, no [L, nb] matrix;
+    pass 2: stream the tiles again, p = exp2(s - lse2), sum over the rows of each group -> [NG, BN] scores, and
+        insert them into a running top-k buffer kept in registers: every (score, block) pair is packed into one
+        int64 whose order is (score, block index), so ties go to the later block and all keys are distinct; while
+        the tile's largest key beats the buffer's smallest, it replaces it (two reductions per insertion; most
+        tiles need none once the buffer is good). At the end the buffer, sorted, is the selection.
+    Tiles that every row of the program may select (all but the last one or two) run without eligibility masks.
 ``score=dot_group_sum`` runs ``_select_dot_kernel`` instead: the score is linear in q, so each group's rows are
 summed first and one pass streams the representatives with one row per group (docstring there).
-Precision: the logits q . M are computed as q . M_hi + q . M_lo with M_hi = bf16/fp16(M), M_lo = M - M_hi
-(q is exact in its own 16-bit type; the split is precomputed by ``reps.py``), two tensor-core dots with fp32
-accumulation: ~fp32 accuracy (the reference scores in fp32), so selections agree except at genuine near-ties.
+Precision (the score's definition, shared with the reference): the logits are q . M with q and M in the input
+dtype (M rounded once by ``reps.py``) and fp32 accumulation: one tensor-core dot per tile and pass. The
+products of two bf16 / fp16 numbers are exact in fp32, so kernel and reference differ only in the order of the
+fp32 sums, and selections agree except at genuine near-ties.
 """
 
 from __future__ import annotations
-
-import os
 
 import triton
 import triton.language as tl
 
 
 @triton.jit
-def _logits(q, RHI, RLO, roff, tt, tmask, cols, hk, D: tl.constexpr, SPLIT: tl.constexpr, scale2):
+def _dot_reps(q, REP, roff, tt, tmask, cols, hk, D: tl.constexpr, PREC: tl.constexpr):
+    """[rows, BN] fp32 q . M of the query rows ``q`` against the representatives of blocks ``tt`` (unscaled)."""
     moff = ((roff + tt).to(tl.int64) * hk)[:, None] * D + cols[None, :]
-    hi = tl.load(RHI + moff, mask=tmask[:, None], other=0.0)
-    if SPLIT:
-        lo = tl.load(RLO + moff, mask=tmask[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(hi)) + tl.dot(q, tl.trans(lo))
+    m = tl.load(REP + moff, mask=tmask[:, None], other=0.0)
+    return tl.dot(q, tl.trans(m), input_precision=PREC)
+
+
+@triton.jit
+def _exp2(x, FTZ: tl.constexpr):
+    """2^x in fp32. FTZ: the bare MUFU instruction (ex2.approx.ftz), results below 2^-126 flush to 0; tl.exp2
+    wraps the same instruction in denormal handling, extra issue slots on the selection's busiest pipe. A term
+    below 2^-126 of a row's largest changes no normaliser and no score above 2^-126. The CPU interpreter has no
+    inline assembly: FTZ is for CUDA only."""
+    if FTZ:
+        y = tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True,
+                                      pack=1)
     else:
-        s = tl.dot(q, tl.trans(hi), input_precision="ieee")
-    return s * scale2
+        y = tl.exp2(x)
+    return y
+
+
+@triton.jit
+def _query_rows(c, j_first, n_groups, n, W, QOFF, start, b64, g, Q, sq_b, sq_l, sq_h, cols,
+                GRP: tl.constexpr, G: tl.constexpr, QB: tl.constexpr, BM: tl.constexpr, BS: tl.constexpr):
+    """Row chunk c of a program: rows are (query, head) pairs of its query groups. Returns q [BM, D], valid,
+    t_hi (last eligible block of the row's group, -1 if none), the query row in Q and the head in the KV group."""
+    rr = c * BM + tl.arange(0, BM)
+    gi = rr // GRP
+    wr = rr % GRP
+    ql = wr // G
+    hh = wr % G
+    i0 = (j_first + gi) * QB
+    qi = i0 + ql
+    valid = (ql < QB) & (qi < n) & (j_first + gi < n_groups)
+    t_hi = tl.where(i0 >= W, (i0 - W) // BS, -1)
+    row = (start + qi - QOFF).to(tl.int64)
+    q = tl.load(Q + b64 * sq_b + row[:, None] * sq_l + (g * G + hh)[:, None] * sq_h + cols[None, :],
+                mask=valid[:, None], other=0.0)
+    return q, valid, t_hi, row, hh
+
+
+@triton.jit
+def _row_lse2(q, valid, t_hi, REP, roff, cols, hk, t_lo, t_full, t_max, scale2,
+              BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr, FTZ: tl.constexpr):
+    """[BM] log2-sum-exp of every row's logits (scale2 * q . M, log2 units) over its eligible blocks; +inf for
+    invalid rows (so that their pass-2 probabilities are 0). Tiles below t_full are eligible for every row and
+    run without masks; the online max is kept on the unscaled dot (scale2 > 0), so each logit costs one FMA."""
+    m_i = tl.full([BM], float("-inf"), tl.float32)
+    l_i = tl.zeros([BM], tl.float32)
+    for t0 in range(t_lo, t_full, BN):
+        tt = t0 + tl.arange(0, BN)
+        raw = _dot_reps(q, REP, roff, tt, tt >= 0, cols, hk, D, PREC)
+        m_new = tl.maximum(m_i, tl.max(raw, axis=1))
+        l_i = l_i * _exp2((m_i - m_new) * scale2, FTZ) + tl.sum(
+            _exp2(tl.fma(raw, scale2, -(m_new * scale2)[:, None]), FTZ), axis=1)
+        m_i = m_new
+    for t0 in range(t_full, t_max + 1, BN):
+        tt = t0 + tl.arange(0, BN)
+        tmask = tt <= t_max
+        raw = _dot_reps(q, REP, roff, tt, tmask, cols, hk, D, PREC)
+        raw = tl.where((tt[None, :] <= t_hi[:, None]) & tmask[None, :], raw, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(raw, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        l_i = l_i * _exp2((m_i - m_safe) * scale2, FTZ) + tl.sum(
+            _exp2(tl.fma(raw, scale2, -(m_safe * scale2)[:, None]), FTZ), axis=1)
+        m_i = m_new
+    return tl.where(valid, m_i * scale2 + tl.log2(l_i), float("inf"))
 
 
 @triton.jit
@@ -93,14 +151,15 @@ def _store_selection(buf, slot, TOPK, SEL, base, row_off, gmask):
 
 @triton.jit(do_not_specialize=["TOPK"])  # top-k changes every step of a curriculum ramp: not a JIT key
 def _select_kernel(
-    Q, RHI, RLO, SEQ, LSEBUF, SEL,
+    Q, REP, SEQ, LSEBUF, SEL,
     sq_b, sq_l, sq_h, ss_b, ss_l, ss_h, L, hq, hk,
     scale2, n_init, W, TOPK, QOFF,
-    SOFTMAX: tl.constexpr, SPLIT: tl.constexpr,
+    PREC: tl.constexpr, FTZ: tl.constexpr,
     G: tl.constexpr, QB: tl.constexpr, GRP: tl.constexpr, BM: tl.constexpr, NCH: tl.constexpr,
     NG: tl.constexpr, BN: tl.constexpr, KB: tl.constexpr, BS: tl.constexpr, D: tl.constexpr,
 ):
-    pid = tl.program_id(0)
+    # programs run longest first (the last query groups see the most blocks): a shorter tail at the end
+    pid = tl.num_programs(0) - 1 - tl.program_id(0)
     si = tl.program_id(1)
     g = tl.program_id(2)
     batch = tl.load(SEQ + si * 4 + 0)
@@ -112,46 +171,31 @@ def _select_kernel(
     if j_first >= n_groups:
         return
     j_last = tl.minimum(j_first + NG - 1, n_groups - 1)
-    i0_last = j_last * QB
     t_lo = n_init // BS
-    t_max = (tl.maximum(i0_last - W, -BS) + BS) // BS - 1  # -1 when no block is eligible
+    t_max = (tl.maximum(j_last * QB - W, -BS) + BS) // BS - 1  # -1 when no block is eligible
+    # tiles [t_lo, t_full) are eligible for every row of the program (the first group sees the fewest blocks)
+    t_hi_first = tl.where(j_first * QB >= W, (j_first * QB - W) // BS, -1)
+    t_full = t_lo + tl.maximum(t_hi_first - t_lo + 1, 0) // BN * BN
     cols = tl.arange(0, D)
     b64 = batch.to(tl.int64)
     RPG: tl.constexpr = BM // NG  # rows per group inside one chunk
+    REPg = REP + g * D
 
-    # ---- pass 1: per-row log2-sum-exp over the eligible blocks ---------------------------------------------
-    if SOFTMAX:
+    # ---- pass 1: per-row log2-sum-exp over the eligible blocks -----------------------------------------------
+    if NCH == 1:  # one chunk: q and the normaliser stay in registers for pass 2
+        q, valid, t_hi, row, hh = _query_rows(0, j_first, n_groups, n, W, QOFF, start, b64, g, Q, sq_b, sq_l, sq_h,
+                                              cols, GRP, G, QB, BM, BS)
+        lse2 = _row_lse2(q, valid, t_hi, REPg, roff, cols, hk, t_lo, t_full, t_max, scale2, BM, BN, D, PREC, FTZ)
+    else:  # a group of more than BM rows: normalisers go through the LSEBUF scratch
         for c in tl.static_range(NCH):
-            rr = c * BM + tl.arange(0, BM)
-            gi = rr // GRP
-            wr = rr % GRP
-            ql = wr // G
-            hh = wr % G
-            i0 = (j_first + gi) * QB
-            qi = i0 + ql
-            valid = (ql < QB) & (qi < n) & (j_first + gi < n_groups)
-            t_hi = tl.where(i0 >= W, (i0 - W) // BS, -1)
-            qptr = Q + b64 * sq_b + (start + qi - QOFF).to(tl.int64)[:, None] * sq_l + (g * G + hh)[:, None] * sq_h + cols[None, :]
-            q = tl.load(qptr, mask=valid[:, None], other=0.0)
-            m_i = tl.full([BM], float("-inf"), tl.float32)
-            l_i = tl.zeros([BM], tl.float32)
-            for t0 in range(t_lo, t_max + 1, BN):
-                tt = t0 + tl.arange(0, BN)
-                tmask = tt <= t_max
-                s = _logits(q, RHI + g * D, RLO + g * D, roff, tt, tmask, cols, hk, D, SPLIT, scale2)
-                elig = (tt[None, :] <= t_hi[:, None]) & tmask[None, :]
-                s = tl.where(elig, s, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(s, axis=1))
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), axis=1)
-                m_i = m_new
-            lse2 = m_i + tl.log2(l_i)
-            lptr = LSEBUF + (b64 * L + start + qi - QOFF) * hq + g * G + hh
-            tl.store(lptr, lse2, mask=valid)
+            q, valid, t_hi, row, hh = _query_rows(c, j_first, n_groups, n, W, QOFF, start, b64, g, Q, sq_b, sq_l,
+                                                  sq_h, cols, GRP, G, QB, BM, BS)
+            lse2 = _row_lse2(q, valid, t_hi, REPg, roff, cols, hk, t_lo, t_full, t_max, scale2, BM, BN, D, PREC, FTZ)
+            tl.store(LSEBUF + (b64 * L + row) * hq + g * G + hh, lse2, mask=valid)
         # pass 2 reads rows that other threads of this program wrote: make those stores visible first
         tl.debug_barrier()
 
-    # ---- pass 2: group scores per tile, running top-BN merge ------------------------------------------------
+    # ---- pass 2: group scores per tile, running top-k merge -------------------------------------------------
     gidx = tl.arange(0, NG)
     i0g = (j_first + gidx) * QB
     t_hi_g = tl.where((i0g >= W) & (j_first + gidx < n_groups), (i0g - W) // BS, -1)
@@ -159,28 +203,21 @@ def _select_kernel(
     for t0 in range(t_lo, t_max + 1, BN):
         tt = t0 + tl.arange(0, BN)
         tmask = tt <= t_max
+        masked = t0 >= t_full
         acc = tl.zeros([NG, BN], tl.float32)
         for c in tl.static_range(NCH):
-            rr = c * BM + tl.arange(0, BM)
-            gi = rr // GRP
-            wr = rr % GRP
-            ql = wr // G
-            hh = wr % G
-            i0 = (j_first + gi) * QB
-            qi = i0 + ql
-            valid = (ql < QB) & (qi < n) & (j_first + gi < n_groups)
-            t_hi = tl.where(i0 >= W, (i0 - W) // BS, -1)
-            qptr = Q + b64 * sq_b + (start + qi - QOFF).to(tl.int64)[:, None] * sq_l + (g * G + hh)[:, None] * sq_h + cols[None, :]
-            q = tl.load(qptr, mask=valid[:, None], other=0.0)
-            s = _logits(q, RHI + g * D, RLO + g * D, roff, tt, tmask, cols, hk, D, SPLIT, scale2)
-            elig = (tt[None, :] <= t_hi[:, None]) & tmask[None, :] & valid[:, None]
-            if SOFTMAX:
-                lptr = LSEBUF + (b64 * L + start + qi - QOFF) * hq + g * G + hh
-                lse2 = tl.load(lptr, mask=valid, other=0.0)
-                p = tl.where(elig, tl.exp2(s - lse2[:, None]), 0.0)
+            if NCH > 1:
+                q, valid, t_hi, row, hh = _query_rows(c, j_first, n_groups, n, W, QOFF, start, b64, g, Q, sq_b,
+                                                      sq_l, sq_h, cols, GRP, G, QB, BM, BS)
+                lse2 = tl.load(LSEBUF + (b64 * L + row) * hq + g * G + hh, mask=valid, other=float("inf"))
+            raw = _dot_reps(q, REPg, roff, tt, tmask, cols, hk, D, PREC)
+            p = _exp2(tl.fma(raw, scale2, -lse2[:, None]), FTZ)  # 0 on invalid rows (lse2 = +inf)
+            if masked:
+                p = tl.where((tt[None, :] <= t_hi[:, None]) & tmask[None, :], p, 0.0)
+            if NG == 1:  # every row in one group: a plain column sum, no reshape (layout conversion) needed
+                acc += tl.sum(p, axis=0)[None, :]
             else:
-                p = tl.where(elig, s * 0.6931471805599453, 0.0)  # back from log2 units to scale * q.M
-            acc += tl.sum(tl.reshape(p, [NG, RPG, BN]), axis=1)
+                acc += tl.sum(tl.reshape(p, [NG, RPG, BN]), axis=1)
         gel = (tt[None, :] <= t_hi_g[:, None]) & tmask[None, :]
         buf, thr = _topk_insert(acc, tt, gel, buf, thr, MIN64)
     _store_selection(buf, slot, TOPK, SEL, b64 * ss_b, (start + i0g - QOFF).to(tl.int64) * ss_l + g * ss_h,
@@ -189,17 +226,17 @@ def _select_kernel(
 
 @triton.jit(do_not_specialize=["TOPK"])  # top-k changes every step of a curriculum ramp: not a JIT key
 def _select_dot_kernel(
-    Q, RHI, RLO, SEQ, SEL,
+    Q, REP, SEQ, SEL,
     sq_b, sq_l, sq_h, ss_b, ss_l, ss_h, hk,
     scale, n_init, W, TOPK, QOFF,
-    SPLIT: tl.constexpr, TC: tl.constexpr, G: tl.constexpr, QB: tl.constexpr, NG: tl.constexpr,
+    TC: tl.constexpr, G: tl.constexpr, QB: tl.constexpr, NG: tl.constexpr,
     BR: tl.constexpr, BN: tl.constexpr, KB: tl.constexpr, BS: tl.constexpr, D: tl.constexpr,
 ):
     """``dot_group_sum`` fast path: the group score is linear in q, sum_r scale*q_r.M_t = scale*(sum_r q_r).M_t,
     so a group's B*G rows collapse into one fp32 row before any block is touched: one streaming pass over the
     representatives with an fp32 [NG, D] x [D, BN] product, ~B*G times fewer FLOPs than the softmax score and no
     LSE pass. One program = NG query groups of one KV head of one sequence."""
-    pid = tl.program_id(0)
+    pid = tl.num_programs(0) - 1 - tl.program_id(0)  # longest first, as in _select_kernel
     si = tl.program_id(1)
     g = tl.program_id(2)
     batch = tl.load(SEQ + si * 4 + 0)
@@ -233,8 +270,8 @@ def _select_dot_kernel(
 
     if TC:  # the group mean (not sum) keeps fp16 in range; the ranking is the same
         qm = qs * (1.0 / (QB * G))
-        qm_hi = qm.to(RHI.dtype.element_ty)
-        qm_lo = (qm - qm_hi.to(tl.float32)).to(RHI.dtype.element_ty)
+        qm_hi = qm.to(REP.dtype.element_ty)
+        qm_lo = (qm - qm_hi.to(tl.float32)).to(REP.dtype.element_ty)
         scale_tc = scale * (QB * G)
     t_hi_g = tl.where((i0g >= W) & gvalid, (i0g - W) // BS, -1)
     buf, thr, slot, MIN64 = _topk_buffer(NG, KB, BN, TOPK)
@@ -242,55 +279,54 @@ def _select_dot_kernel(
         tt = t0 + tl.arange(0, BN)
         tmask = tt <= t_max
         moff = ((roff + tt).to(tl.int64) * hk)[:, None] * D + cols[None, :]
-        if TC:  # three 16-bit tensor-core dots: (qm_hi + qm_lo) . (M_hi + M_lo) minus the lo.lo term (~2^-32)
-            mh = tl.load(RHI + g * D + moff, mask=tmask[:, None], other=0.0)
-            ml = tl.load(RLO + g * D + moff, mask=tmask[:, None], other=0.0)
-            acc = tl.dot(qm_hi, tl.trans(mh)) + tl.dot(qm_lo, tl.trans(mh)) + tl.dot(qm_hi, tl.trans(ml))
-            acc = acc * scale_tc
+        m = tl.load(REP + g * D + moff, mask=tmask[:, None], other=0.0)
+        if TC:  # M is exact in 16 bits, the fp32 mean is split in two 16-bit halves: two tensor-core dots
+            acc = (tl.dot(qm_hi, tl.trans(m)) + tl.dot(qm_lo, tl.trans(m))) * scale_tc
         else:  # fp32 FMA dot
-            m = tl.load(RHI + g * D + moff, mask=tmask[:, None], other=0.0).to(tl.float32)
-            if SPLIT:
-                m += tl.load(RLO + g * D + moff, mask=tmask[:, None], other=0.0).to(tl.float32)
-            acc = tl.dot(qs, tl.trans(m), input_precision="ieee") * scale
+            acc = tl.dot(qs, tl.trans(m.to(tl.float32)), input_precision="ieee") * scale
         gel = (tt[None, :] <= t_hi_g[:, None]) & tmask[None, :]
         buf, thr = _topk_insert(acc, tt, gel, buf, thr, MIN64)
     _store_selection(buf, slot, TOPK, SEL, b64 * ss_b, (start + i0g - QOFF).to(tl.int64) * ss_l + g * ss_h, gvalid)
 
 
-def select_launch(q, rep, seq, max_n, params, topk, sel, lsebuf, BN=None, dot_bn=None, dot_ng=None, dot_tc=None,
-                  qoff=0):
-    """Fill ``sel`` (int32 [b, L, hk, topk], group-start rows) for every sequence of ``seq``."""
+def select_launch(q, rep, seq, max_n, params, topk, sel, lsebuf, *, qoff=0, block_n=32, num_warps=4,
+                  num_stages=3, ftz_exp2=False, dot_groups=16, dot_block_n=128, dot_tensor_cores=True):
+    """Fill ``sel`` (int32 [b, L, hk, topk], group-start rows) for every sequence of ``seq``.
+
+    Tuning (defaults from the H100 sweeps of ``bench/tune.py`` / ``bench/tune_select_dot.py``, docs/kernels.md):
+    softmax score: ``block_n`` blocks per tile, ``num_warps``, ``num_stages``, ``ftz_exp2`` (opt-in, CUDA
+    only, see ``_exp2``; not yet measured on a GPU, hence off); dot score: ``dot_groups`` query groups per program, ``dot_block_n`` blocks per tile,
+    ``dot_tensor_cores`` (False: an fp32 FMA dot, same selections, slower)."""
+    import torch
+
     b, L, hq, d = q.shape
-    rhi, rlo = rep
-    hk = rhi.shape[1]
+    hk = rep.shape[1]
     G = hq // hk
     B = params.query_block
     grp = triton.next_power_of_2(B * G)
     BM = max(16, min(grp, 128))
     NCH = max(1, grp // BM)
     NG = max(1, BM // grp)
-    BN = BN or int(os.environ.get("PHSA_SELECT_BN", 0)) or 32  # 32 beat 64 / 128 on H100 (docs/kernels.md)
     KB = triton.next_power_of_2(max(topk, 1))
     n_groups_max = -(-(max_n - qoff) // B)
-    split = q.dtype in (__import__("torch").bfloat16, __import__("torch").float16)
+    half = q.dtype in (torch.bfloat16, torch.float16)
     if params.score == "dot_group_sum":
-        ng = dot_ng or int(os.environ.get("PHSA_SELECT_DOT_NG", 0)) or 16  # tl.dot needs >= 16 rows
-        bn = dot_bn or int(os.environ.get("PHSA_SELECT_DOT_BN", 0)) or 128
-        tc = split and (dot_tc if dot_tc is not None else os.environ.get("PHSA_SELECT_DOT_TC", "1") == "1")
+        ng = dot_groups  # tl.dot needs >= 16 rows
         br = max(1, min(triton.next_power_of_2(B * G), 8192 // (ng * d)))  # [ng, br, d] loads: 64 regs/thread
         _select_dot_kernel[(triton.cdiv(n_groups_max, ng), seq.shape[0], hk)](
-            q, rhi, rlo, seq, sel,
+            q, rep, seq, sel,
             q.stride(0), q.stride(1), q.stride(2), sel.stride(0), sel.stride(1), sel.stride(2), hk,
             params.scale(d), params.n_init, params.local_window, topk, qoff,
-            SPLIT=split, TC=tc, G=G, QB=B, NG=ng, BR=br, BN=bn, KB=KB, BS=params.block_size, D=d, num_warps=4,
+            TC=half and dot_tensor_cores, G=G, QB=B, NG=ng, BR=br, BN=dot_block_n, KB=KB, BS=params.block_size,
+            D=d, num_warps=4,
         )
         return
     grid = (triton.cdiv(n_groups_max, NG), seq.shape[0], hk)
     _select_kernel[grid](
-        q, rhi, rlo, seq, lsebuf, sel,
+        q, rep, seq, lsebuf, sel,
         q.stride(0), q.stride(1), q.stride(2), sel.stride(0), sel.stride(1), sel.stride(2), L, hq, hk,
         params.scale(d) * 1.4426950408889634, params.n_init, params.local_window, topk, qoff,
-        SOFTMAX=params.score == "softmax_group_sum", SPLIT=split,
-        G=G, QB=B, GRP=max(grp, 1), BM=BM, NCH=NCH, NG=NG, BN=BN, KB=KB, BS=params.block_size, D=d,
-        num_warps=8 if BM * d >= 128 * 128 else 4, num_stages=2,
+        PREC="tf32" if half else "ieee", FTZ=ftz_exp2 and q.is_cuda,
+        G=G, QB=B, GRP=max(grp, 1), BM=BM, NCH=NCH, NG=NG, BN=block_n, KB=KB, BS=params.block_size, D=d,
+        num_warps=num_warps, num_stages=num_stages,
     )

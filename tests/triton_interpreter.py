@@ -1,19 +1,36 @@
-"""Shims for Triton 3.6's CPU interpreter (TRITON_INTERPRET=1), used by the CPU tests.
+"""Shims for Triton 3.6.0's CPU interpreter (TRITON_INTERPRET=1): the CPU tests run the PHSA kernels through it.
 
-Three interpreter bugs met by these kernels (none of them exists on the GPU):
+Test-only: the shipped kernels never load this file. ``enable()`` turns the interpreter on (before any kernel
+module is imported: ``triton.jit`` picks the interpreter at decoration time) and applies ``patch()``; the CPU
+kernel tests and the context-parallel test worker call it.
+
+Interpreter bugs of Triton 3.6.0 met by these kernels (none of them exists on the GPU):
 1. A loop bound computed from a loaded scalar goes through ``int(array)`` on a 1-element (not 0-d) array,
-   which numpy >= 2.3 refuses ("only 0-dimensional arrays can be converted to Python scalars").
-2. ``tl.dot`` on bf16 operands multiplies their raw uint16 storage (bf16 is kept as uint16 there): garbage.
+   which numpy >= 2.4 refuses ("only 0-dimensional arrays can be converted to Python scalars"; upstream
+   triton-lang/triton#9171).
+2. ``tl.dot`` on bf16 operands multiplies their raw uint16 storage (bf16 is kept as uint16 there): garbage
+   (upstream triton-lang/triton#11584; the fix, #11585, was declined: bf16 is unsupported in the interpreter).
 3. fp32 -> bf16 / fp16 -> bf16 casts truncate instead of rounding to nearest even as the GPU does.
 4. (speed) ``tl.sort`` runs its bitonic network through generic reductions: minutes for one small kernel.
 ``patch()`` fixes the four inside the interpreter (dot: bf16 operands are widened to fp32, which is exact for
-the products, the accumulation being fp32 as on the GPU; casts: through torch, round-to-nearest-even). It
-changes nothing when the interpreter is not in use.
+the products, the accumulation being fp32 as on the GPU; casts: through torch, round-to-nearest-even). The
+patch replaces ``tl.sort`` process-wide, so it must not be applied in a process that compiles for the GPU.
+Version guard: written against triton 3.6.0 (pinned in pyproject.toml); another version raises, so the shims
+are re-checked (and dropped where fixed) when the pin moves.
 """
 
 from __future__ import annotations
 
+import os
+
+PATCHED_TRITON = "3.6.0"
 _done = False
+
+
+def enable() -> None:
+    """Run Triton kernels imported from now on in the CPU interpreter, with the shims below."""
+    os.environ["TRITON_INTERPRET"] = "1"
+    patch()
 
 
 def patch() -> None:
@@ -22,8 +39,13 @@ def patch() -> None:
         return
     import numpy as np  # noqa: PLC0415
     import torch  # noqa: PLC0415
+    import triton  # noqa: PLC0415
     import triton.language as tl  # noqa: PLC0415
     import triton.runtime.interpreter as interp  # noqa: PLC0415
+
+    if triton.__version__ != PATCHED_TRITON:
+        raise RuntimeError(f"tests/triton_interpreter.py patches triton {PATCHED_TRITON}'s interpreter; found "
+                           f"{triton.__version__}: re-check each shim against that version")
 
     orig_tensor = interp._patch_lang_tensor
 
