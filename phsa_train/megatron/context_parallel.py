@@ -19,9 +19,16 @@ holds Megatron's load-balanced ("zigzag") slice of every sequence: chunks ``r`` 
 A chunk's queries at global positions ``[c*C, (c+1)*C)`` need keys ``[0, (c+1)*C)`` only (causal). The
 operator takes them as suffix queries (``q_offset = c*C``): the Triton kernels index those rows natively and
 compute nothing for the prefix; the reference backend pads them with zero rows. This is exact: a query's
-selection and softmax depend only on its own row, the keys and the punctuation flags, and chunk boundaries
-are multiples of ``attention.query_block`` (validated), so query groups never straddle them. With packed
-documents (doc-local query groups may straddle a chunk start) the chunk is still padded to its prefix.
+selection and softmax depend only on its query group's rows, the keys and the punctuation flags, and chunk
+boundaries are multiples of ``attention.query_block`` (validated), so query groups never straddle them.
+With packed documents (``data.reset_attention_mask``) groups are document-local and may straddle a chunk
+or end: the chunk then runs padded to its prefix, with the query_block - 1 real query rows of the neighbouring
+chunks on either side (one small all-gather), so a straddling group's selection sums over all its rows as at
+CP=1.
+
+Communication per layer and rank (allgather, CP=2, 0.6B shape hk=8, d=128, bf16): K+V all-gather receives
+2 * (L/2) * 8 * 128 * 2 B = 2 MiB per 1k tokens of L (128 MiB at 64k, 256 MiB at 128k), the dK+dV
+reduce-scatter the same; at ~350 GB/s of NVLink that is ~0.4 / 0.8 ms each way at 64k / 128k.
 """
 from __future__ import annotations
 
@@ -31,6 +38,7 @@ import torch
 import torch.distributed as dist
 
 from phsa_train.attention.params import pad_queries_front
+from phsa_train.megatron.token_info import DOC_START_BIT
 
 
 def _is_nccl(group) -> bool:
@@ -172,33 +180,59 @@ def local_chunk_positions(s_local: int, cp: int, rank: int) -> list[tuple[int, i
     return [(rank * c, (rank + 1) * c), ((2 * cp - 1 - rank) * c, (2 * cp - rank) * c)]
 
 
-def _gather_info(token_info, group):
-    """token_info [b, s_local] -> ([cp, b, s_local] buffer, async work) or (None, None); no gradient."""
-    if token_info is None:
-        return None, None
-    return _all_gather_ranks(token_info, group, async_op=True)
+def _neighbour_rows(q_local: torch.Tensor, n: int, group) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """For each local chunk, the ``n`` query rows just before its start and just after its end ([b, n, ...] each,
+    detached; empty at the sequence's ends). One small all-gather of every rank's first and last ``n`` rows of
+    both halves."""
+    cp, rank = dist.get_world_size(group), dist.get_rank(group)
+    c = q_local.shape[1] // 2
+    halves = (q_local[:, :c], q_local[:, c:])
+    edges = torch.stack([torch.stack((h[:, :n], h[:, c - n:]), dim=1) for h in halves], dim=1).detach()
+    parts, _ = _all_gather_ranks(edges, group)  # [cp, b, half, (head, tail), n, ...]
+
+    def edge(j: int, which: int) -> torch.Tensor:  # head (0) or tail (1) rows of natural chunk j
+        return parts[j, :, 0, which] if j < cp else parts[2 * cp - 1 - j, :, 1, which]
+
+    empty = q_local[:, :0].detach()
+    return [(edge(j - 1, 1) if j > 0 else empty, edge(j + 1, 0) if j < 2 * cp - 1 else empty)
+            for j in (rank, 2 * cp - 1 - rank)]
 
 
-def _attend_chunks(q_local, k_local, v_local, token_info, group, chunk_fn: Callable) -> torch.Tensor:
+def _attend_chunks(q_local, k_local, v_local, token_info, group, chunk_fn: Callable,
+                   query_context: int = 0) -> torch.Tensor:
     """Run ``chunk_fn(q_chunk [b, C, ...], k [b, end, ...], v, info [b, end] | None) -> [b, C, ...]`` for both local
     chunks against their causal prefix [0, end) (the chunk's queries aligned to the end of the prefix).
 
-    The punctuation flags travel in an async all-gather issued before the K/V gather, so their latency hides
-    behind it."""
+    ``query_context`` = n > 0 with packed documents: each chunk runs with the n real query rows on either side
+    of it (detached; their outputs are dropped, so they get no gradient) and the prefix reaches n keys further.
+    PHSA needs them when a document-local query group straddles a chunk boundary: the group's selection sums
+    over all its rows, up to query_block - 1 of which lie in the neighbouring chunk; keys past a row never
+    reach its output (causal). Without documents, chunk boundaries are group boundaries.
+    """
     cp, rank = dist.get_world_size(group), dist.get_rank(group)
     c = q_local.shape[1] // 2
+    L = 2 * cp * c
     spans = local_chunk_positions(q_local.shape[1], cp, rank)
-    info_parts, info_work = _gather_info(token_info, group)
-    ends = tuple(end for _, end in spans)
-    prefixes = _GatherPrefixes.apply(k_local, v_local, group, ends)
     info_full = None
-    if info_work is not None:
-        info_work.wait()
-        info_full = zigzag_to_natural(info_parts, cp)
+    if token_info is not None:  # the punctuation (and document) flags: [b, L] int32, small
+        info_full = zigzag_to_natural(_all_gather_ranks(token_info, group)[0], cp)
+    n = 0
+    if query_context > 0 and info_full is not None and bool((info_full & DOC_START_BIT).any()):
+        n = min(query_context, c)  # the same decision on every rank: info_full is the same everywhere
+    key_ends = tuple(min(end + n, L) for _, end in spans)
+    prefixes = _GatherPrefixes.apply(k_local, v_local, group, key_ends)
+    around = _neighbour_rows(q_local, n, group) if n else None
     outs = []
-    for i, (_, end) in enumerate(spans):
+    for i, end in enumerate(key_ends):
         info = None if info_full is None else info_full[:, :end]
-        outs.append(chunk_fn(q_local[:, i * c:(i + 1) * c], prefixes[i], prefixes[len(spans) + i], info))
+        q_chunk = q_local[:, i * c:(i + 1) * c]
+        k_pre, v_pre = prefixes[i], prefixes[len(spans) + i]
+        if around is None:
+            outs.append(chunk_fn(q_chunk, k_pre, v_pre, info))
+        else:
+            before, after = around[i]
+            q_ext = torch.cat((before, q_chunk, after), dim=1)
+            outs.append(chunk_fn(q_ext, k_pre, v_pre, info)[:, before.shape[1]:before.shape[1] + c])
     return torch.cat(outs, dim=1)
 
 
@@ -211,7 +245,8 @@ def cp_phsa_attention(q, k, v, token_info, group, mode: str, phsa_kwargs: dict) 
         return ulysses_attention(q, k, v, token_info, group,
                                  lambda q_, k_, v_, info_: phsa_local(q_, k_, v_, info_, phsa_kwargs))
     return _attend_chunks(q, k, v, token_info, group,
-                          lambda q_, k_, v_, info_: phsa_local(q_, k_, v_, info_, phsa_kwargs))
+                          lambda q_, k_, v_, info_: phsa_local(q_, k_, v_, info_, phsa_kwargs),
+                          query_context=phsa_kwargs.get("query_block", 1) - 1)
 
 
 def cp_attention(q, k, v, token_info, group, softmax_scale=None) -> torch.Tensor:
@@ -274,19 +309,25 @@ def cp_select_blocks(q, k, token_info, group, phsa_kwargs: dict, mode: str = "al
 
     ``allgather``: the same gather and chunking as :func:`cp_phsa_attention`; ``ulysses``: the same all-to-all,
     selection over the full sequence for this rank's KV heads (tests and selection statistics use it to compare
-    the selections themselves with a CP=1 run).
+    the selections themselves with a CP=1 run). Packed documents (DOC_START bits) are honoured as in training.
     """
     from phsa_train.attention import select_blocks
-    from phsa_train.megatron.token_info import punct_mask
+    from phsa_train.megatron.token_info import document_cu_seqlens, punct_mask
 
     kwargs = {k_: v_ for k_, v_ in phsa_kwargs.items() if k_ != "softmax_scale"}
 
-    def chunk_select(q_, k_, v_, info_):
+    def suffix_select(q_, k_, v_, info_):
         start = k_.shape[1] - q_.shape[1]  # select_blocks has no query offset: pad, then keep the chunk's rows
-        return select_blocks(pad_queries_front(q_, start), k_, punct_mask(info_), **kwargs)[:, start:]
+        qp, pm, cu = pad_queries_front(q_, start), punct_mask(info_), document_cu_seqlens(info_)
+        if cu is None:
+            return select_blocks(qp, k_, pm, **kwargs)[:, start:]
+        b, s = pm.shape  # packed documents: one long row, as phsa_local runs them
+        flat = lambda x: x.reshape(1, b * s, *x.shape[2:])  # noqa: E731
+        sel = select_blocks(flat(qp), flat(k_), pm.reshape(1, b * s), cu_seqlens=cu, **kwargs)
+        return sel.reshape(b, s, *sel.shape[2:])[:, start:]
 
     with torch.no_grad():
         if mode == "ulysses":
-            return ulysses_attention(q, k, k, token_info, group,
-                                     lambda q_, k_, v_, info_: select_blocks(q_, k_, punct_mask(info_), **kwargs))
-        return _attend_chunks(q, k, k, token_info, group, chunk_select)
+            return ulysses_attention(q, k, k, token_info, group, suffix_select)
+        return _attend_chunks(q, k, k, token_info, group, suffix_select,
+                              query_context=phsa_kwargs.get("query_block", 1) - 1)

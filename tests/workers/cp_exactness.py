@@ -20,10 +20,11 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from phsa_train.attention import phsa_attention, select_blocks
+from phsa_train.attention import select_blocks
 from phsa_train.distributed import init_distributed, init_model_parallel
 from phsa_train.megatron.context_parallel import cp_phsa_attention, cp_select_blocks, natural_to_zigzag
-from phsa_train.megatron.token_info import PUNCT_BIT
+from phsa_train.megatron.core_attention import phsa_local
+from phsa_train.megatron.token_info import DOC_START_BIT, PUNCT_BIT, document_cu_seqlens
 
 
 def rel(a, b) -> float:
@@ -39,6 +40,8 @@ def main():
     ap.add_argument("--score", default="softmax_group_sum")
     ap.add_argument("--dkv-tol", type=float, default=1e-2)
     ap.add_argument("--tiny", action="store_true", help="CPU-sized shapes, float64, reference backend")
+    ap.add_argument("--doc-starts", type=int, nargs="*", default=[],
+                    help="packed documents (data.reset_attention_mask): positions where a document starts")
     args = ap.parse_args()
     env = init_distributed()
     init_model_parallel(1, 1, env.world_size)
@@ -57,12 +60,31 @@ def main():
     q, k, v = (torch.randn(1, L, h, d, generator=g, device=dev, dtype=dtype) for h in (hq, hk, hk))
     punct = torch.rand(1, L, generator=g, device=dev) < 0.1
     w = torch.randn(1, L, hq, d, generator=g, device=dev, dtype=dtype)
+    info_full = punct.to(torch.int32) * PUNCT_BIT
+    for s in args.doc_starts:
+        info_full[:, s] |= DOC_START_BIT
+    cu = document_cu_seqlens(info_full)
     qr, kr, vr = (x.clone().requires_grad_() for x in (q, k, v))
-    o_ref = phsa_attention(qr, kr, vr, punct, **kw)
+    o_ref = phsa_local(qr, kr, vr, info_full, kw)  # the single-rank path of the model (documents included)
     o_ref.backward(w)
-    sel_ref = select_blocks(q, k, punct, **kw)
+    sel_ref = select_blocks(q, k, punct, cu_seqlens=cu, **kw)
     mine = lambda x: natural_to_zigzag(x, cp)[rank]  # noqa: E731
-    info = mine(punct.to(torch.int32) * PUNCT_BIT)
+    info = mine(info_full)
+    sensitivity = {}
+    if args.doc_starts:  # the layout must exercise straddling groups: zeroing their rows before a chunk start
+        B, C = kw["query_block"], L // (2 * cp)  # (what padding the chunk would do) changes the CP=1 selection
+        starts = torch.tensor([0, *args.doc_starts])
+        q0 = q.clone()
+        straddling = 0
+        for j in range(1, 2 * cp):
+            doc0 = int(starts[starts <= j * C].max())
+            g0 = doc0 + ((j * C - doc0) // B) * B  # first row of the group holding row j*C
+            if g0 < j * C:
+                q0[:, g0:j * C] = 0
+                straddling += 1
+        sel_zeroed = select_blocks(q0, k, punct, cu_seqlens=cu, **kw)
+        sensitivity = {"straddling_chunk_starts": straddling,
+                       "rows_whose_selection_padding_would_change": int((sel_zeroed != sel_ref).any(-1).sum())}
     ok_all, lines = True, []
     for mode in args.modes:
         if mode == "ulysses":
@@ -87,7 +109,9 @@ def main():
             ok = ok or (res["selection_equal"] and max(res["o_rel"], res["dq_rel"]) < 1e-12
                         and max(res["dk_rel"], res["dv_rel"]) < 1e-12)
         ok_all &= ok
-        lines.append({"mode": mode, "cp": cp, "L": L, "query_block": kw["query_block"], "score": kw["score"],
+        if args.doc_starts:
+            ok = ok and sensitivity["rows_whose_selection_padding_would_change"] > 0
+        lines.append({"mode": mode, "cp": cp, "L": L, "doc_starts": args.doc_starts, **sensitivity, "query_block": kw["query_block"], "score": kw["score"],
                       "dtype": str(dtype), "ok": ok, **res})
     Path(f"{args.out}.{rank}").write_text("".join(json.dumps(x) + "\n" for x in lines))
     dist.barrier()

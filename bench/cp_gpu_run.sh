@@ -1,0 +1,164 @@
+#!/bin/bash
+# Context parallelism on real GPUs, one device call: exactness tests, layer scaling, training-step benchmark and the
+# user's path killed and resumed. Needs N >= 2 GPUs (CP=4 and CP=2 x DP=2 parts run when N >= 4). Results under
+# $OUT (at most 8 files):
+#   cp_run.txt               everything printed, stage by stage, with each stage's exit status and seconds
+#   exactness.jsonl          (a) CP=N vs CP=1, both modes: o / dq / selected blocks equal, dk / dv rel. error
+#   context_parallel.jsonl   (b) layer fwd+bwd, CP=1 vs CP=N in the same process, dense baseline, stage profile
+#   train_step.jsonl         (c) whole training steps, dense vs PHSA in the same run, per layout and length
+#   pretrain_resume.txt      (d) launch/pretrain.sh parallel=cp2 through the curriculum, SIGKILLed, resumed
+#   max_seq.jsonl            (e) longest sequence that trains (only with STAGES containing e)
+#   gpu.txt                  nvidia-smi
+# STAGES (default "abcd") picks stages; e (longest sequence) takes ~5 min on its own: run it in a second call.
+# With >= 4 GPUs, stages run as two 2-GPU groups side by side (GPUs 0,1: b then c; GPUs 2,3: a then d), then the
+# 4-GPU parts. CPU logic check (gloo, tiny shapes): CP_GPU_RUN_CPU=1 OUT=/tmp/x bash bench/cp_gpu_run.sh
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:?set OUT to a directory}
+mkdir -p "$OUT"
+STAGES=${STAGES:-abcd}
+CPU=${CP_GPU_RUN_CPU:-0}
+PY=${PYTHON:-$(command -v python3 || command -v python)}
+export PY
+export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-4} WANDB_MODE=offline PHSA_CACHE_DIR=${PHSA_CACHE_DIR:-/tmp/phsa_cache}
+LOG=$OUT/cp_run.txt
+START=$SECONDS
+if [ "$CPU" = 1 ]; then NGPU=2; else NGPU=$("$PY" -c 'import torch; print(torch.cuda.device_count())'); fi
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv > "$OUT/gpu.txt" 2>&1 || echo cpu > "$OUT/gpu.txt"
+echo "cp_gpu_run: $NGPU devices, stages $STAGES, cpu=$CPU, $(date -u)" | tee -a "$LOG"
+SHIPPED_QB=$("$PY" -c 'from phsa_train.config import compose; print(compose(["attention=phsa"]).attention.query_block)')
+echo "shipped attention.query_block=$SHIPPED_QB" | tee -a "$LOG"
+
+port=29600
+run() {  # run NAME GPUS TIMEOUT CMD...: one stage, output appended to the log with its exit status and seconds
+  local name=$1 gpus=$2 limit=$3; shift 3
+  local t0=$SECONDS rc
+  port=$((port + 7))
+  { echo "=== [$name] GPUs $gpus, limit ${limit}s: $*"; } >> "$LOG.$name"
+  if [ "$CPU" = 1 ]; then
+    timeout -k 10 "$limit" env MASTER_PORT=$port "$@" >> "$LOG.$name" 2>&1; rc=$?
+  else
+    timeout -k 10 "$limit" env CUDA_VISIBLE_DEVICES="$gpus" MASTER_PORT=$port "$@" >> "$LOG.$name" 2>&1; rc=$?
+  fi
+  echo "=== [$name] exit $rc after $((SECONDS - t0)) s" >> "$LOG.$name"
+  return 0
+}
+torchrun_() { local n=$1; shift; "$PY" -m torch.distributed.run --nproc-per-node="$n" --master-port="$MASTER_PORT" "$@"; }
+export -f torchrun_ 2>/dev/null
+flush() { for f in "$LOG".*; do [ -f "$f" ] && { cat "$f" >> "$LOG"; rm -f "$f"; }; done; }
+
+if [ "$CPU" = 1 ]; then
+  EX_ARGS=(--tiny); CPB_ARGS=(--cpu --seq-lens 256 --reps 2); TS_LENS=(256); TS_ARGS=(--cpu --model tiny --vocab 512 --recompute none --steps 1 --warmup 1)
+  TS_PHSA=(attention.n_init=16 attention.local_window=32 attention.backend=reference attention.query_block=4)
+  PRE=(model=tiny data.seq_len=256 train.micro_batch_size=1 train.global_batch_size=1 attention.n_init=16
+       attention.local_window=32 curriculum.target_activation=null curriculum.target_topk=2)
+  TS_BIG=256
+else
+  EX_ARGS=(--seq-len 32768 --query-block "$SHIPPED_QB"); CPB_ARGS=(--seq-lens 65536 131072 --reps 5)
+  TS_LENS=(65536 131072); TS_ARGS=(--model qwen3_0.6b --recompute full --steps 3 --warmup 1); TS_PHSA=()
+  PRE=(model=qwen3_0.6b data.seq_len=65536 train.recompute=full train.micro_batch_size=1 train.global_batch_size=1)
+  TS_BIG=131072
+fi
+if [ "$CPU" != 1 ] && [ "$SHIPPED_QB" = 1 ]; then  # also the measured-fast setting, labelled, in the same run
+  TS_VARIANTS="dense,phsa,phsa_qb64"
+else
+  TS_VARIANTS="dense,phsa"
+fi
+
+stage_a() {  # exactness, CP=2, both modes
+  run exactness_cp2 "$1" 240 bash -c "torchrun_ 2 tests/workers/cp_exactness.py --out $OUT/.ex2 ${EX_ARGS[*]} --modes allgather ulysses"
+  cat "$OUT"/.ex2.* >> "$OUT/exactness.jsonl" 2>/dev/null; rm -f "$OUT"/.ex2.*
+}
+stage_b() {  # layer scaling CP=1 vs CP=2 (same process), both modes, dense baseline, profile
+  run cp_bench_cp2 "$1" 300 bash -c "torchrun_ 2 bench/context_parallel.py ${CPB_ARGS[*]} --modes allgather ulysses --out $OUT/.cpb2.json"
+  [ -f "$OUT/.cpb2.json" ] && "$PY" -c "import json,sys; [print(json.dumps(r)) for r in json.load(open(sys.argv[1]))['rows']]" "$OUT/.cpb2.json" >> "$OUT/context_parallel.jsonl"
+  rm -f "$OUT/.cpb2.json"
+}
+train_step() {  # train_step NAME GPUS NPROC LIMIT ARGS...
+  local name=$1 gpus=$2 n=$3 limit=$4; shift 4
+  run "$name" "$gpus" "$limit" bash -c "torchrun_ $n bench/train_step.py ${TS_ARGS[*]} --variants $TS_VARIANTS $* --phsa ${TS_PHSA[*]} --out $OUT/.ts_$name.json"
+  [ -f "$OUT/.ts_$name.json" ] && { "$PY" -c "import json,sys; print(json.dumps(json.load(open(sys.argv[1]))))" "$OUT/.ts_$name.json" >> "$OUT/train_step.jsonl"; rm -f "$OUT/.ts_$name.json"; }
+}
+stage_c() {
+  for L in "${TS_LENS[@]}"; do train_step "train_cp2_$L" "$1" 2 200 --cp 2 --seq-len "$L"; done
+}
+stage_d() {  # the user's path: curriculum (dense warm-up, ramp, hold), SIGKILL after step 7, resume from step 6
+  local gpus=$1 rd="$OUT/.run_cp2" t0=$SECONDS
+  local args=("${PRE[@]}" attention=phsa parallel=cp2 logging=stdout curriculum=dense_warmup_to_97
+              curriculum.warmup_steps=2 curriculum.ramp_steps=3 curriculum.stats_interval=0 train.steps=10
+              train.log_interval=1 train.eval_interval=0 checkpoint.interval=3)
+  local f="$LOG.pretrain" pid
+  echo "=== [pretrain] launch/pretrain.sh ${args[*]}" >> "$f"
+  if [ "$CPU" = 1 ]; then
+    setsid env PHSA_RUN_DIR="$rd" NPROC=2 bash launch/pretrain.sh "${args[@]}" > "$rd.log1" 2>&1 &
+  else
+    setsid env PHSA_RUN_DIR="$rd" NPROC=2 CUDA_VISIBLE_DEVICES="$gpus" bash launch/pretrain.sh "${args[@]}" > "$rd.log1" 2>&1 &
+  fi
+  pid=$!
+  while kill -0 "$pid" 2>/dev/null && ! grep -q "step      7/" "$rd.log1" 2>/dev/null && [ $((SECONDS - t0)) -lt 240 ]; do sleep 1; done
+  # SIGKILL the launcher's whole tree (torchrun puts its workers in their own sessions): a crash, no clean save
+  local tree=$pid kids
+  kids=$(pgrep -P "$pid"); while [ -n "$kids" ]; do tree="$tree $kids"; kids=$(for k in $kids; do pgrep -P "$k"; done); done
+  kill -KILL $tree 2>/dev/null; wait "$pid" 2>/dev/null
+  echo "=== [pretrain] killed after $((SECONDS - t0)) s; first run's log:" >> "$f"
+  grep -E "step +[0-9]+/|saved checkpoint|phsa_train\]|rror" "$rd.log1" >> "$f"
+  echo "=== [pretrain] resumed (same command):" >> "$f"
+  if [ "$CPU" = 1 ]; then
+    timeout -k 10 240 env PHSA_RUN_DIR="$rd" NPROC=2 bash launch/pretrain.sh "${args[@]}" > "$rd.log2" 2>&1
+  else
+    timeout -k 10 240 env PHSA_RUN_DIR="$rd" NPROC=2 CUDA_VISIBLE_DEVICES="$gpus" bash launch/pretrain.sh "${args[@]}" > "$rd.log2" 2>&1
+  fi
+  echo "=== [pretrain] resume exit $?" >> "$f"
+  grep -E "step +[0-9]+/|saved checkpoint|resum|phsa_train\]|rror" "$rd.log2" >> "$f"
+  tail -30 "$rd.log2" | grep -iE "error|Traceback" -A5 >> "$f"
+  cat "$f" >> "$OUT/pretrain_resume.txt"; rm -f "$f"
+}
+stage_e() {  # longest sequence that trains one step, CP=2: dense vs PHSA, recompute full vs none (bounded)
+  local gpus=$1 rc L
+  for rec in full none; do for v in dense phsa; do for L in 131072 262144 524288 1048576; do
+    [ $((SECONDS - START)) -gt 520 ] && return
+    timeout -k 10 150 env CUDA_VISIBLE_DEVICES="$gpus" MASTER_PORT=$((port += 7)) bash -c "torchrun_ 2 bench/train_step.py --model qwen3_0.6b --cp 2 --seq-len $L --recompute $rec --steps 1 --warmup 0 --variants $v --out $OUT/.ms.json" > "$OUT/.ms.log" 2>&1
+    rc=$?
+    if [ $rc = 0 ] && [ -f "$OUT/.ms.json" ] && ! grep -q OOM "$OUT/.ms.json"; then
+      "$PY" -c "import json,sys; r=json.load(open(sys.argv[1]))['results'][0]; r['fits']=True; print(json.dumps(r))" "$OUT/.ms.json" >> "$OUT/max_seq.jsonl"
+    else
+      echo "{\"variant\": \"$v\", \"recompute\": \"$rec\", \"seq_len\": $L, \"layout\": \"cp2\", \"fits\": false, \"exit\": $rc, \"why\": \"$(grep -m1 -oE 'OutOfMemoryError|OOM|Timeout|timed out' "$OUT/.ms.log" || echo "exit $rc")\"}" >> "$OUT/max_seq.jsonl"
+      rm -f "$OUT/.ms.json"; break
+    fi
+    rm -f "$OUT/.ms.json"
+  done; done; done
+}
+
+has() { [[ "$STAGES" == *"$1"* ]]; }
+if [ "$NGPU" -ge 4 ] && [ "$CPU" != 1 ]; then
+  ( port=31000; has b && stage_b 0,1; has c && stage_c 0,1 ) &
+  ( port=32000; has a && stage_a 2,3; has d && stage_d 2,3 ) &
+  wait; flush
+  if has a; then
+    run exactness_cp4 0,1,2,3 200 bash -c "torchrun_ 4 tests/workers/cp_exactness.py --out $OUT/.ex4 ${EX_ARGS[*]} --modes allgather ulysses"
+    cat "$OUT"/.ex4.* >> "$OUT/exactness.jsonl" 2>/dev/null; rm -f "$OUT"/.ex4.*
+  fi
+  if has b; then
+    run cp_bench_cp4 0,1,2,3 200 bash -c "torchrun_ 4 bench/context_parallel.py --seq-lens $TS_BIG --reps 5 --modes allgather ulysses --out $OUT/.cpb4.json"
+    [ -f "$OUT/.cpb4.json" ] && "$PY" -c "import json,sys; [print(json.dumps(r)) for r in json.load(open(sys.argv[1]))['rows']]" "$OUT/.cpb4.json" >> "$OUT/context_parallel.jsonl"
+    rm -f "$OUT/.cpb4.json"
+  fi
+  if has c; then
+    train_step train_cp4 0,1,2,3 4 200 --cp 4 --seq-len "$TS_BIG"
+    train_step train_cp2dp2 0,1,2,3 4 200 --cp 2 --seq-len "$TS_BIG"
+  fi
+  flush
+  has e && stage_e 0,1
+else
+  has a && stage_a 0,1
+  has b && stage_b 0,1
+  has c && stage_c 0,1
+  has d && stage_d 0,1
+  has e && stage_e 0,1
+  if [ "$CPU" = 1 ] && has c; then  # the 4-rank layouts' logic (gloo)
+    train_step train_cp2dp2 "" 4 200 --cp 2 --seq-len "$TS_BIG"
+  fi
+fi
+flush
+echo "cp_gpu_run: done in $((SECONDS - START)) s" | tee -a "$LOG"
+ls -la "$OUT" >> "$LOG"
