@@ -16,23 +16,29 @@ set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:?set OUT to a directory}
 mkdir -p "$OUT"
+TMPD=${TMPD:-$(mktemp -d /tmp/cp_gpu_run.XXXX)}  # run dirs, checkpoints, scratch: never under $OUT (8 files max)
+mkdir -p "$TMPD"
 STAGES=${STAGES:-abcd}
 CPU=${CP_GPU_RUN_CPU:-0}
 PY=${PYTHON:-$(command -v python3 || command -v python)}
 export PY
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-4} WANDB_MODE=offline PHSA_CACHE_DIR=${PHSA_CACHE_DIR:-/tmp/phsa_cache}
-LOG=$OUT/cp_run.txt
+LOG=$TMPD/log  # stage logs $LOG.<stage>, concatenated into $OUT/cp_run.txt
 START=$SECONDS
 if [ "$CPU" = 1 ]; then NGPU=2; else NGPU=$("$PY" -c 'import torch; print(torch.cuda.device_count())'); fi
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv > "$OUT/gpu.txt" 2>&1 || echo cpu > "$OUT/gpu.txt"
-echo "cp_gpu_run: $NGPU devices, stages $STAGES, cpu=$CPU, $(date -u)" | tee -a "$LOG"
+echo "cp_gpu_run: $NGPU devices, stages $STAGES, cpu=$CPU, $(date -u), scratch $TMPD" | tee -a "$OUT/cp_run.txt"
 SHIPPED_QB=$("$PY" -c 'from phsa_train.config import compose; print(compose(["attention=phsa"]).attention.query_block)')
-echo "shipped attention.query_block=$SHIPPED_QB" | tee -a "$LOG"
+echo "shipped attention.query_block=$SHIPPED_QB" | tee -a "$OUT/cp_run.txt"
 
 port=29600
+DEADLINE=${DEADLINE:-530}  # seconds from the start; no stage starts or runs past it
+left() { echo $((DEADLINE - (SECONDS - START))); }
 run() {  # run NAME GPUS TIMEOUT CMD...: one stage, output appended to the log with its exit status and seconds
   local name=$1 gpus=$2 limit=$3; shift 3
   local t0=$SECONDS rc
+  [ "$(left)" -lt "$limit" ] && limit=$(left)
+  if [ "$limit" -lt 20 ]; then echo "=== [$name] skipped: ${limit}s left before the deadline" >> "$LOG.$name"; return 0; fi
   port=$((port + 7))
   { echo "=== [$name] GPUs $gpus, limit ${limit}s: $*"; } >> "$LOG.$name"
   if [ "$CPU" = 1 ]; then
@@ -45,7 +51,7 @@ run() {  # run NAME GPUS TIMEOUT CMD...: one stage, output appended to the log w
 }
 torchrun_() { local n=$1; shift; "$PY" -m torch.distributed.run --nproc-per-node="$n" --master-port="$MASTER_PORT" "$@"; }
 export -f torchrun_ 2>/dev/null
-flush() { for f in "$LOG".*; do [ -f "$f" ] && { cat "$f" >> "$LOG"; rm -f "$f"; }; done; }
+flush() { for f in "$LOG".*; do [ -f "$f" ] && { cat "$f" >> "$OUT/cp_run.txt"; rm -f "$f"; }; done; }
 
 if [ "$CPU" = 1 ]; then
   EX_ARGS=(--tiny); CPB_ARGS=(--cpu --seq-lens 256 --reps 2); TS_LENS=(256); TS_ARGS=(--cpu --model tiny --vocab 512 --recompute none --steps 1 --warmup 1)
@@ -55,7 +61,7 @@ if [ "$CPU" = 1 ]; then
   TS_BIG=256
 else
   EX_ARGS=(--seq-len 32768 --query-block "$SHIPPED_QB"); CPB_ARGS=(--seq-lens 65536 131072 --reps 5)
-  TS_LENS=(65536 131072); TS_ARGS=(--model qwen3_0.6b --recompute full --steps 3 --warmup 1); TS_PHSA=()
+  TS_LENS=(65536 131072); TS_ARGS=(--model qwen3_0.6b --recompute full --steps 2 --warmup 1); TS_PHSA=()
   PRE=(model=qwen3_0.6b data.seq_len=65536 train.recompute=full train.micro_batch_size=1 train.global_batch_size=1)
   TS_BIG=131072
 fi
@@ -65,25 +71,30 @@ else
   TS_VARIANTS="dense,phsa"
 fi
 
-stage_a() {  # exactness, CP=2, both modes
-  run exactness_cp2 "$1" 240 bash -c "torchrun_ 2 tests/workers/cp_exactness.py --out $OUT/.ex2 ${EX_ARGS[*]} --modes allgather ulysses"
-  cat "$OUT"/.ex2.* >> "$OUT/exactness.jsonl" 2>/dev/null; rm -f "$OUT"/.ex2.*
+stage_a() {  # exactness, CP=2, both modes: the GPU test itself (CPU mode: its worker at tiny shapes)
+  if [ "$CPU" = 1 ]; then
+    run exactness_cp2 "$1" 240 bash -c "torchrun_ 2 tests/workers/cp_exactness.py --out $TMPD/ex2 ${EX_ARGS[*]} --modes allgather ulysses"
+    cat "$TMPD"/ex2.* >> "$OUT/exactness.jsonl" 2>/dev/null; rm -f "$TMPD"/ex2.*
+  else
+    run exactness_cp2 "$1" 240 "$PY" -m pytest -q -s -p no:cacheprovider tests/gpu/test_context_parallel_gpu.py -k cp2
+    grep -h '^{"mode"' "$LOG.exactness_cp2" >> "$OUT/exactness.jsonl"
+  fi
 }
 stage_b() {  # layer scaling CP=1 vs CP=2 (same process), both modes, dense baseline, profile
-  run cp_bench_cp2 "$1" 300 bash -c "torchrun_ 2 bench/context_parallel.py ${CPB_ARGS[*]} --modes allgather ulysses --out $OUT/.cpb2.json"
-  [ -f "$OUT/.cpb2.json" ] && "$PY" -c "import json,sys; [print(json.dumps(r)) for r in json.load(open(sys.argv[1]))['rows']]" "$OUT/.cpb2.json" >> "$OUT/context_parallel.jsonl"
-  rm -f "$OUT/.cpb2.json"
+  run cp_bench_cp2 "$1" 300 bash -c "torchrun_ 2 bench/context_parallel.py ${CPB_ARGS[*]} --modes allgather ulysses --out $TMPD/cpb2.json"
+  [ -f "$TMPD/cpb2.json" ] && "$PY" -c "import json,sys; [print(json.dumps(r)) for r in json.load(open(sys.argv[1]))['rows']]" "$TMPD/cpb2.json" >> "$OUT/context_parallel.jsonl"
+  rm -f "$TMPD/cpb2.json"
 }
 train_step() {  # train_step NAME GPUS NPROC LIMIT ARGS...
   local name=$1 gpus=$2 n=$3 limit=$4; shift 4
-  run "$name" "$gpus" "$limit" bash -c "torchrun_ $n bench/train_step.py ${TS_ARGS[*]} --variants $TS_VARIANTS $* --phsa ${TS_PHSA[*]} --out $OUT/.ts_$name.json"
-  [ -f "$OUT/.ts_$name.json" ] && { "$PY" -c "import json,sys; print(json.dumps(json.load(open(sys.argv[1]))))" "$OUT/.ts_$name.json" >> "$OUT/train_step.jsonl"; rm -f "$OUT/.ts_$name.json"; }
+  run "$name" "$gpus" "$limit" bash -c "torchrun_ $n bench/train_step.py ${TS_ARGS[*]} --variants $TS_VARIANTS $* --phsa ${TS_PHSA[*]} --out $TMPD/ts_$name.json"
+  [ -f "$TMPD/ts_$name.json" ] && { "$PY" -c "import json,sys; print(json.dumps(json.load(open(sys.argv[1]))))" "$TMPD/ts_$name.json" >> "$OUT/train_step.jsonl"; rm -f "$TMPD/ts_$name.json"; }
 }
 stage_c() {
   for L in "${TS_LENS[@]}"; do train_step "train_cp2_$L" "$1" 2 200 --cp 2 --seq-len "$L"; done
 }
 stage_d() {  # the user's path: curriculum (dense warm-up, ramp, hold), SIGKILL after step 7, resume from step 6
-  local gpus=$1 rd="$OUT/.run_cp2" t0=$SECONDS
+  local gpus=$1 rd="$TMPD/run_cp2" t0=$SECONDS
   local args=("${PRE[@]}" attention=phsa parallel=cp2 logging=stdout curriculum=dense_warmup_to_97
               curriculum.warmup_steps=2 curriculum.ramp_steps=3 curriculum.stats_interval=0 train.steps=10
               train.log_interval=1 train.eval_interval=0 checkpoint.interval=3)
@@ -113,52 +124,77 @@ stage_d() {  # the user's path: curriculum (dense warm-up, ramp, hold), SIGKILL 
   tail -30 "$rd.log2" | grep -iE "error|Traceback" -A5 >> "$f"
   cat "$f" >> "$OUT/pretrain_resume.txt"; rm -f "$f"
 }
-stage_e() {  # longest sequence that trains one step, CP=2: dense vs PHSA, recompute full vs none (bounded)
-  local gpus=$1 rc L
-  for rec in full none; do for v in dense phsa; do for L in 131072 262144 524288 1048576; do
-    [ $((SECONDS - START)) -gt 520 ] && return
-    timeout -k 10 150 env CUDA_VISIBLE_DEVICES="$gpus" MASTER_PORT=$((port += 7)) bash -c "torchrun_ 2 bench/train_step.py --model qwen3_0.6b --cp 2 --seq-len $L --recompute $rec --steps 1 --warmup 0 --variants $v --out $OUT/.ms.json" > "$OUT/.ms.log" 2>&1
+stage_e() {  # stage_e GPUS VARIANT: longest sequence that trains one step at CP=2, recompute full then none
+  local gpus=$1 v=$2 rc L log="$TMPD/ms_$2.log" js="$TMPD/ms_$2.json"
+  for rec in full none; do for L in 131072 262144 524288 1048576; do
+    [ "$(left)" -lt 60 ] && return
+    local lim=150; [ "$(left)" -lt $lim ] && lim=$(left)
+    timeout -k 10 "$lim" env CUDA_VISIBLE_DEVICES="$gpus" MASTER_PORT=$((port += 7)) bash -c "torchrun_ 2 bench/train_step.py --model qwen3_0.6b --cp 2 --seq-len $L --recompute $rec --steps 1 --warmup 0 --variants $v --out $js" > "$log" 2>&1
     rc=$?
-    if [ $rc = 0 ] && [ -f "$OUT/.ms.json" ] && ! grep -q OOM "$OUT/.ms.json"; then
-      "$PY" -c "import json,sys; r=json.load(open(sys.argv[1]))['results'][0]; r['fits']=True; print(json.dumps(r))" "$OUT/.ms.json" >> "$OUT/max_seq.jsonl"
+    if [ $rc = 0 ] && [ -f "$js" ] && ! grep -q OOM "$js"; then
+      "$PY" -c "import json,sys; r=json.load(open(sys.argv[1]))['results'][0]; r['fits']=True; print(json.dumps(r))" "$js" >> "$OUT/max_seq.jsonl"
+      rm -f "$js"
     else
-      echo "{\"variant\": \"$v\", \"recompute\": \"$rec\", \"seq_len\": $L, \"layout\": \"cp2\", \"fits\": false, \"exit\": $rc, \"why\": \"$(grep -m1 -oE 'OutOfMemoryError|OOM|Timeout|timed out' "$OUT/.ms.log" || echo "exit $rc")\"}" >> "$OUT/max_seq.jsonl"
-      rm -f "$OUT/.ms.json"; break
+      local why; why=$(grep -m1 -oE 'OutOfMemoryError|CUDA out of memory' "$log" || { [ $rc = 124 ] && echo "timed out after ${lim}s (one step slower than that)"; } || echo "exit $rc")
+      echo "{\"variant\": \"$v\", \"recompute\": \"$rec\", \"seq_len\": $L, \"layout\": \"cp2\", \"fits\": false, \"exit\": $rc, \"why\": \"$why\"}" >> "$OUT/max_seq.jsonl"
+      rm -f "$js"; break
     fi
-    rm -f "$OUT/.ms.json"
-  done; done; done
+  done; done
+}
+stage_f() {  # stage_f GPUS NAME OVERRIDES...: a short user-path run (curriculum dense -> ramp -> hold, 5 steps)
+  local gpus=$1 name=$2; shift 2
+  local args=("${PRE[@]}" attention=phsa parallel=cp2 logging=stdout curriculum=dense_warmup_to_97
+              curriculum.warmup_steps=1 curriculum.ramp_steps=2 curriculum.stats_interval=0 train.steps=5
+              train.log_interval=1 train.eval_interval=0 checkpoint.interval=100 "$@")
+  local f="$LOG.f_$name" lim=200
+  [ "$(left)" -lt $lim ] && lim=$(left)
+  echo "=== [$name] launch/pretrain.sh ${args[*]}" >> "$f"
+  timeout -k 10 "$lim" env PHSA_RUN_DIR="$TMPD/run_$name" NPROC=2 CUDA_VISIBLE_DEVICES="$gpus" bash launch/pretrain.sh "${args[@]}" > "$TMPD/run_$name.log" 2>&1
+  echo "=== [$name] exit $?" >> "$f"
+  grep -E "step +[0-9]+/|phsa_train\]|rror" "$TMPD/run_$name.log" >> "$f"
+  cat "$f" >> "$OUT/pretrain_resume.txt"; rm -f "$f"
 }
 
 has() { [[ "$STAGES" == *"$1"* ]]; }
+any_of() { [[ "$STAGES" =~ [$1] ]]; }
 if [ "$NGPU" -ge 4 ] && [ "$CPU" != 1 ]; then
-  ( port=31000; has b && stage_b 0,1; has c && stage_c 0,1 ) &
-  ( port=32000; has a && stage_a 2,3; has d && stage_d 2,3 ) &
-  wait; flush
-  if has a; then
-    run exactness_cp4 0,1,2,3 200 bash -c "torchrun_ 4 tests/workers/cp_exactness.py --out $OUT/.ex4 ${EX_ARGS[*]} --modes allgather ulysses"
-    cat "$OUT"/.ex4.* >> "$OUT/exactness.jsonl" 2>/dev/null; rm -f "$OUT"/.ex4.*
+  if any_of abcd; then
+    ( port=31000; has b && stage_b 0,1; has c && stage_c 0,1 ) &
+    ( port=32000; has a && stage_a 2,3; has d && stage_d 2,3 ) &
+    wait; flush
+    if has a; then
+      run exactness_cp4 0,1,2,3 200 "$PY" -m pytest -q -s -p no:cacheprovider tests/gpu/test_context_parallel_gpu.py -k cp4
+      grep -h '^{"mode"' "$LOG.exactness_cp4" >> "$OUT/exactness.jsonl"
+    fi
+    if has b; then
+      run cp_bench_cp4 0,1,2,3 200 bash -c "torchrun_ 4 bench/context_parallel.py --seq-lens $TS_BIG --reps 5 --modes allgather ulysses --out $TMPD/cpb4.json"
+      [ -f "$TMPD/cpb4.json" ] && "$PY" -c "import json,sys; [print(json.dumps(r)) for r in json.load(open(sys.argv[1]))['rows']]" "$TMPD/cpb4.json" >> "$OUT/context_parallel.jsonl"
+      rm -f "$TMPD/cpb4.json"
+    fi
+    if has c; then
+      train_step train_cp4 0,1,2,3 4 200 --cp 4 --seq-len "$TS_BIG"
+      train_step train_cp2dp2 0,1,2,3 4 200 --cp 2 --seq-len "$TS_BIG"
+    fi
+    flush
   fi
-  if has b; then
-    run cp_bench_cp4 0,1,2,3 200 bash -c "torchrun_ 4 bench/context_parallel.py --seq-lens $TS_BIG --reps 5 --modes allgather ulysses --out $OUT/.cpb4.json"
-    [ -f "$OUT/.cpb4.json" ] && "$PY" -c "import json,sys; [print(json.dumps(r)) for r in json.load(open(sys.argv[1]))['rows']]" "$OUT/.cpb4.json" >> "$OUT/context_parallel.jsonl"
-    rm -f "$OUT/.cpb4.json"
+  if any_of ef; then
+    ( port=33000; has f && stage_f 0,1 ulysses parallel.cp_mode=ulysses; has e && stage_e 0,1 dense ) &
+    ( port=34000; has f && stage_f 2,3 packed_docs data.reset_attention_mask=true; has e && stage_e 2,3 phsa ) &
+    wait
   fi
-  if has c; then
-    train_step train_cp4 0,1,2,3 4 200 --cp 4 --seq-len "$TS_BIG"
-    train_step train_cp2dp2 0,1,2,3 4 200 --cp 2 --seq-len "$TS_BIG"
-  fi
-  flush
-  has e && stage_e 0,1
 else
   has a && stage_a 0,1
   has b && stage_b 0,1
   has c && stage_c 0,1
   has d && stage_d 0,1
-  has e && stage_e 0,1
   if [ "$CPU" = 1 ] && has c; then  # the 4-rank layouts' logic (gloo)
     train_step train_cp2dp2 "" 4 200 --cp 2 --seq-len "$TS_BIG"
   fi
+  has f && stage_f 0,1 ulysses parallel.cp_mode=ulysses
+  has f && stage_f 0,1 packed_docs data.reset_attention_mask=true
+  has e && stage_e 0,1 dense
+  has e && stage_e 0,1 phsa
 fi
 flush
-echo "cp_gpu_run: done in $((SECONDS - START)) s" | tee -a "$LOG"
-ls -la "$OUT" >> "$LOG"
+echo "cp_gpu_run: done in $((SECONDS - START)) s" | tee -a "$OUT/cp_run.txt"
+ls -la "$OUT" >> "$OUT/cp_run.txt"
