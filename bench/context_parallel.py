@@ -26,9 +26,19 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-STAGES = (("select", ("_select",)), ("reps", ("_reps",)), ("attn_fwd", ("_fwd_kernel",)),
-          ("attn_bwd", ("_bwd_kernel",)), ("nccl", ("nccl",)), ("sdpa", ("flash", "cudnn", "fmha", "attention")),
+# (stage, kernel-name prefixes / substrings): the Triton kernels by their function names (prefix match), the rest
+# by substring; anything unmatched is "other"
+STAGES = (("select", ("^_select",)), ("reps", ("^_reps",)), ("attn_fwd", ("^_fwd_kernel",)),
+          ("attn_bwd", ("^_bwd_kernel",)), ("nccl", ("nccl",)), ("sdpa", ("flash", "cudnn", "fmha", "attention")),
           ("copy_fill", ("copy", "fill", "cat", "elementwise", "zero", "index", "reduce_kernel")))
+
+
+def stage_of(kernel: str) -> str:
+    name = kernel.lower()
+    for stage, keys in STAGES:
+        if any(name.startswith(k[1:]) if k.startswith("^") else k in name for k in keys):
+            return stage
+    return "other"
 
 
 def bytes_per_layer(mode: str, L: int, cp: int, hq: int, hk: int, d: int, elem: int = 2) -> int:
@@ -94,8 +104,7 @@ def profile_stages(fn, cuda: bool = True) -> dict:
         if ev.device_type != kind or (not cuda and ev.cpu_parent is not None):
             continue
         s, e = ev.time_range.start / 1e3, ev.time_range.end / 1e3  # us -> ms
-        name = ev.name.lower()
-        per_stage[next((st for st, keys in STAGES if any(k.lower() in name for k in keys)), "other")] += e - s
+        per_stage[stage_of(ev.name)] += e - s
         spans.append((s, e))
     span = (max(e for _, e in spans) - min(s for s, _ in spans)) if spans else 0.0
     return {"ms_by_stage": {k: round(v, 3) for k, v in sorted(per_stage.items())}, "wall_ms": round(wall, 3),

@@ -223,16 +223,18 @@ def _attend_chunks(q_local, k_local, v_local, token_info, group, chunk_fn: Calla
     prefixes = _GatherPrefixes.apply(k_local, v_local, group, key_ends)
     around = _neighbour_rows(q_local, n, group) if n else None
     outs = []
-    for i, end in enumerate(key_ends):
-        info = None if info_full is None else info_full[:, :end]
+    for i, (_, end) in enumerate(spans):
         q_chunk = q_local[:, i * c:(i + 1) * c]
         k_pre, v_pre = prefixes[i], prefixes[len(spans) + i]
-        if around is None:
-            outs.append(chunk_fn(q_chunk, k_pre, v_pre, info))
-        else:
+        # a prefix with no document start after position 0 is one document: its groups are aligned to the chunk
+        if around is not None and bool((info_full[:, 1:end] & DOC_START_BIT).any()):
             before, after = around[i]
             q_ext = torch.cat((before, q_chunk, after), dim=1)
-            outs.append(chunk_fn(q_ext, k_pre, v_pre, info)[:, before.shape[1]:before.shape[1] + c])
+            o = chunk_fn(q_ext, k_pre, v_pre, info_full[:, :key_ends[i]])
+            outs.append(o[:, before.shape[1]:before.shape[1] + c])
+        else:
+            info = None if info_full is None else info_full[:, :end]
+            outs.append(chunk_fn(q_chunk, k_pre[:, :end], v_pre[:, :end], info))
     return torch.cat(outs, dim=1)
 
 
