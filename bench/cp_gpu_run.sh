@@ -6,7 +6,8 @@
 #   exactness.jsonl          (a) CP=N vs CP=1, both modes: o / dq / selected blocks equal, dk / dv rel. error
 #   context_parallel.jsonl   (b) layer fwd+bwd, CP=1 vs CP=N in the same process, dense baseline, stage profile
 #   train_step.jsonl         (c) whole training steps, dense vs PHSA in the same run, per layout and length
-#   pretrain_resume.txt      (d) launch/pretrain.sh parallel=cp2 through the curriculum, SIGKILLed, resumed
+#   pretrain_resume.txt      (d) launch/pretrain.sh parallel=cp2 through the curriculum, SIGKILLed, resumed;
+#                            (f) short ulysses and packed-document (data.reset_attention_mask=true) runs
 #   max_seq.jsonl            (e) longest sequence that trains (only with STAGES containing e)
 #   gpu.txt                  nvidia-smi
 # STAGES (default "abcd") picks stages; e (longest sequence) takes ~5 min on its own: run it in a second call.
@@ -66,7 +67,7 @@ else
   TS_BIG=131072
 fi
 if [ "$CPU" != 1 ] && [ "$SHIPPED_QB" = 1 ]; then  # also the measured-fast setting, labelled, in the same run
-  TS_VARIANTS="dense,phsa,phsa_qb64"
+  TS_VARIANTS="dense,phsa_qb64,phsa"
 else
   TS_VARIANTS="dense,phsa"
 fi
@@ -88,16 +89,21 @@ stage_b() {  # layer scaling CP=1 vs CP=2 (same process), both modes, dense base
 train_step() {  # train_step NAME GPUS NPROC LIMIT ARGS...
   local name=$1 gpus=$2 n=$3 limit=$4; shift 4
   run "$name" "$gpus" "$limit" bash -c "torchrun_ $n bench/train_step.py ${TS_ARGS[*]} --variants $TS_VARIANTS $* --phsa ${TS_PHSA[*]} --out $TMPD/ts_$name.json"
-  [ -f "$TMPD/ts_$name.json" ] && { "$PY" -c "import json,sys; print(json.dumps(json.load(open(sys.argv[1]))))" "$TMPD/ts_$name.json" >> "$OUT/train_step.jsonl"; rm -f "$TMPD/ts_$name.json"; }
+  if [ -f "$TMPD/ts_$name.json" ]; then
+    "$PY" -c "import json,sys; print(json.dumps(json.load(open(sys.argv[1]))))" "$TMPD/ts_$name.json" >> "$OUT/train_step.jsonl"
+    rm -f "$TMPD/ts_$name.json"
+  else  # cut short (deadline, OOM hang): keep the variants that finished
+    grep -h '^{"variant"' "$LOG.$name" | sed "s/^/{\"partial\": \"$name\", \"result\": /; s/\$/}/" >> "$OUT/train_step.jsonl"
+  fi
 }
 stage_c() {
   for L in "${TS_LENS[@]}"; do train_step "train_cp2_$L" "$1" 2 200 --cp 2 --seq-len "$L"; done
 }
-stage_d() {  # the user's path: curriculum (dense warm-up, ramp, hold), SIGKILL after step 7, resume from step 6
+stage_d() {  # the user's path: curriculum (dense warm-up, ramp, hold), SIGKILL after step 5, resume from step 4
   local gpus=$1 rd="$TMPD/run_cp2" t0=$SECONDS
   local args=("${PRE[@]}" attention=phsa parallel=cp2 logging=stdout curriculum=dense_warmup_to_97
-              curriculum.warmup_steps=2 curriculum.ramp_steps=3 curriculum.stats_interval=0 train.steps=10
-              train.log_interval=1 train.eval_interval=0 checkpoint.interval=3)
+              curriculum.warmup_steps=1 curriculum.ramp_steps=2 curriculum.stats_interval=0 train.steps=8
+              train.log_interval=1 train.eval_interval=0 checkpoint.interval=2)
   local f="$LOG.pretrain" pid
   echo "=== [pretrain] launch/pretrain.sh ${args[*]}" >> "$f"
   if [ "$CPU" = 1 ]; then
@@ -106,7 +112,7 @@ stage_d() {  # the user's path: curriculum (dense warm-up, ramp, hold), SIGKILL 
     setsid env PHSA_RUN_DIR="$rd" NPROC=2 CUDA_VISIBLE_DEVICES="$gpus" bash launch/pretrain.sh "${args[@]}" > "$rd.log1" 2>&1 &
   fi
   pid=$!
-  while kill -0 "$pid" 2>/dev/null && ! grep -q "step      7/" "$rd.log1" 2>/dev/null && [ $((SECONDS - t0)) -lt 240 ]; do sleep 1; done
+  while kill -0 "$pid" 2>/dev/null && ! grep -q "step      5/" "$rd.log1" 2>/dev/null && [ $((SECONDS - t0)) -lt 240 ]; do sleep 0.2; done
   # SIGKILL the launcher's whole tree (torchrun puts its workers in their own sessions): a crash, no clean save
   local tree=$pid kids
   kids=$(pgrep -P "$pid"); while [ -n "$kids" ]; do tree="$tree $kids"; kids=$(for k in $kids; do pgrep -P "$k"; done); done
