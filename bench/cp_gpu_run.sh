@@ -81,10 +81,17 @@ stage_a() {  # exactness, CP=2, both modes: the GPU test itself (CPU mode: its w
     grep -h '^{"mode"' "$LOG.exactness_cp2" >> "$OUT/exactness.jsonl"
   fi
 }
+collect_bench() {  # collect_bench FILE STAGE: the bench's JSON rows, or (cut short) the rows it printed
+  if [ -f "$TMPD/$1.json" ]; then
+    "$PY" -c "import json,sys; [print(json.dumps(r)) for r in json.load(open(sys.argv[1]))['rows']]" "$TMPD/$1.json" >> "$OUT/context_parallel.jsonl"
+    rm -f "$TMPD/$1.json"
+  else
+    grep -h '^{"L"' "$LOG.$2" >> "$OUT/context_parallel.jsonl"
+  fi
+}
 stage_b() {  # layer scaling CP=1 vs CP=2 (same process), both modes, dense baseline, profile
   run cp_bench_cp2 "$1" 300 bash -c "torchrun_ 2 bench/context_parallel.py ${CPB_ARGS[*]} --modes allgather ulysses --out $TMPD/cpb2.json"
-  [ -f "$TMPD/cpb2.json" ] && "$PY" -c "import json,sys; [print(json.dumps(r)) for r in json.load(open(sys.argv[1]))['rows']]" "$TMPD/cpb2.json" >> "$OUT/context_parallel.jsonl"
-  rm -f "$TMPD/cpb2.json"
+  collect_bench cpb2 cp_bench_cp2
 }
 train_step() {  # train_step NAME GPUS NPROC LIMIT ARGS...
   local name=$1 gpus=$2 n=$3 limit=$4; shift 4
@@ -174,8 +181,7 @@ if [ "$NGPU" -ge 4 ] && [ "$CPU" != 1 ]; then
     fi
     if has b; then
       run cp_bench_cp4 0,1,2,3 200 bash -c "torchrun_ 4 bench/context_parallel.py --seq-lens $TS_BIG --reps 5 --modes allgather ulysses --out $TMPD/cpb4.json"
-      [ -f "$TMPD/cpb4.json" ] && "$PY" -c "import json,sys; [print(json.dumps(r)) for r in json.load(open(sys.argv[1]))['rows']]" "$TMPD/cpb4.json" >> "$OUT/context_parallel.jsonl"
-      rm -f "$TMPD/cpb4.json"
+      collect_bench cpb4 cp_bench_cp4
     fi
     if has c; then
       train_step train_cp4 0,1,2,3 4 200 --cp 4 --seq-len "$TS_BIG"
