@@ -126,7 +126,8 @@ def cfg_overrides(cfg, overrides, args) -> list[str]:
     """The exact Hydra overrides that reproduce this variant through launch/pretrain.sh."""
     shown = [f"model={args.model}", f"data.seq_len={args.seq_len}", f"train.recompute={args.recompute}",
              f"parallel.tensor_model_parallel_size={args.tp}", f"parallel.context_parallel_size={args.cp}", *overrides]
-    if cfg.attention.name == "phsa" and not any(o.startswith("attention.query_block=") for o in overrides):  # the knob the speed depends on most, even when left at its default
+    # the knob the speed depends on most, shown even when left at its default
+    if cfg.attention.name == "phsa" and not any(o.startswith("attention.query_block=") for o in overrides):
         shown.append(f"attention.query_block={cfg.attention.query_block}")
     return shown
 

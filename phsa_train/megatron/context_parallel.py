@@ -151,7 +151,8 @@ class _GatherPrefixes(torch.autograd.Function):
                 dst.zero_()
 
         if ctx.stacked:
-            dtype, device = next(g for g in grads if g is not None).dtype, next(g for g in grads if g is not None).device
+            g0 = next(g for g in grads if g is not None)
+            dtype, device = g0.dtype, g0.device
             buf = torch.empty((cp, b, 2, s_local, *rest_k), dtype=dtype, device=device)
             for r in range(cp):
                 for half, chunk in ((0, r), (1, 2 * cp - 1 - r)):

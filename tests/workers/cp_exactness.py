@@ -111,7 +111,8 @@ def main():
         ok_all &= ok
         if args.doc_starts:
             ok = ok and sensitivity["rows_whose_selection_padding_would_change"] > 0
-        lines.append({"mode": mode, "cp": cp, "L": L, "doc_starts": args.doc_starts, **sensitivity, "query_block": kw["query_block"], "score": kw["score"],
+        lines.append({"mode": mode, "cp": cp, "L": L, "doc_starts": args.doc_starts, **sensitivity,
+                      "query_block": kw["query_block"], "score": kw["score"],
                       "dtype": str(dtype), "ok": ok, **res})
     Path(f"{args.out}.{rank}").write_text("".join(json.dumps(x) + "\n" for x in lines))
     dist.barrier()
