@@ -30,7 +30,8 @@ if [ "$CPU" = 1 ]; then NGPU=2; else NGPU=$("$PY" -c 'import torch; print(torch.
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv > "$OUT/gpu.txt" 2>&1 || echo cpu > "$OUT/gpu.txt"
 echo "cp_gpu_run: $NGPU devices, stages $STAGES, cpu=$CPU, $(date -u), scratch $TMPD" | tee -a "$OUT/cp_run.txt"
 SHIPPED_QB=$("$PY" -c 'from phsa_train.config import compose; print(compose(["attention=phsa"]).attention.query_block)')
-echo "shipped attention.query_block=$SHIPPED_QB" | tee -a "$OUT/cp_run.txt"
+QB=${QB:-$SHIPPED_QB}  # QB=64 measures that query_block everywhere (labelled in every record) instead of the shipped one
+echo "shipped attention.query_block=$SHIPPED_QB, measured: $QB" | tee -a "$OUT/cp_run.txt"
 
 port=29600
 DEADLINE=${DEADLINE:-530}  # seconds from the start; no stage starts or runs past it
@@ -55,18 +56,20 @@ export -f torchrun_ 2>/dev/null
 flush() { for f in "$LOG".*; do [ -f "$f" ] && { cat "$f" >> "$OUT/cp_run.txt"; rm -f "$f"; }; done; }
 
 if [ "$CPU" = 1 ]; then
-  EX_ARGS=(--tiny); CPB_ARGS=(--cpu --seq-lens 256 --reps 2); TS_LENS=(256); TS_ARGS=(--cpu --model tiny --vocab 512 --recompute none --steps 1 --warmup 1)
+  QB_OVR=(); EX_ARGS=(--tiny); CPB_ARGS=(--cpu --seq-lens 256 --reps 2); TS_LENS=(256); TS_ARGS=(--cpu --model tiny --vocab 512 --recompute none --steps 1 --warmup 1)
   TS_PHSA=(attention.n_init=16 attention.local_window=32 attention.backend=reference attention.query_block=4)
   PRE=(model=tiny data.seq_len=256 train.micro_batch_size=1 train.global_batch_size=1 attention.n_init=16
        attention.local_window=32 curriculum.target_activation=null curriculum.target_topk=2)
   TS_BIG=256
 else
-  EX_ARGS=(--seq-len 32768 --query-block "$SHIPPED_QB"); CPB_ARGS=(--seq-lens 65536 131072 --reps 5)
-  TS_LENS=(65536 131072); TS_ARGS=(--model qwen3_0.6b --recompute full --steps 2 --warmup 1); TS_PHSA=()
-  PRE=(model=qwen3_0.6b data.seq_len=65536 train.recompute=full train.micro_batch_size=1 train.global_batch_size=1)
+  QB_OVR=(); [ "$QB" != "$SHIPPED_QB" ] && QB_OVR=(attention.query_block=$QB)
+  EX_ARGS=(--seq-len 32768 --query-block "$QB"); CPB_ARGS=(--seq-lens 65536 131072 --reps 5 --attention "${QB_OVR[@]}")
+  TS_LENS=(65536 131072); TS_ARGS=(--model qwen3_0.6b --recompute full --steps 2 --warmup 1); TS_PHSA=("${QB_OVR[@]}")
+  PRE=(model=qwen3_0.6b data.seq_len=65536 train.recompute=full train.micro_batch_size=1 train.global_batch_size=1
+       "${QB_OVR[@]}")
   TS_BIG=131072
 fi
-if [ "$CPU" != 1 ] && [ "$SHIPPED_QB" = 1 ]; then  # also the measured-fast setting, labelled, in the same run
+if [ "$CPU" != 1 ] && [ "$QB" = 1 ]; then  # also the measured-fast setting, labelled, in the same run
   TS_VARIANTS="dense,phsa_qb64,phsa"
 else
   TS_VARIANTS="dense,phsa"
@@ -180,7 +183,7 @@ if [ "$NGPU" -ge 4 ] && [ "$CPU" != 1 ]; then
       grep -h '^{"mode"' "$LOG.exactness_cp4" >> "$OUT/exactness.jsonl"
     fi
     if has b; then
-      run cp_bench_cp4 0,1,2,3 200 bash -c "torchrun_ 4 bench/context_parallel.py --seq-lens $TS_BIG --reps 5 --modes allgather ulysses --out $TMPD/cpb4.json"
+      run cp_bench_cp4 0,1,2,3 200 bash -c "torchrun_ 4 bench/context_parallel.py --seq-lens $TS_BIG --reps 5 --attention ${QB_OVR[*]} --modes allgather ulysses --out $TMPD/cpb4.json"
       collect_bench cpb4 cp_bench_cp4
     fi
     if has c; then
