@@ -32,7 +32,7 @@ def test_cp_matches_cp1_on_gpu(tmp_path, cp, seq_len=32768):
                     env=subprocess_env(), check=False, timeout=600)
     lines = [json.loads(x) for r in range(cp) if (tmp_path / f"res.{r}").exists()
              for x in (tmp_path / f"res.{r}").read_text().splitlines()]
-    print("\n".join(json.dumps(x) for x in lines))
+    print("\n" + "\n".join(json.dumps(x) for x in lines), flush=True)  # one JSON record a line (cp_gpu_run.sh)
     assert proc.returncode == 0 and len(lines) == 2 * cp, proc.stdout[-3000:] + proc.stderr[-5000:]
     for x in lines:
         assert x["ok"] is not False, x
