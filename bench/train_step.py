@@ -37,9 +37,7 @@ def run_variant(name: str, overrides: list[str], args) -> dict:
     from phsa_train.megatron.token_info import make_token_info
     from phsa_train.metrics import flops_per_token
     from phsa_train.model import build_model, padded_vocab_size
-    from phsa_train.train import forward_step
-
-    from phsa_train.train import PEAK_FLOPS
+    from phsa_train.train import PEAK_FLOPS, forward_step
 
     dp = parallel_state.get_data_parallel_world_size()
     cuda = torch.cuda.is_available() and not args.cpu
