@@ -1,13 +1,17 @@
 """PHSA layer throughput under context parallelism (run with torchrun, one process per GPU).
 
-    torchrun --nproc-per-node=2 bench/context_parallel.py --seq-lens 65536 131072 --modes allgather
-    torchrun --nproc-per-node=1 bench/context_parallel.py ...          # the CP=1 reference numbers
+    torchrun --nproc-per-node=2 bench/context_parallel.py --seq-lens 65536 131072 --modes allgather ulysses
+    torchrun --nproc-per-node=2 bench/context_parallel.py --cpu --seq-lens 512     # logic check on CPU (gloo)
 
-Times forward+backward of one PHSA attention layer (Qwen3-0.6B shape: hq=16, hk=8, d=128, block 16,
-n_init 128, window 512, k=16) on this rank's zigzag slice, with the dense cuDNN layer (all-gather CP) as the
-baseline in the same run. Reports per-GPU tokens/s, and the bytes each rank moves per layer
-(forward + backward) for each mode. With --check, also verifies outputs and gradients of the CP run
-against a CP=1 computation on rank 0's GPU. Writes JSON to bench/results/.
+Times forward+backward of one PHSA attention layer (Qwen3-0.6B shape: hq=16, hk=8, d=128, the shipped
+``conf/attention/phsa.yaml`` settings unless overridden) on this rank's zigzag slice, and in the same run:
+  * CP=1: the same layer on the whole sequence, on every rank's own GPU at once (no communication), so the
+    scaling efficiency ``cp1_ms / (cp * cpN_ms)`` compares numbers from one process on one card;
+  * the dense layer: cuDNN SDPA at CP=1, and the all-gather CP path at CP=N (its chunks need a bottom-right
+    causal mask, which torch's SDPA runs through Flash, not cuDNN: the row says which).
+Per (L, mode) a profile of one forward+backward splits the GPU time by stage (selection, representatives,
+attention forward / backward, NCCL, copies and fills, the rest) and reports how much of the wall time no kernel
+covered (host gaps). Bytes each rank moves per layer are computed, not measured. Writes JSON (``--out``).
 """
 from __future__ import annotations
 
@@ -15,43 +19,118 @@ import argparse
 import datetime
 import json
 import os
+import time
+from collections import defaultdict
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+# (stage, kernel-name prefixes / substrings): the Triton kernels by their function names (prefix match), the rest
+# by substring; anything unmatched is "other"
+STAGES = (("select", ("^_select",)), ("reps", ("^_reps",)), ("attn_fwd", ("^_fwd_kernel",)),
+          ("attn_bwd", ("^_bwd_kernel",)), ("nccl", ("nccl",)), ("sdpa", ("flash", "cudnn", "fmha", "attention")),
+          ("copy_fill", ("copy", "fill", "cat", "elementwise", "zero", "index", "reduce_kernel")))
+
+
+def stage_of(kernel: str) -> str:
+    name = kernel.lower()
+    for stage, keys in STAGES:
+        if any(name.startswith(k[1:]) if k.startswith("^") else k in name for k in keys):
+            return stage
+    return "other"
 
 
 def bytes_per_layer(mode: str, L: int, cp: int, hq: int, hk: int, d: int, elem: int = 2) -> int:
     """Bytes one rank receives per layer, forward + backward."""
     if cp == 1:
         return 0
-    if mode == "allgather":  # K and V gathered (fwd); dK and dV reduce-scattered (bwd)
+    if mode == "allgather":  # K and V gathered (fwd); dK and dV reduce-scattered (bwd), in the keys' dtype
         return 2 * (2 * L * hk * d * elem * (cp - 1) // cp)
     # ulysses: q, k, v in and o out forward; the same four backward
     return 2 * ((2 * hq + 2 * hk) * d * (L // cp) * elem * (cp - 1) // cp)
 
 
-def timed(fn, reps: int) -> float:
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+def timed(fn, reps: int, cuda: bool) -> float:
+    """Median milliseconds of ``fn`` over ``reps`` runs, every run started together on all ranks."""
     times = []
     for _ in range(reps):
         dist.barrier()
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
     times.sort()
     return times[len(times) // 2]
+
+
+def union_ms(spans: list[tuple[float, float]]) -> float:
+    """Length of the union of [start, end) intervals."""
+    covered, cur_s, cur_e = 0.0, None, None
+    for s, e in sorted(spans):
+        if cur_e is None or s > cur_e:
+            covered += 0.0 if cur_e is None else cur_e - cur_s
+            cur_s, cur_e = s, e
+        else:
+            cur_e = max(cur_e, e)
+    return covered + (0.0 if cur_e is None else cur_e - cur_s)
+
+
+def profile_stages(fn, cuda: bool = True) -> dict:
+    """Device milliseconds per stage of one ``fn()`` call (kernel names matched against STAGES), the wall time,
+    and the part of the kernels' span that no kernel on any stream covered (host gaps, waits).
+    ``cuda=False`` profiles CPU ops instead (a logic check of this function on CPU)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    kind = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
+    dist.barrier()
+    if cuda:
+        torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU] if cuda else [ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+        wall = (time.perf_counter() - t0) * 1e3
+    per_stage, spans = defaultdict(float), []
+    for ev in prof.events():
+        if ev.device_type != kind or (not cuda and ev.cpu_parent is not None):
+            continue
+        s, e = ev.time_range.start / 1e3, ev.time_range.end / 1e3  # us -> ms
+        per_stage[stage_of(ev.name)] += e - s
+        spans.append((s, e))
+    span = (max(e for _, e in spans) - min(s for s, _ in spans)) if spans else 0.0
+    return {"ms_by_stage": {k: round(v, 3) for k, v in sorted(per_stage.items())}, "wall_ms": round(wall, 3),
+            "kernel_span_ms": round(span, 3), "no_kernel_running_ms": round(span - union_ms(spans), 3)}
+
+
+def shipped_attention(overrides: list[str]) -> dict:
+    from phsa_train.config import compose
+
+    a = compose(["attention=phsa", *overrides]).attention
+    return dict(block_size=a.block_size, n_init=a.n_init, local_window=a.local_window, topk=a.train_topk,
+                lam=a.lam, score=a.score, query_block=a.query_block, backend=a.backend)
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seq-lens", type=int, nargs="+", default=[65536, 131072])
     ap.add_argument("--modes", nargs="+", default=["allgather"])
-    ap.add_argument("--query-block", type=int, default=1)
+    ap.add_argument("--attention", nargs="*", default=[],
+                    help="Hydra overrides of the PHSA settings, e.g. attention.query_block=64 (default: shipped)")
     ap.add_argument("--reps", type=int, default=10)
-    ap.add_argument("--check", action="store_true")
+    ap.add_argument("--no-cp1", action="store_true", help="skip the CP=1 whole-sequence timing")
+    ap.add_argument("--no-dense", action="store_true")
+    ap.add_argument("--no-profile", action="store_true")
+    ap.add_argument("--check", action="store_true", help="also compare o/dq/dk/dv with the CP=1 run")
+    ap.add_argument("--cpu", action="store_true", help="gloo on CPU, tiny head shapes, reference backend")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
@@ -59,25 +138,48 @@ def main():
 
     from phsa_train.distributed import init_distributed, init_model_parallel
     from phsa_train.megatron.context_parallel import cp_attention, cp_phsa_attention, natural_to_zigzag
-    from phsa_train.megatron.core_attention import phsa_local
+    from phsa_train.megatron.core_attention import dense_causal_attention, phsa_local
     from phsa_train.megatron.token_info import PUNCT_BIT
 
     env = init_distributed()
     init_model_parallel(1, 1, env.world_size)
     group = parallel_state.get_context_parallel_group()
     cp, rank = env.world_size, env.rank
-    hq, hk, d = 16, 8, 128
-    kw = dict(block_size=16, n_init=128, local_window=512, topk=16, lam=0.5, score="softmax_group_sum",
-              query_block=args.query_block, backend="auto")
+    cuda = env.device.type == "cuda" and not args.cpu
+    dev, dtype = (env.device, torch.bfloat16) if cuda else (torch.device("cpu"), torch.float32)
+    hq, hk, d = (16, 8, 128) if cuda else (4, 2, 16)
+    overrides = list(args.attention)
+    if not cuda:
+        overrides += ["attention.n_init=16", "attention.local_window=32", "attention.backend=reference"]
+    kw = shipped_attention(overrides)
+    device_name = torch.cuda.get_device_name() if cuda else "cpu"
     rows = []
+
+    def emit(row):
+        row.update(device=device_name, world=cp)
+        rows.append(row)
+        if rank == 0:
+            print(json.dumps(row), flush=True)
+
     for L in args.seq_lens:
-        g = torch.Generator(device="cuda").manual_seed(L)
-        q, k, v = (torch.randn(1, L, h, d, device="cuda", dtype=torch.bfloat16, generator=g) for h in (hq, hk, hk))
-        info = ((torch.rand(1, L, device="cuda", generator=g) < 0.1).to(torch.int32) * PUNCT_BIT)
-        do = torch.randn(1, L, hq, d, device="cuda", dtype=torch.bfloat16, generator=g)
-        mine = (lambda x: natural_to_zigzag(x, cp)[rank]) if cp > 1 else (lambda x: x)
+        g = torch.Generator(device=dev).manual_seed(L)
+        q, k, v = (torch.randn(1, L, h, d, device=dev, dtype=dtype, generator=g) for h in (hq, hk, hk))
+        info = ((torch.rand(1, L, device=dev, generator=g) < 0.1).to(torch.int32) * PUNCT_BIT)
+        do = torch.randn(1, L, hq, d, device=dev, dtype=dtype, generator=g)
+        mine = (lambda x: natural_to_zigzag(x, cp)[rank]) if cp > 1 else (lambda x: x)  # noqa: E731
         ql, kl, vl = (mine(x).clone().requires_grad_() for x in (q, k, v))
         il, dol = mine(info), mine(do)
+        cp1_ms = None
+        if cp > 1 and not args.no_cp1:  # CP=1 on this rank's own device, same process, same card
+            qf, kf, vf = (x.clone().requires_grad_() for x in (q, k, v))
+            fb1 = lambda: phsa_local(qf, kf, vf, info, kw).backward(do)  # noqa: E731
+            fb1()
+            cp1_ms = timed(fb1, args.reps, cuda)
+            emit({"L": L, "cp": 1, "variant": "phsa", "fwd_bwd_ms": cp1_ms, "settings": kw,
+                  "tokens_per_s_per_gpu": L / (cp1_ms / 1e3)})
+            if not args.no_profile:
+                rows[-1]["profile"] = profile_stages(fb1, cuda)
+            del qf, kf, vf
         for mode in args.modes:
             if cp > 1:
                 attn = lambda: cp_phsa_attention(ql, kl, vl, il, group, mode, kw)  # noqa: E731
@@ -86,11 +188,16 @@ def main():
             fwd_bwd = lambda: attn().backward(dol)  # noqa: E731
             for _ in range(2):
                 fwd_bwd()
-            ms = timed(fwd_bwd, args.reps)
-            ms_fwd = timed(lambda: attn(), args.reps)
-            row = {"L": L, "cp": cp, "mode": mode, "variant": "phsa", "fwd_bwd_ms": ms, "fwd_ms": ms_fwd,
-                   "tokens_per_s_per_gpu": (L / cp) / (ms / 1e3),
-                   "bytes_per_layer_per_rank": bytes_per_layer(mode, L, cp, hq, hk, d)}
+            ms = timed(fwd_bwd, args.reps, cuda)
+            with torch.no_grad():
+                ms_fwd = timed(attn, args.reps, cuda)
+            row = {"L": L, "cp": cp, "mode": mode, "variant": "phsa", "settings": kw, "fwd_bwd_ms": ms,
+                   "fwd_ms": ms_fwd, "tokens_per_s_per_gpu": (L / cp) / (ms / 1e3),
+                   "bytes_per_layer_per_rank": bytes_per_layer(mode, L, cp, hq, hk, d, q.element_size())}
+            if cp1_ms is not None:
+                row["scaling_efficiency"] = cp1_ms / (cp * ms)
+            if not args.no_profile:
+                row["profile"] = profile_stages(fwd_bwd, cuda)
             if args.check and cp > 1:
                 ql.grad = kl.grad = vl.grad = None
                 o = attn()
@@ -101,32 +208,41 @@ def main():
                 err = lambda a, b: ((a.float() - b.float()).norm() / b.float().norm()).item()  # noqa: E731
                 row["check_rel_err"] = {"o": err(o, mine(o_ref)), "dq": err(ql.grad, mine(qr.grad)),
                                         "dk": err(kl.grad, mine(kr.grad)), "dv": err(vl.grad, mine(vr.grad))}
-            rows.append(row)
-            if rank == 0:
-                print(json.dumps(row), flush=True)
-        # Dense cuDNN layer with all-gather CP: the baseline in the same run.
-        if cp > 1:
-            dense = lambda: cp_attention(ql, kl, vl, None, group)  # noqa: E731
-        else:
-            from phsa_train.megatron.core_attention import dense_causal_attention
-
-            dense = lambda: dense_causal_attention(ql, kl, vl, None)  # noqa: E731
-        try:
-            ms = timed(lambda: dense().backward(dol), max(3, args.reps // 3))
-            rows.append({"L": L, "cp": cp, "mode": "allgather", "variant": "dense", "fwd_bwd_ms": ms,
-                         "tokens_per_s_per_gpu": (L / cp) / (ms / 1e3)})
-            if rank == 0:
-                print(json.dumps(rows[-1]), flush=True)
-        except torch.OutOfMemoryError:
-            if rank == 0:
-                print(json.dumps({"L": L, "cp": cp, "variant": "dense", "error": "OOM"}), flush=True)
+            # every rank's time: the step is as slow as the slowest rank
+            times = [None] * cp
+            dist.all_gather_object(times, ms, group=group)
+            row["fwd_bwd_ms_per_rank"] = times
+            emit(row)
+        if not args.no_dense:
+            try:
+                if cp > 1:
+                    dense = lambda: cp_attention(ql, kl, vl, None, group)  # noqa: E731
+                    backend = "flash (bottom-right causal chunks)" if cuda else "math"
+                else:
+                    dense = lambda: dense_causal_attention(ql, kl, vl, None)  # noqa: E731
+                    backend = "cudnn" if cuda else "math"
+                dense().backward(dol)
+                ms = timed(lambda: dense().backward(dol), max(3, args.reps // 3), cuda)
+                emit({"L": L, "cp": cp, "mode": "allgather", "variant": "dense", "sdpa_backend": backend,
+                      "fwd_bwd_ms": ms, "tokens_per_s_per_gpu": (L / cp) / (ms / 1e3)})
+                if cp > 1 and not args.no_cp1:  # dense CP=1 (cuDNN) on the whole sequence, same card
+                    qf, kf, vf = (x.clone().requires_grad_() for x in (q, k, v))
+                    ms1 = timed(lambda: dense_causal_attention(qf, kf, vf, None).backward(do),
+                                max(3, args.reps // 3), cuda)
+                    emit({"L": L, "cp": 1, "variant": "dense", "sdpa_backend": "cudnn" if cuda else "math",
+                          "fwd_bwd_ms": ms1, "tokens_per_s_per_gpu": L / (ms1 / 1e3)})
+                    rows[-2]["scaling_efficiency"] = ms1 / (cp * ms)
+                    del qf, kf, vf
+            except torch.OutOfMemoryError:
+                emit({"L": L, "cp": cp, "variant": "dense", "error": "OOM"})
         del q, k, v, ql, kl, vl, do, dol
-        torch.cuda.empty_cache()
+        if cuda:
+            torch.cuda.empty_cache()
     if rank == 0:
-        out = Path(args.out or f"bench/results/context_parallel-cp{cp}-{torch.cuda.get_device_name().replace(' ', '_')}"
-                               f"-{datetime.date.today().isoformat()}.json")
+        stamp = datetime.date.today().isoformat()
+        out = Path(args.out or f"bench/results/context_parallel-cp{cp}-{device_name.replace(' ', '_')}-{stamp}.json")
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "world": cp, "rows": rows}, indent=1))
+        out.write_text(json.dumps({"device": device_name, "world": cp, "date": stamp, "rows": rows}, indent=1))
     dist.barrier()
     dist.destroy_process_group()
 

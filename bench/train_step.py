@@ -1,11 +1,17 @@
-"""One-GPU end-to-end training-step benchmark: PHSA vs dense, same model, same run.
+"""End-to-end training-step benchmark: PHSA vs dense, same model, same run, any TP x CP x DP layout.
 
     python bench/train_step.py --model qwen3_0.6b --seq-len 32768 [--phsa attention.query_block=64 ...]
+    torchrun --nproc-per-node=2 bench/train_step.py --cp 2 --seq-len 131072          # CP=2 (DP = world / TP / CP)
+    torchrun --nproc-per-node=4 bench/train_step.py --cp 2 --seq-len 131072          # CP=2 x DP=2
+    torchrun --nproc-per-node=2 bench/train_step.py --cp 2 --cpu --model tiny --seq-len 512   # logic, gloo
 
 Builds the real training stack for each variant (Megatron GPTModel in bf16, Megatron DDP + distributed
-optimizer, Megatron's schedule, our core attention), runs warm-up steps and then times full training
-steps (forward, backward, grad reduce, optimizer) on synthetic token batches whose punctuation rate is
-~10%. Prints one JSON line per variant plus the ratio and writes bench/results/train_step-<device>-<date>.json.
+optimizer, Megatron's schedule, our core attention and CP path), runs warm-up steps and then times full
+training steps (forward, backward, grad reduce, optimizer) on synthetic token batches whose punctuation rate is
+~10%, one sequence per DP rank. Reports per-GPU tokens/s, MFU (dense-equivalent model FLOPs, and the FLOPs the
+sparse attention computes), peak memory (max over ranks) and the exact Hydra overrides of every variant. Prints
+one JSON line per variant plus the ratios; writes bench/results/train_step-<device>-<date>.json (``--out``).
+A variant that runs out of memory is reported as ``"error": "OOM"`` (every rank agrees before going on).
 """
 from __future__ import annotations
 
@@ -18,6 +24,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 
 def run_variant(name: str, overrides: list[str], args) -> dict:
@@ -30,55 +37,97 @@ def run_variant(name: str, overrides: list[str], args) -> dict:
     from phsa_train.megatron.token_info import make_token_info
     from phsa_train.metrics import flops_per_token
     from phsa_train.model import build_model, padded_vocab_size
-    from phsa_train.train import forward_step
+    from phsa_train.train import PEAK_FLOPS, forward_step
 
+    dp = parallel_state.get_data_parallel_world_size()
+    cuda = torch.cuda.is_available() and not args.cpu
+    dev = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     cfg = compose([f"model={args.model}", f"data.seq_len={args.seq_len}", "train.micro_batch_size=1",
-                   "train.global_batch_size=1", f"train.recompute={args.recompute}", *overrides])
+                   f"train.global_batch_size={dp}", f"train.recompute={args.recompute}",
+                   f"parallel.tensor_model_parallel_size={args.tp}", f"parallel.context_parallel_size={args.cp}",
+                   *overrides])
     torch.manual_seed(0)
-    model_parallel_cuda_manual_seed(0)
-    vocab = padded_vocab_size(args.vocab, 128, 1)
-    model = build_model(cfg, vocab, torch.bfloat16)
-    ddp, optimizer, _ = build_optimizer(cfg, model, on_gpu=True)
+    if cuda:
+        model_parallel_cuda_manual_seed(0)
+    vocab = padded_vocab_size(args.vocab, 128, args.tp)
+    model = build_model(cfg, vocab, torch.bfloat16 if cuda else torch.float32)
+    ddp, optimizer, _ = build_optimizer(cfg, model, on_gpu=cuda)
     if name != "dense":
         from phsa_train.megatron import set_sparsity
 
         set_sparsity(model, train_topk=cfg.attention.train_topk, dense=False)
-    fb = get_forward_backward_func()
-    g = torch.Generator(device="cuda").manual_seed(0)
-    tokens = torch.randint(0, args.vocab, (1, args.seq_len + 1), device="cuda", generator=g)
-    lut = torch.rand(vocab, device="cuda", generator=g) < 0.1
+    if cuda:
+        fb = get_forward_backward_func()
+    else:
+        from phsa_train import cpu_compat
+
+        fb = cpu_compat.forward_backward_local
+    # one sequence per DP rank (the same on the ranks of one CP/TP group: forward_step slices it for CP)
+    g = torch.Generator(device=dev).manual_seed(1000 + parallel_state.get_data_parallel_rank())
+    tokens = torch.randint(0, args.vocab, (1, args.seq_len + 1), device=dev, generator=g)
+    lut = torch.rand(vocab, device=dev, generator=g) < 0.1
     batch = {"tokens": tokens[:, :-1], "labels": tokens[:, 1:],
-             "loss_mask": torch.ones(1, args.seq_len, device="cuda"),
-             "position_ids": torch.arange(args.seq_len, device="cuda")[None],
+             "loss_mask": torch.ones(1, args.seq_len, device=dev),
+             "position_ids": torch.arange(args.seq_len, device=dev)[None],
              "token_info": make_token_info(tokens[:, :-1], lut, None)}
 
     def step():
-        ddp.zero_grad_buffer()
+        if cuda:
+            ddp.zero_grad_buffer()
         optimizer.zero_grad()
         fb(forward_step_func=forward_step, data_iterator=iter([batch]), model=[ddp], num_microbatches=1,
            seq_length=args.seq_len, micro_batch_size=1, forward_only=False)
+        if not cuda:
+            cpu_compat.allreduce_grads(ddp)
         optimizer.step()
 
-    torch.cuda.reset_peak_memory_stats()
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     for _ in range(args.warmup):
         step()
-    torch.cuda.synchronize()
+    sync()
     times = []
     for _ in range(args.steps):
+        dist.barrier()
         t0 = time.perf_counter()
         step()
-        torch.cuda.synchronize()
+        sync()
         times.append(time.perf_counter() - t0)
     times.sort()
     median = times[len(times) // 2]
-    result = {"variant": name, "overrides": overrides, "seq_len": args.seq_len, "model": args.model,
-              "step_ms": median * 1e3, "tokens_per_s": args.seq_len / median,
-              "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
-              "dense_flops_per_token": flops_per_token(cfg, args.seq_len, vocab)}
+    world = dist.get_world_size()
+    peak = torch.tensor([torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0], device=dev)
+    dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    per_gpu = args.seq_len * dp / median / world
+    a = cfg.attention
+    attended = None
+    if a.name == "phsa":  # keys a query attends at the hold: INIT + LOCAL + top-k blocks (at most the causal mean)
+        attended = min(args.seq_len / 2, a.n_init + a.local_window + a.train_topk * a.block_size)
+    peak_flops = next((v for k_, v in PEAK_FLOPS.items() if cuda and k_ in torch.cuda.get_device_name()), None)
+    f_dense, f_done = flops_per_token(cfg, args.seq_len, vocab), flops_per_token(cfg, args.seq_len, vocab, attended)
+    result = {"variant": name, "overrides": cfg_overrides(cfg, overrides, args), "seq_len": args.seq_len,
+              "model": args.model, "layout": {"tp": args.tp, "cp": args.cp, "dp": dp, "world": world},
+              "recompute": args.recompute, "step_ms": median * 1e3, "tokens_per_s": args.seq_len * dp / median,
+              "tokens_per_s_per_gpu": per_gpu, "peak_mem_gib_max_rank": peak.item(),
+              "dense_flops_per_token": f_dense, "computed_flops_per_token": f_done,
+              "mfu_dense_equivalent": per_gpu * f_dense / peak_flops if peak_flops else None,
+              "mfu_computed": per_gpu * f_done / peak_flops if peak_flops else None}
     del ddp, model, optimizer
     gc.collect()
-    torch.cuda.empty_cache()
+    if cuda:
+        torch.cuda.empty_cache()
     return result
+
+
+def cfg_overrides(cfg, overrides, args) -> list[str]:
+    """The exact Hydra overrides that reproduce this variant through launch/pretrain.sh."""
+    shown = [f"model={args.model}", f"data.seq_len={args.seq_len}", f"train.recompute={args.recompute}",
+             f"parallel.tensor_model_parallel_size={args.tp}", f"parallel.context_parallel_size={args.cp}", *overrides]
+    # the knob the speed depends on most, shown even when left at its default
+    if cfg.attention.name == "phsa" and not any(o.startswith("attention.query_block=") for o in overrides):
+        shown.append(f"attention.query_block={cfg.attention.query_block}")
+    return shown
 
 
 def main():
@@ -91,31 +140,56 @@ def main():
     ap.add_argument("--recompute", default="full", help="none | selective | full (0.6B at 32k needs full on 80 GB)")
     ap.add_argument("--phsa", nargs="*", default=[], help="extra Hydra overrides for the PHSA variant")
     ap.add_argument("--variants", default="dense,phsa",
-                    help="comma list of dense, phsa, phsa_dot (phsa with attention.score=dot_group_sum)")
+                    help="comma list of dense, phsa, phsa_dot (phsa with attention.score=dot_group_sum), "
+                         "phsa_qb64 (phsa with attention.query_block=64)")
+    ap.add_argument("--tp", type=int, default=1)
+    ap.add_argument("--cp", type=int, default=1)
+    ap.add_argument("--cpu", action="store_true", help="gloo on CPU (fp32, AdamW): a logic check of the layouts")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
-    from phsa_train.distributed import init_distributed, init_model_parallel
+    from megatron.core import parallel_state
+
+    from phsa_train.distributed import init_distributed, init_model_parallel, prepare_device
 
     os.environ.setdefault("MASTER_PORT", "29533")
-    init_distributed()
-    init_model_parallel(1, 1, 1)
+    env = init_distributed()
+    init_model_parallel(args.tp, 1, args.cp)
+    if args.cpu or env.device.type != "cuda":
+        args.cpu = True
+        prepare_device(env, 0)  # Megatron's CPU shims
     variants = {"dense": ["attention=dense"], "phsa": ["attention=phsa", *args.phsa],
-                "phsa_dot": ["attention=phsa", *args.phsa, "attention.score=dot_group_sum"]}
+                "phsa_dot": ["attention=phsa", *args.phsa, "attention.score=dot_group_sum"],
+                "phsa_qb64": ["attention=phsa", *args.phsa, "attention.query_block=64"]}
     results = {}
     for name in args.variants.split(","):
-        results[name] = run_variant(name, variants[name], args)
-        print(json.dumps(results[name]), flush=True)
-    summary = {"device": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
-               "results": list(results.values())}
-    for name in ("phsa", "phsa_dot"):
-        if "dense" in results and name in results:
+        try:
+            results[name] = run_variant(name, variants[name], args)
+            failed = 0
+        except torch.OutOfMemoryError:
+            results[name] = {"variant": name, "overrides": variants[name], "seq_len": args.seq_len, "error": "OOM"}
+            gc.collect()
+            torch.cuda.empty_cache()
+            failed = 1
+        # all ranks agree before the next variant (a rank that ran out of memory may have left its peers waiting
+        # in a collective: they time out and the run fails, which the caller reports as not fitting)
+        flag = torch.tensor([failed], device=env.device if not args.cpu else "cpu")
+        dist.all_reduce(flag)
+        if env.rank == 0:
+            print(json.dumps(results[name]), flush=True)
+    device = "cpu" if args.cpu else torch.cuda.get_device_name()
+    summary = {"device": device, "date": datetime.date.today().isoformat(), "results": list(results.values())}
+    for name in ("phsa", "phsa_dot", "phsa_qb64"):
+        if "tokens_per_s" in results.get("dense", {}) and "tokens_per_s" in results.get(name, {}):
             summary[f"{name}_over_dense_tokens_per_s"] = (results[name]["tokens_per_s"]
                                                           / results["dense"]["tokens_per_s"])
-    print(json.dumps({k: v for k, v in summary.items() if k != "results"}), flush=True)
-    out = Path(args.out or f"bench/results/train_step-{summary['device'].replace(' ', '_')}-{summary['date']}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(summary, indent=1))
+    if env.rank == 0:
+        print(json.dumps({k: v for k, v in summary.items() if k != "results"}), flush=True)
+        out = Path(args.out or f"bench/results/train_step-{device.replace(' ', '_')}-{summary['date']}.json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(summary, indent=1))
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -19,9 +19,16 @@ holds Megatron's load-balanced ("zigzag") slice of every sequence: chunks ``r`` 
 A chunk's queries at global positions ``[c*C, (c+1)*C)`` need keys ``[0, (c+1)*C)`` only (causal). The
 operator takes them as suffix queries (``q_offset = c*C``): the Triton kernels index those rows natively and
 compute nothing for the prefix; the reference backend pads them with zero rows. This is exact: a query's
-selection and softmax depend only on its own row, the keys and the punctuation flags, and chunk boundaries
-are multiples of ``attention.query_block`` (validated), so query groups never straddle them. With packed
-documents (doc-local query groups may straddle a chunk start) the chunk is still padded to its prefix.
+selection and softmax depend only on its query group's rows, the keys and the punctuation flags, and chunk
+boundaries are multiples of ``attention.query_block`` (validated), so query groups never straddle them.
+With packed documents (``data.reset_attention_mask``) groups are document-local and may straddle a chunk
+or end: the chunk then runs padded to its prefix, with the query_block - 1 real query rows of the neighbouring
+chunks on either side (one small all-gather), so a straddling group's selection sums over all its rows as at
+CP=1.
+
+Communication per layer and rank (allgather, CP=2, 0.6B shape hk=8, d=128, bf16): K+V all-gather receives
+2 * (L/2) * 8 * 128 * 2 B = 2 MiB per 1k tokens of L (128 MiB at 64k, 256 MiB at 128k), the dK+dV
+reduce-scatter the same; at ~350 GB/s of NVLink that is ~0.4 / 0.8 ms each way at 64k / 128k.
 """
 from __future__ import annotations
 
@@ -31,10 +38,22 @@ import torch
 import torch.distributed as dist
 
 from phsa_train.attention.params import pad_queries_front
+from phsa_train.megatron.token_info import DOC_START_BIT
 
 
 def _is_nccl(group) -> bool:
     return dist.get_backend(group) == "nccl"
+
+
+def _all_gather_ranks(x: torch.Tensor, group, async_op: bool = False):
+    """x [...] -> ([cp, ...] with rank r's x at index r, work handle or None). One collective, no copy-out."""
+    cp = dist.get_world_size(group)
+    out = torch.empty((cp, *x.shape), dtype=x.dtype, device=x.device)
+    if _is_nccl(group):
+        work = dist.all_gather_into_tensor(out, x.contiguous(), group=group, async_op=async_op)
+    else:  # gloo: list form (its all_gather_into_tensor is not implemented on every torch build)
+        work = dist.all_gather(list(out.unbind(0)), x.contiguous(), group=group, async_op=async_op)
+    return out, work
 
 
 class _GatherSequence(torch.autograd.Function):
@@ -43,26 +62,27 @@ class _GatherSequence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
         ctx.group = group
-        cp = dist.get_world_size(group)
-        parts = [torch.empty_like(x) for _ in range(cp)]
-        dist.all_gather(parts, x.contiguous(), group=group)
-        return zigzag_to_natural(torch.stack(parts), cp)
+        parts, _ = _all_gather_ranks(x, group)
+        return zigzag_to_natural(parts, dist.get_world_size(group))
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        group = ctx.group
-        cp, rank = dist.get_world_size(group), dist.get_rank(group)
-        per_rank = natural_to_zigzag(grad.contiguous(), cp)  # [cp, b, s_local, ...]
-        if _is_nccl(group):
-            out = torch.empty_like(per_rank[0])
-            dist.reduce_scatter_tensor(out, per_rank.contiguous(), group=group)
-            return out, None
-        dist.all_reduce(per_rank, group=group)  # gloo has no reduce-scatter
-        return per_rank[rank].clone(), None
+        return _reduce_scatter_home(natural_to_zigzag(grad, dist.get_world_size(ctx.group)), ctx.group), None
+
+
+def _reduce_scatter_home(per_rank: torch.Tensor, group) -> torch.Tensor:
+    """per_rank [cp, ...] (contiguous; index r = this rank's contribution to rank r's slice) -> the sum over
+    ranks of index ``rank``: one reduce-scatter on NCCL (all-reduce + slice on gloo, which has none)."""
+    if _is_nccl(group):
+        out = torch.empty_like(per_rank[0])
+        dist.reduce_scatter_tensor(out, per_rank, group=group)
+        return out
+    dist.all_reduce(per_rank, group=group)
+    return per_rank[dist.get_rank(group)].clone()
 
 
 def zigzag_to_natural(parts: torch.Tensor, cp: int) -> torch.Tensor:
-    """parts [cp, b, s_local, ...] (rank r holds chunks r, 2cp-1-r) -> [b, s, ...] in position order."""
+    """parts [cp, b, s_local, ...] (rank r holds chunks r, 2cp-1-r) -> [b, s, ...] in position order (one copy)."""
     b, s_local = parts.shape[1], parts.shape[2]
     halves = parts.reshape(cp, b, 2, s_local // 2, *parts.shape[3:])
     chunks = [None] * (2 * cp)
@@ -72,9 +92,83 @@ def zigzag_to_natural(parts: torch.Tensor, cp: int) -> torch.Tensor:
 
 
 def natural_to_zigzag(x: torch.Tensor, cp: int) -> torch.Tensor:
-    """[b, s, ...] -> [cp, b, s_local, ...], the inverse of :func:`zigzag_to_natural`."""
+    """[b, s, ...] -> [cp, b, s_local, ...] (contiguous, one copy), the inverse of :func:`zigzag_to_natural`."""
     chunks = x.chunk(2 * cp, dim=1)
-    return torch.stack([torch.cat([chunks[r], chunks[2 * cp - 1 - r]], dim=1) for r in range(cp)])
+    c = chunks[0].shape[1]
+    out = x.new_empty((cp, x.shape[0], 2 * c, *x.shape[2:]))
+    for r in range(cp):
+        out[:, :, :c][r].copy_(chunks[r])
+        out[:, :, c:][r].copy_(chunks[2 * cp - 1 - r])
+    return out
+
+
+class _GatherPrefixes(torch.autograd.Function):
+    """This rank's zigzag K and V slices -> the causal key prefix of each of its two query chunks.
+
+    Forward: one all-gather of K and V together (stacked when they have the same shape), one copy into
+    position order; the outputs are views ``k[:, :end_i]``, ``v[:, :end_i]`` of that buffer (no per-chunk
+    copies). Backward: the chunks' prefix gradients are summed straight into the [cp, ...] reduce-scatter buffer
+    (each position written once, zeros only where no local query reaches), then one reduce-scatter sends every
+    slice home. Gradients travel in the keys' dtype (bf16 in training): the same bytes as forward.
+    """
+
+    @staticmethod
+    def forward(ctx, k: torch.Tensor, v: torch.Tensor, group, ends: tuple):
+        cp = dist.get_world_size(group)
+        ctx.group, ctx.ends, ctx.shapes = group, ends, (k.shape, v.shape)
+        stacked = k.shape == v.shape and k.dtype == v.dtype
+        ctx.stacked = stacked
+        if stacked:
+            parts, _ = _all_gather_ranks(torch.stack((k, v), dim=1), group)  # [cp, b, 2, s_local, h, d]
+            full = zigzag_to_natural(parts.flatten(1, 2), cp)  # [b*2, s, h, d]
+            full = full.unflatten(0, (k.shape[0], 2))
+            k_full, v_full = full[:, 0], full[:, 1]
+        else:
+            k_full = zigzag_to_natural(_all_gather_ranks(k, group)[0], cp)
+            v_full = zigzag_to_natural(_all_gather_ranks(v, group)[0], cp)
+        return (*(k_full[:, :e] for e in ends), *(v_full[:, :e] for e in ends))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        group, ends = ctx.group, ctx.ends
+        cp, n = dist.get_world_size(group), len(ends)
+        (b, s_local, *rest_k), (_, _, *rest_v) = ctx.shapes
+        c = s_local // 2
+        dk_parts, dv_parts = grads[:n], grads[n:]
+
+        def fill(dst: torch.Tensor, chunk: int, parts) -> None:
+            """dst [b, c, ...] = sum of the prefix gradients over natural chunk ``chunk`` (zero when none)."""
+            lo, hi, first = chunk * c, (chunk + 1) * c, True
+            for g, e in zip(parts, ends):
+                if g is None or e < hi:
+                    continue
+                if first:
+                    dst.copy_(g[:, lo:hi])
+                    first = False
+                else:
+                    dst.add_(g[:, lo:hi])
+            if first:
+                dst.zero_()
+
+        if ctx.stacked:
+            g0 = next(g for g in grads if g is not None)
+            dtype, device = g0.dtype, g0.device
+            buf = torch.empty((cp, b, 2, s_local, *rest_k), dtype=dtype, device=device)
+            for r in range(cp):
+                for half, chunk in ((0, r), (1, 2 * cp - 1 - r)):
+                    fill(buf[r, :, 0, half * c:(half + 1) * c], chunk, dk_parts)
+                    fill(buf[r, :, 1, half * c:(half + 1) * c], chunk, dv_parts)
+            home = _reduce_scatter_home(buf, group)  # [b, 2, s_local, h, d]
+            return home[:, 0], home[:, 1], None, None
+        out = []
+        for parts, rest in ((dk_parts, rest_k), (dv_parts, rest_v)):
+            g0 = next(g for g in parts if g is not None)
+            buf = torch.empty((cp, b, s_local, *rest), dtype=g0.dtype, device=g0.device)
+            for r in range(cp):
+                fill(buf[r, :, :c], r, parts)
+                fill(buf[r, :, c:], 2 * cp - 1 - r, parts)
+            out.append(_reduce_scatter_home(buf, group))
+        return out[0], out[1], None, None
 
 
 def gather_sequence(x: torch.Tensor, group) -> torch.Tensor:
@@ -87,25 +181,61 @@ def local_chunk_positions(s_local: int, cp: int, rank: int) -> list[tuple[int, i
     return [(rank * c, (rank + 1) * c), ((2 * cp - 1 - rank) * c, (2 * cp - rank) * c)]
 
 
-def _attend_chunks(q_local, k_full, v_full, info_full, group, chunk_fn: Callable,
-                   pad_queries: bool = True) -> torch.Tensor:
-    """Run ``chunk_fn`` for both local chunks against their causal prefix [0, end).
+def _neighbour_rows(q_local: torch.Tensor, n: int, group) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """For each local chunk, the ``n`` query rows just before its start and just after its end ([b, n, ...] each,
+    detached; empty at the sequence's ends). One small all-gather of every rank's first and last ``n`` rows of
+    both halves."""
+    cp, rank = dist.get_world_size(group), dist.get_rank(group)
+    c = q_local.shape[1] // 2
+    halves = (q_local[:, :c], q_local[:, c:])
+    edges = torch.stack([torch.stack((h[:, :n], h[:, c - n:]), dim=1) for h in halves], dim=1).detach()
+    parts, _ = _all_gather_ranks(edges, group)  # [cp, b, half, (head, tail), n, ...]
 
-    pad_queries=True: chunk_fn(q_padded [b, end, ...], k, v, info) -> o [b, end, ...] (rows before the chunk
-    are zero queries whose output is dropped); False: chunk_fn(q_chunk [b, C, ...], k, v, info) -> [b, C, ...]
-    with the chunk's queries aligned to the end of the prefix.
+    def edge(j: int, which: int) -> torch.Tensor:  # head (0) or tail (1) rows of natural chunk j
+        return parts[j, :, 0, which] if j < cp else parts[2 * cp - 1 - j, :, 1, which]
+
+    empty = q_local[:, :0].detach()
+    return [(edge(j - 1, 1) if j > 0 else empty, edge(j + 1, 0) if j < 2 * cp - 1 else empty)
+            for j in (rank, 2 * cp - 1 - rank)]
+
+
+def _attend_chunks(q_local, k_local, v_local, token_info, group, chunk_fn: Callable,
+                   query_context: int = 0) -> torch.Tensor:
+    """Run ``chunk_fn(q_chunk [b, C, ...], k [b, end, ...], v, info [b, end] | None) -> [b, C, ...]`` for both local
+    chunks against their causal prefix [0, end) (the chunk's queries aligned to the end of the prefix).
+
+    ``query_context`` = n > 0 with packed documents: each chunk runs with the n real query rows on either side
+    of it (detached; their outputs are dropped, so they get no gradient) and the prefix reaches n keys further.
+    PHSA needs them when a document-local query group straddles a chunk boundary: the group's selection sums
+    over all its rows, up to query_block - 1 of which lie in the neighbouring chunk; keys past a row never
+    reach its output (causal). Without documents, chunk boundaries are group boundaries.
     """
     cp, rank = dist.get_world_size(group), dist.get_rank(group)
     c = q_local.shape[1] // 2
+    L = 2 * cp * c
+    spans = local_chunk_positions(q_local.shape[1], cp, rank)
+    info_full = None
+    if token_info is not None:  # the punctuation (and document) flags: [b, L] int32, small
+        info_full = zigzag_to_natural(_all_gather_ranks(token_info, group)[0], cp)
+    n = 0
+    if query_context > 0 and info_full is not None and bool((info_full & DOC_START_BIT).any()):
+        n = min(query_context, c)  # the same decision on every rank: info_full is the same everywhere
+    key_ends = tuple(min(end + n, L) for _, end in spans)
+    prefixes = _GatherPrefixes.apply(k_local, v_local, group, key_ends)
+    around = _neighbour_rows(q_local, n, group) if n else None
     outs = []
-    for i, (start, end) in enumerate(local_chunk_positions(q_local.shape[1], cp, rank)):
+    for i, (_, end) in enumerate(spans):
         q_chunk = q_local[:, i * c:(i + 1) * c]
-        info = None if info_full is None else info_full[:, :end]
-        if pad_queries:
-            q_pad = pad_queries_front(q_chunk, start)
-            outs.append(chunk_fn(q_pad, k_full[:, :end], v_full[:, :end], info)[:, start:end])
+        k_pre, v_pre = prefixes[i], prefixes[len(spans) + i]
+        # a prefix with no document start after position 0 is one document: its groups are aligned to the chunk
+        if around is not None and bool((info_full[:, 1:end] & DOC_START_BIT).any()):
+            before, after = around[i]
+            q_ext = torch.cat((before, q_chunk, after), dim=1)
+            o = chunk_fn(q_ext, k_pre, v_pre, info_full[:, :key_ends[i]])
+            outs.append(o[:, before.shape[1]:before.shape[1] + c])
         else:
-            outs.append(chunk_fn(q_chunk, k_full[:, :end], v_full[:, :end], info))
+            info = None if info_full is None else info_full[:, :end]
+            outs.append(chunk_fn(q_chunk, k_pre[:, :end], v_pre[:, :end], info))
     return torch.cat(outs, dim=1)
 
 
@@ -117,11 +247,9 @@ def cp_phsa_attention(q, k, v, token_info, group, mode: str, phsa_kwargs: dict) 
     if mode == "ulysses":
         return ulysses_attention(q, k, v, token_info, group,
                                  lambda q_, k_, v_, info_: phsa_local(q_, k_, v_, info_, phsa_kwargs))
-    k_full, v_full = gather_sequence(k, group), gather_sequence(v, group)
-    with torch.no_grad():
-        info_full = gather_sequence(token_info, group)
-    return _attend_chunks(q, k_full, v_full, info_full, group,
-                          lambda q_, k_, v_, info_: phsa_local(q_, k_, v_, info_, phsa_kwargs), pad_queries=False)
+    return _attend_chunks(q, k, v, token_info, group,
+                          lambda q_, k_, v_, info_: phsa_local(q_, k_, v_, info_, phsa_kwargs),
+                          query_context=phsa_kwargs.get("query_block", 1) - 1)
 
 
 def cp_attention(q, k, v, token_info, group, softmax_scale=None) -> torch.Tensor:
@@ -132,14 +260,8 @@ def cp_attention(q, k, v, token_info, group, softmax_scale=None) -> torch.Tensor
     """
     from phsa_train.megatron.core_attention import dense_chunk_attention
 
-    k_full, v_full = gather_sequence(k, group), gather_sequence(v, group)
-    info_full = None
-    if token_info is not None:
-        with torch.no_grad():
-            info_full = gather_sequence(token_info, group)
-    return _attend_chunks(q, k_full, v_full, info_full, group,
-                          lambda q_, k_, v_, info_: dense_chunk_attention(q_, k_, v_, info_, softmax_scale),
-                          pad_queries=False)
+    return _attend_chunks(q, k, v, token_info, group,
+                          lambda q_, k_, v_, info_: dense_chunk_attention(q_, k_, v_, info_, softmax_scale))
 
 
 def ulysses_attention(q, k, v, token_info, group, local_fn) -> torch.Tensor:
@@ -185,17 +307,30 @@ def _ensure_deepspeed_comm() -> None:
         _ds_ready = True
 
 
-def cp_select_blocks(q, k, token_info, group, phsa_kwargs: dict) -> torch.Tensor:
-    """The blocks the all-gather CP path selects for this rank's queries: [b, s_local, hk, topk].
+def cp_select_blocks(q, k, token_info, group, phsa_kwargs: dict, mode: str = "allgather") -> torch.Tensor:
+    """The blocks the CP path selects for this rank's queries: [b, s_local, hk, topk] (int64, -1 padded).
 
-    Same gather and chunking as :func:`cp_phsa_attention` (used by tests and selection statistics).
+    ``allgather``: the same gather and chunking as :func:`cp_phsa_attention`; ``ulysses``: the same all-to-all,
+    selection over the full sequence for this rank's KV heads (tests and selection statistics use it to compare
+    the selections themselves with a CP=1 run). Packed documents (DOC_START bits) are honoured as in training.
     """
     from phsa_train.attention import select_blocks
-    from phsa_train.megatron.token_info import punct_mask
+    from phsa_train.megatron.token_info import document_cu_seqlens, punct_mask
 
     kwargs = {k_: v_ for k_, v_ in phsa_kwargs.items() if k_ != "softmax_scale"}
+
+    def suffix_select(q_, k_, v_, info_):
+        start = k_.shape[1] - q_.shape[1]  # select_blocks has no query offset: pad, then keep the chunk's rows
+        qp, pm, cu = pad_queries_front(q_, start), punct_mask(info_), document_cu_seqlens(info_)
+        if cu is None:
+            return select_blocks(qp, k_, pm, **kwargs)[:, start:]
+        b, s = pm.shape  # packed documents: one long row, as phsa_local runs them
+        flat = lambda x: x.reshape(1, b * s, *x.shape[2:])  # noqa: E731
+        sel = select_blocks(flat(qp), flat(k_), pm.reshape(1, b * s), cu_seqlens=cu, **kwargs)
+        return sel.reshape(b, s, *sel.shape[2:])[:, start:]
+
     with torch.no_grad():
-        k_full, info_full = gather_sequence(k, group), gather_sequence(token_info, group)
-        sel = _attend_chunks(q, k_full, k_full, info_full, group,
-                             lambda q_, k_, v_, info_: select_blocks(q_, k_, punct_mask(info_), **kwargs))
-    return sel
+        if mode == "ulysses":
+            return ulysses_attention(q, k, k, token_info, group, suffix_select)
+        return _attend_chunks(q, k, k, token_info, group, suffix_select,
+                              query_context=phsa_kwargs.get("query_block", 1) - 1)
