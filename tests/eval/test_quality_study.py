@@ -73,3 +73,35 @@ def test_summarize_mean_and_spread_over_seeds(tmp_path):
     assert "query_block 1 vs 64" in out.stdout
     for f in ("loss.png", "recall_over_training.png", "retrieval_vs_k.png", "retrieval_grid.png"):
         assert (tmp_path / "plots" / f).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_summarize_reads_real_eval_results(tmp_path):
+    """The eval JSON as `phsa_train.eval` wrote it on the GPU (2026-11-27 study, trimmed): a dense model's
+    ``recall`` is ``{"skipped": ...}`` (no ``by_topk``), retrieval rows carry ``answer_logprob``."""
+    sm = _module("summarize")
+    real = json.loads((REPO / "tests/eval/fixtures/quality_eval_results_h200.json").read_text())
+    assert "by_topk" not in real["dense"]["recall"]
+    warm = [{"step": s, "phsa/phase": "dense"} for s in (1, 2)] + [{"step": 3, "phsa/phase": "hold"}]
+    for name, res, v2 in (("dense-s1", real["dense"], 6.0), ("phsa-qb64-s1", real["phsa"], 6.2),
+                          ("meanpool-qb64-s1", real["phsa"], 6.1)):
+        d = tmp_path / name
+        (d / "eval").mkdir(parents=True)
+        rows = [{"step": 1, "train/loss": 9.0}, {"step": 2, "valid/loss": v2}, {"step": 3, "valid/loss": 5.0}]
+        (d / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows + (warm if "phsa" in name or
+                                                                                    "pool" in name else [])))
+        (d / "eval" / "results.json").write_text(json.dumps(res))
+    runs = [sm.run_summary(d) for d in sorted(tmp_path.iterdir())]
+    dense = next(r for r in runs if r["name"] == "dense-s1")
+    assert dense["recall"] == {} and dense["perplexity"] == {"dense": real["dense"]["perplexity"][0]["loss"]}
+    assert dense["retrieval"]["dense"]["answer_logprob_beyond_local"] < 0
+    phsa = next(r for r in runs if r["name"] == "phsa-qb64-s1")
+    assert phsa["eval_topk"] == 4 and set(phsa["recall"]) == {2, 4}
+    assert phsa["recall"][4]["recall"] == next(r["recall_phsa"] for r in real["phsa"]["recall"]["by_topk"]
+                                               if r["topk"] == 4)
+    agg = sm.aggregate(runs)
+    pair = sm.paired(runs, "phsa-qb64", "meanpool-qb64")
+    assert pair["seeds"] == [1] and pair["loss"]["deltas"] == [0.0]
+    floor = sm.warmup_noise_floor(runs)
+    assert floor["1"]["step"] == 2 and abs(floor["1"]["range"] - 0.2) < 1e-9
+    md = sm.markdown(agg, [pair], floor)
+    assert "PHSA λ=0.5 − mean-pool λ=1" in md and "range 0.200" in md
