@@ -1,0 +1,107 @@
+"""The prose quality study's CPU-side scripts: corpus extraction helpers and the summarizer (no training)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _module(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "bench" / "quality" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_roff_to_text_keeps_prose_and_drops_markup():
+    pc = _module("prose_corpus")
+    src = ('.\\" a comment\n.TH LS 1\n.SH DESCRIPTION\nList information about the \\fBFILEs\\fR '
+           '(the current directory by default).\n.PP\n.TP\n\\fB\\-a\\fR, \\fB\\-\\-all\\fR\ndo not ignore entries '
+           'starting with \\(aq.\\(aq\n')
+    text = pc.roff_to_text(src)
+    assert "Description" in text and "comment" not in text and "\\f" not in text and ".TH" not in text
+    assert "List information about the FILEs (the current directory by default)." in text
+    assert "-a, --all" in text and "starting with '.'" in text
+
+
+def test_code_share_heuristic():
+    pc = _module("prose_corpus")
+    assert pc.code_share("A sentence, with commas; and a clause.\nAnother plain sentence.") == 0.0
+    assert pc.code_share(">>> x = f(a[0])\n    return {k: v}\nif (a == b) { c(); }") == 1.0
+
+
+def _fake_run(root: Path, name: str, loss: float, topk: int | None, em: float):
+    d = root / name
+    (d / "eval").mkdir(parents=True)
+    rows = [{"step": s, "train/loss": 8 - 0.1 * s + loss, "train/tokens_seen": 100 * s, "perf/tokens_per_sec": 1e3}
+            for s in range(1, 21)]
+    rows += [{"step": 20, "valid/loss": 6 + loss}]
+    if topk:
+        rows += [{"step": s, "phsa/phase": "hold", "phsa_stats/layer01/recall": 0.2 + 0.01 * s,
+                  "phsa_stats/layer01/recall_meanpool": 0.2} for s in (5, 10, 20)]
+    (d / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    grid = {"lengths": [256, 512], "depths": [0.0, 0.5, 1.0],
+            "exact_match": [[1.0, em, 1.0], [1.0, em, 1.0]], "token_accuracy": [[1, em, 1], [1, em, 1]]}
+    res = {"step": 20, "train_topk": topk and 2, "eval_topk": topk, "device": "cpu",
+           "perplexity": [{"topk": topk, "attention": "sparse" if topk else "dense", "loss": 6 + loss}],
+           "retrieval": {"by_topk": [dict(grid, topk=topk)]}}
+    if topk:
+        res["perplexity"].append({"topk": 2, "attention": "sparse", "loss": 6.1 + loss})
+        res["recall"] = {"by_topk": [{"topk": topk, "recall_phsa": 0.3, "recall_meanpool": 0.25,
+                                      "info_loss_reduction": 1 - 0.7 / 0.75}]}
+    (d / "eval" / "results.json").write_text(json.dumps(res))
+
+
+def test_summarize_mean_and_spread_over_seeds(tmp_path):
+    runs = tmp_path / "runs"
+    _fake_run(runs, "dense-s1", 0.0, None, 0.5)
+    _fake_run(runs, "dense-s2", 0.2, None, 0.7)
+    _fake_run(runs, "phsa-qb64-s1", 0.1, 4, 0.25)
+    _fake_run(runs, "phsa-qb1-s1", 0.3, 4, 0.0)
+    out = subprocess.run([sys.executable, str(REPO / "bench/quality/summarize.py"), str(runs), "--json",
+                          str(tmp_path / "s.json"), "--plots", str(tmp_path / "plots")],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    s = json.loads((tmp_path / "s.json").read_text())["variants"]
+    assert s["dense"]["final_valid_loss"]["mean"] == 6.1 and abs(s["dense"]["final_valid_loss"]["spread"] - 0.1) < 1e-9
+    assert s["dense"]["retrieval_by_topk"]["dense"]["beyond_local"]["mean"] == 0.6  # depth 0.5 only
+    assert s["phsa-qb64"]["retrieval_by_topk"]["4"]["controls"]["mean"] == 1.0
+    assert "query_block 1 vs 64" in out.stdout
+    for f in ("loss.png", "recall_over_training.png", "retrieval_vs_k.png", "retrieval_grid.png"):
+        assert (tmp_path / "plots" / f).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_summarize_reads_real_eval_results(tmp_path):
+    """The eval JSON as `phsa_train.eval` wrote it on the GPU (2026-11-27 study, trimmed): a dense model's
+    ``recall`` is ``{"skipped": ...}`` (no ``by_topk``), retrieval rows carry ``answer_logprob``."""
+    sm = _module("summarize")
+    real = json.loads((REPO / "tests/eval/fixtures/quality_eval_results_h200.json").read_text())
+    assert "by_topk" not in real["dense"]["recall"]
+    warm = [{"step": s, "phsa/phase": "dense"} for s in (1, 2)] + [{"step": 3, "phsa/phase": "hold"}]
+    for name, res, v2 in (("dense-s1", real["dense"], 6.0), ("phsa-qb64-s1", real["phsa"], 6.2),
+                          ("meanpool-qb64-s1", real["phsa"], 6.1)):
+        d = tmp_path / name
+        (d / "eval").mkdir(parents=True)
+        rows = [{"step": 1, "train/loss": 9.0}, {"step": 2, "valid/loss": v2}, {"step": 3, "valid/loss": 5.0}]
+        (d / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows + (warm if "phsa" in name or
+                                                                                    "pool" in name else [])))
+        (d / "eval" / "results.json").write_text(json.dumps(res))
+    runs = [sm.run_summary(d) for d in sorted(tmp_path.iterdir())]
+    dense = next(r for r in runs if r["name"] == "dense-s1")
+    assert dense["recall"] == {} and dense["perplexity"] == {"dense": real["dense"]["perplexity"][0]["loss"]}
+    assert dense["retrieval"]["dense"]["answer_logprob_beyond_local"] < 0
+    phsa = next(r for r in runs if r["name"] == "phsa-qb64-s1")
+    assert phsa["eval_topk"] == 4 and set(phsa["recall"]) == {2, 4}
+    assert phsa["recall"][4]["recall"] == next(r["recall_phsa"] for r in real["phsa"]["recall"]["by_topk"]
+                                               if r["topk"] == 4)
+    agg = sm.aggregate(runs)
+    pair = sm.paired(runs, "phsa-qb64", "meanpool-qb64")
+    assert pair["seeds"] == [1] and pair["loss"]["deltas"] == [0.0]
+    floor = sm.warmup_noise_floor(runs)
+    assert floor["1"]["step"] == 2 and abs(floor["1"]["range"] - 0.2) < 1e-9
+    md = sm.markdown(agg, [pair], floor)
+    assert "PHSA λ=0.5 − mean-pool λ=1" in md and "range 0.200" in md
