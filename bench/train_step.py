@@ -25,12 +25,12 @@ def run_variant(name: str, overrides: list[str], args) -> dict:
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-    from phsa_train.builders import build_optimizer
     from phsa_train.config import compose
     from phsa_train.megatron.token_info import make_token_info
-    from phsa_train.metrics import flops_per_token
-    from phsa_train.model import build_model, padded_vocab_size
-    from phsa_train.train import forward_step
+    from phsa_train.training.metrics import flops_per_token
+    from phsa_train.megatron.model import build_model, padded_vocab_size
+    from phsa_train.training.optimizer import build_optimizer
+    from phsa_train.training.step import forward_step
 
     cfg = compose([f"model={args.model}", f"data.seq_len={args.seq_len}", "train.micro_batch_size=1",
                    "train.global_batch_size=1", f"train.recompute={args.recompute}", *overrides])
@@ -38,7 +38,7 @@ def run_variant(name: str, overrides: list[str], args) -> dict:
     model_parallel_cuda_manual_seed(0)
     vocab = padded_vocab_size(args.vocab, 128, 1)
     model = build_model(cfg, vocab, torch.bfloat16)
-    ddp, optimizer, _ = build_optimizer(cfg, model, on_gpu=True)
+    optimizer = build_optimizer(cfg, model, on_gpu=True)  # Megatron DDP + distributed optimizer
     if name != "dense":
         from phsa_train.megatron import set_sparsity
 
@@ -53,9 +53,8 @@ def run_variant(name: str, overrides: list[str], args) -> dict:
              "token_info": make_token_info(tokens[:, :-1], lut, None)}
 
     def step():
-        ddp.zero_grad_buffer()
         optimizer.zero_grad()
-        fb(forward_step_func=forward_step, data_iterator=iter([batch]), model=[ddp], num_microbatches=1,
+        fb(forward_step_func=forward_step, data_iterator=iter([batch]), model=[optimizer.model], num_microbatches=1,
            seq_length=args.seq_len, micro_batch_size=1, forward_only=False)
         optimizer.step()
 
@@ -75,7 +74,7 @@ def run_variant(name: str, overrides: list[str], args) -> dict:
               "step_ms": median * 1e3, "tokens_per_s": args.seq_len / median,
               "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
               "dense_flops_per_token": flops_per_token(cfg, args.seq_len, vocab)}
-    del ddp, model, optimizer
+    del model, optimizer
     gc.collect()
     torch.cuda.empty_cache()
     return result
@@ -95,7 +94,7 @@ def main():
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
-    from phsa_train.distributed import init_distributed, init_model_parallel
+    from phsa_train.training.distributed import init_distributed, init_model_parallel
 
     os.environ.setdefault("MASTER_PORT", "29533")
     init_distributed()

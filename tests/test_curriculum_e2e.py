@@ -1,9 +1,9 @@
 """The curriculum in a real run: warm-up -> ramp -> hold, read back from W&B offline files and the console."""
 import pytest
 
-from phsa_train.curriculum import build_curriculum
-from phsa_train.metrics import read_metrics
-from phsa_train.wandb_reader import find_run_file, read_history
+from phsa_train.training.curriculum import build_curriculum
+from phsa_train.training.metrics import read_metrics
+from tests.wandb_reader import find_run_file, read_history
 from tests.helpers import compose
 from tests.test_train_e2e import finish, launch
 

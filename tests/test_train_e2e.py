@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from phsa_train.metrics import read_metrics
+from phsa_train.training.metrics import read_metrics
 from tests.helpers import REPO, subprocess_env
 
 SHORT = ["model=tiny", "data.seq_len=128", "train.micro_batch_size=4", "train.global_batch_size=8",

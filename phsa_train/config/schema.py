@@ -128,7 +128,7 @@ class LoggingConfig:
 
 @dataclass
 class CurriculumConfig:
-    """Sparsity schedule (phsa_train/curriculum.py). Ignored by dense models."""
+    """Sparsity schedule (phsa_train/training/curriculum.py). Ignored by dense models."""
 
     name: str = "none"  # none = attention.train_topk/eval_topk from step 0
     warmup_steps: int = 0  # dense attention (fast path) for these first steps

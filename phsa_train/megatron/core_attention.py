@@ -136,7 +136,7 @@ class PHSACoreAttention(DenseCoreAttention):
         self.train_topk = self.settings.train_topk
         self.eval_topk = self.settings.eval_topk
         self.dense = layer_number in self.settings.dense_layers
-        self.capture = None  # a list while phsa_train.selection_stats.capture_qk is active
+        self.capture = None  # a list while phsa_train.evaluation.selection_stats.capture_qk is active
         self.calls = {"dense": 0, "sparse": 0}  # forward calls per path, read and reset by the training loop
 
     @property

@@ -3,11 +3,11 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from phsa_train import cpu_compat
+from phsa_train import compat
 from phsa_train.megatron import PHSACoreAttention, PHSASettings, get_dense_layer_spec, get_phsa_layer_spec
 from phsa_train.megatron.core_attention import DenseCoreAttention, set_sparsity
 from phsa_train.megatron.token_info import make_token_info
-from phsa_train.model import build_model
+from phsa_train.megatron.model import build_model
 from tests.helpers import compose, free_port
 
 VOCAB, SEQ = 256, 64
@@ -20,7 +20,7 @@ def single_process():
     store = dist.TCPStore("127.0.0.1", free_port(), 1, is_master=True)
     dist.init_process_group("gloo", rank=0, world_size=1, store=store)  # no MASTER_* left in os.environ
     parallel_state.initialize_model_parallel(1, 1)
-    cpu_compat.install_cpu_shims()
+    compat.apply(on_gpu=False)
     yield
     parallel_state.destroy_model_parallel()
     dist.destroy_process_group()

@@ -13,7 +13,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from phsa_train.attention import phsa_attention, select_blocks
-from phsa_train.distributed import init_distributed, init_model_parallel
+from phsa_train.training.distributed import init_distributed, init_model_parallel
 from phsa_train.megatron.context_parallel import cp_phsa_attention, cp_select_blocks, natural_to_zigzag
 from phsa_train.megatron.token_info import PUNCT_BIT
 

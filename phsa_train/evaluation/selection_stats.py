@@ -104,3 +104,36 @@ def selection_stats(model, probe: dict, attn_cfg, topk: int, num_queries: int, p
         if vals:
             metrics[f"phsa_stats/{key}"] = sum(vals) / len(vals)
     return metrics, selections
+
+
+class SelectionMonitor:
+    """``selection_stats`` on one fixed validation micro-batch every ``curriculum.stats_interval`` steps.
+
+    Off for dense models and under CP (the probe would be split over ranks).
+    """
+
+    def __init__(self, cfg, data, device, curriculum):
+        from phsa_train.training.data import batches
+
+        cur = cfg.curriculum
+        self.cfg, self.interval = cfg, cur.stats_interval
+        self.enabled = curriculum.phsa and cur.stats_interval > 0 and cfg.parallel.context_parallel_size == 1
+        self.topk = curriculum.schedule.final_topk if curriculum.phsa else None
+        self.previous = None
+        self.probe = None
+        if self.enabled:
+            from megatron.core import parallel_state
+
+            mbs = cfg.train.micro_batch_size
+            self.probe = next(batches(data.valid, start_sample=0,
+                                      global_batch_size=mbs * parallel_state.get_data_parallel_world_size(),
+                                      micro_batch_size=mbs, data=data,
+                                      reset_attention_mask=cfg.data.reset_attention_mask, device=device))
+
+    def due(self, step: int) -> bool:
+        return self.enabled and step % self.interval == 0
+
+    def collect(self, model) -> dict:
+        stats, self.previous = selection_stats(model, self.probe, self.cfg.attention, self.topk,
+                                               self.cfg.curriculum.stats_queries, self.previous)
+        return stats
