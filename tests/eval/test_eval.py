@@ -82,7 +82,7 @@ def test_scorer_is_one_on_the_answer_and_zero_otherwise():
 
 
 def test_retrieval_grid_scores_an_oracle_model_one_and_a_blind_one_zero():
-    from phsa_train.eval import RetrievalConfig, TopKPlan, retrieval_eval, retrieval_set
+    from phsa_train.evaluation.evaluate import RetrievalConfig, TopKPlan, retrieval_eval, retrieval_set
 
     vocab = 2100
     data = SimpleNamespace(valid=[{"tokens": np.arange(1000, 1000 + SEQ) + i} for i in range(5)], eod=0,
