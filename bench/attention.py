@@ -40,13 +40,13 @@ from phsa_train.attention.phsa.kernels.fwd import fwd_launch  # noqa: E402
 from phsa_train.attention.phsa.kernels.reps import block_reps  # noqa: E402
 
 CONFIGS = {
-    # the paper's 0.6B setting (PHSA_SPEC §5): 896 tokens per query at 32k
+    # the paper's 0.6B setting (docs/phsa.md, sparsity): 896 tokens per query at 32k
     "a": dict(hq=16, hk=8, d=128, params=PHSAParams(block_size=16, n_init=128, local_window=512, topk=16,
                                                      query_block=64)),
     "b": dict(hq=64, hk=4, d=128, params=PHSAParams(block_size=64, n_init=128, local_window=512, topk=16,
                                                      query_block=8)),
 }
-# the same shapes with score=dot_group_sum (PHSA_SPEC §4 knob): a group's queries collapse into one row for scoring
+# the same shapes with score=dot_group_sum (docs/phsa.md, the score): a group's queries collapse into one row for scoring
 for _n in ("a", "b"):
     CONFIGS[_n + "_dot"] = dict(CONFIGS[_n], params=dataclasses.replace(CONFIGS[_n]["params"], score="dot_group_sum"))
 

@@ -59,7 +59,7 @@ def main():
 
     from phsa_train.training.distributed import init_distributed, init_model_parallel
     from phsa_train.megatron.context_parallel import cp_attention, cp_phsa_attention, natural_to_zigzag
-    from phsa_train.megatron.core_attention import phsa_local
+    from phsa_train.megatron.local_attention import phsa_local
     from phsa_train.megatron.token_info import PUNCT_BIT
 
     env = init_distributed()
@@ -108,7 +108,7 @@ def main():
         if cp > 1:
             dense = lambda: cp_attention(ql, kl, vl, None, group)  # noqa: E731
         else:
-            from phsa_train.megatron.core_attention import dense_causal_attention
+            from phsa_train.megatron.local_attention import dense_causal_attention
 
             dense = lambda: dense_causal_attention(ql, kl, vl, None)  # noqa: E731
         try:

@@ -3,7 +3,7 @@
 Reads top to bottom: checkpoint + its training config (meta.json) -> 1-rank process group -> data -> model ->
   1. validation perplexity (the training loop's own ``evaluate``) at the training top-k, the evaluation
      top-k and every ``eval.topks`` value (PHSA models; plus the same weights with dense attention),
-  2. attention recall / information loss per layer (spec §8) at those top-k values, for the model's lam
+  2. attention recall / information loss per layer (docs/phsa.md) at those top-k values, for the model's lam
      (PHSA) and lam = 1 (mean pooling) at the same budget, on the model's own post-RoPE q/k,
   3. synthetic long-context retrieval (phsa_train/evaluation/retrieval.py): a fact planted at ``eval.retrieval.depths``
      of real validation text, queried at the end, at ``eval.retrieval.lengths``; score = teacher-forced
@@ -191,7 +191,7 @@ def perplexity(model, data, cfg, device, plan: TopKPlan, dense: bool) -> list[di
 
 @torch.no_grad()
 def attention_recall_eval(model, data, cfg, device, plan: TopKPlan, rc: RecallConfig) -> dict:
-    """Per-layer recall of PHSA (the model's lam) and mean pooling (lam = 1) at each top-k, spec §8."""
+    """Per-layer recall of PHSA (the model's lam) and mean pooling (lam = 1) at each top-k (docs/phsa.md)."""
     from phsa_train.megatron.core_attention import set_sparsity
     from phsa_train.megatron.token_info import document_cu_seqlens, make_token_info, punct_mask
     from phsa_train.evaluation.selection_stats import capture_qk, layer_recall, probe_positions

@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from phsa_train.attention.params import pad_queries_front
+from phsa_train.megatron.local_attention import dense_causal_attention, phsa_local
 
 
 def _is_nccl(group) -> bool:
@@ -112,8 +113,6 @@ def _attend_chunks(q_local, k_full, v_full, info_full, group, chunk_fn: Callable
 def cp_phsa_attention(q, k, v, token_info, group, mode: str, phsa_kwargs: dict) -> torch.Tensor:
     """PHSA with context parallelism. q [b, s_local, hq, d], k/v [b, s_local, hk, d] (zigzag slices),
     token_info [b, s_local] -> [b, s_local, hq, d]."""
-    from phsa_train.megatron.core_attention import phsa_local
-
     if mode == "ulysses":
         return ulysses_attention(q, k, v, token_info, group,
                                  lambda q_, k_, v_, info_: phsa_local(q_, k_, v_, info_, phsa_kwargs))
@@ -130,15 +129,13 @@ def cp_attention(q, k, v, token_info, group, softmax_scale=None) -> torch.Tensor
     Each local chunk attends its causal prefix with a bottom-right-aligned causal mask, so SDPA can use its
     fused kernels and no [s, s] mask is materialised (document masking, when on, does build one).
     """
-    from phsa_train.megatron.core_attention import dense_chunk_attention
-
     k_full, v_full = gather_sequence(k, group), gather_sequence(v, group)
     info_full = None
     if token_info is not None:
         with torch.no_grad():
             info_full = gather_sequence(token_info, group)
     return _attend_chunks(q, k_full, v_full, info_full, group,
-                          lambda q_, k_, v_, info_: dense_chunk_attention(q_, k_, v_, info_, softmax_scale),
+                          lambda q_, k_, v_, info_: dense_causal_attention(q_, k_, v_, info_, softmax_scale),
                           pad_queries=False)
 
 
@@ -184,18 +181,3 @@ def _ensure_deepspeed_comm() -> None:
         deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
         _ds_ready = True
 
-
-def cp_select_blocks(q, k, token_info, group, phsa_kwargs: dict) -> torch.Tensor:
-    """The blocks the all-gather CP path selects for this rank's queries: [b, s_local, hk, topk].
-
-    Same gather and chunking as :func:`cp_phsa_attention` (used by tests and selection statistics).
-    """
-    from phsa_train.attention import select_blocks
-    from phsa_train.megatron.token_info import punct_mask
-
-    kwargs = {k_: v_ for k_, v_ in phsa_kwargs.items() if k_ != "softmax_scale"}
-    with torch.no_grad():
-        k_full, info_full = gather_sequence(k, group), gather_sequence(token_info, group)
-        sel = _attend_chunks(q, k_full, k_full, info_full, group,
-                             lambda q_, k_, v_, info_: select_blocks(q_, k_, punct_mask(info_), **kwargs))
-    return sel

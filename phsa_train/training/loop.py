@@ -16,15 +16,14 @@ from megatron.core import parallel_state
 from omegaconf import DictConfig, OmegaConf
 
 from phsa_train.config import validate
-from phsa_train.evaluation.selection_stats import SelectionMonitor
-from phsa_train.megatron.core_attention import pop_path_counts
 from phsa_train.megatron.model import build_model, num_parameters, padded_vocab_size
 from phsa_train.training import checkpoint as ckpt
-from phsa_train.training.curriculum import LossSpikeDetector, build_curriculum
+from phsa_train.training.curriculum import build_curriculum
 from phsa_train.training.data import batches, build_data
 from phsa_train.training.distributed import init_distributed, init_model_parallel, prepare_device, shutdown
 from phsa_train.training.metrics import MetricsLogger, StepReport
 from phsa_train.training.optimizer import build_optimizer, lr_at_step
+from phsa_train.training.phsa_monitor import PHSAMonitor
 from phsa_train.training.preemption import PreemptionWatcher
 from phsa_train.training.step import evaluate, get_forward_backward, train_step
 
@@ -60,7 +59,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                          reset_attention_mask=cfg.data.reset_attention_mask, device=env.device)
     stop_at = min(t.steps, t.exit_after_steps) if t.exit_after_steps else t.steps
     report = StepReport(cfg, env.world_size, data.vocab_size, state.step, stop_at, on_gpu)
-    selection, spike = SelectionMonitor(cfg, data, env.device, curriculum), LossSpikeDetector(cfg.curriculum.loss_spike_factor)
+    phsa_monitor = PHSAMonitor(cfg, model, data, env.device, curriculum, env.is_main)
     valid_loss = loss = None
 
     def evaluate_now():
@@ -84,18 +83,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         state.consumed_samples += t.global_batch_size
 
         metrics = report.metrics(state.step, loss, lr, grad_norm, time.time() - step_start, sparsity)
-        if curriculum.phsa:
-            calls = pop_path_counts(model)
-            metrics.update({"phsa/dense_calls": calls["dense"], "phsa/sparse_calls": calls["sparse"]})
-        if spike.update(state.step, sparsity.phase, loss):
-            metrics["phsa/loss_spike"] = 1.0
-            if env.is_main:
-                print(f"[phsa_train] WARNING: loss spike at step {state.step} ({loss:.4f} vs running mean "
-                      f"{spike.mean_before:.4f}) {state.step - spike.changed_at} steps after the switch to "
-                      f"phase '{sparsity.phase}'", flush=True)
-        if selection.due(state.step):
-            metrics.update(selection.collect(model))
-            pop_path_counts(model)  # the probe forward is not training work
+        metrics.update(phsa_monitor.metrics(state.step, loss, sparsity))
         if t.eval_interval and (state.step % t.eval_interval == 0 or state.step == t.steps):
             valid_loss = evaluate_now()
             StepReport.add_valid(metrics, valid_loss)

@@ -14,8 +14,20 @@ from megatron.core import parallel_state
 
 from phsa_train.attention import phsa_attention, select_blocks
 from phsa_train.training.distributed import init_distributed, init_model_parallel
-from phsa_train.megatron.context_parallel import cp_phsa_attention, cp_select_blocks, natural_to_zigzag
-from phsa_train.megatron.token_info import PUNCT_BIT
+from phsa_train.megatron.context_parallel import _attend_chunks, cp_phsa_attention, gather_sequence, natural_to_zigzag
+from phsa_train.megatron.token_info import PUNCT_BIT, punct_mask
+
+
+def cp_select_blocks(q, k, token_info, group, phsa_kwargs: dict) -> torch.Tensor:
+    """The blocks the all-gather CP path selects for this rank's queries: [b, s_local, hk, topk].
+
+    Same gather and chunking as ``cp_phsa_attention``, with ``select_blocks`` as the per-chunk operator.
+    """
+    kwargs = {k_: v_ for k_, v_ in phsa_kwargs.items() if k_ != "softmax_scale"}
+    with torch.no_grad():
+        k_full, info_full = gather_sequence(k, group), gather_sequence(token_info, group)
+        return _attend_chunks(q, k_full, k_full, info_full, group,
+                              lambda q_, k_, v_, info_: select_blocks(q_, k_, punct_mask(info_), **kwargs))
 
 
 def main():

@@ -5,7 +5,7 @@ from phsa_train.training.curriculum import build_curriculum
 from phsa_train.training.metrics import read_metrics
 from tests.wandb_reader import find_run_file, read_history
 from tests.helpers import compose
-from tests.test_train_e2e import finish, launch
+from tests.helpers import finish, launch
 
 CURRICULUM = ["attention=phsa", "attention.n_init=16", "attention.local_window=16", "attention.eval_topk=4",
               "attention.backend=reference", "curriculum=linear", "curriculum.warmup_steps=6",

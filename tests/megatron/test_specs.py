@@ -4,6 +4,7 @@ import torch
 import torch.distributed as dist
 
 from phsa_train import compat
+from phsa_train.attention import PHSAParams
 from phsa_train.megatron import PHSACoreAttention, PHSASettings, get_dense_layer_spec, get_phsa_layer_spec
 from phsa_train.megatron.core_attention import DenseCoreAttention, set_sparsity
 from phsa_train.megatron.token_info import make_token_info
@@ -27,7 +28,7 @@ def single_process():
 
 
 def test_phsa_spec_swaps_only_core_attention():
-    dense, phsa = get_dense_layer_spec(), get_phsa_layer_spec(PHSASettings(block_size=16))
+    dense, phsa = get_dense_layer_spec(), get_phsa_layer_spec(PHSASettings(PHSAParams(block_size=16)))
     d_attn, p_attn = dense.submodules.self_attention, phsa.submodules.self_attention
     assert p_attn.submodules.core_attention.module is PHSACoreAttention
     assert d_attn.submodules.core_attention.module is DenseCoreAttention

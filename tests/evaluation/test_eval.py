@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 
 from phsa_train.evaluation.retrieval import Fact, make_sample, random_fact, score_answers
 from tests.helpers import REPO, subprocess_env
-from tests.test_train_e2e import finish, launch
+from tests.helpers import finish, launch
 
 SEQ, NB = 128, 8  # tiny checkpoint: 128 tokens = 8 blocks of 16
 
