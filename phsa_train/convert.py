@@ -34,10 +34,10 @@ from typing import Optional
 
 import torch
 
-from phsa_train.training.hf_qwen3 import (DTYPES, HF_ASSET_SUFFIXES, HF_ASSETS_DIR, ConversionError,
+from phsa_train.training.hf_qwen3 import (DTYPES, HF_ASSET_SUFFIXES, HF_ASSETS_DIR, HF_DTYPE_NAMES, ConversionError,
                                           assign_full_state_dict, check_hf_config, check_model_matches_hf,
                                           hf_model_overrides, hf_to_megatron_tensors, load_hf_state_dict,
-                                          megatron_to_hf_tensors, read_hf_config, _HF_DTYPE_NAMES)
+                                          megatron_to_hf_tensors, read_hf_config)
 
 CONVERTED_STEP = 0
 
@@ -194,7 +194,7 @@ def hf_config_for(m, vocab: int, dtype: torch.dtype, base: Optional[dict] = None
         hf["rope_parameters"] = {**hf["rope_parameters"], "rope_theta": m.rotary_base}
     else:
         hf["rope_theta"] = m.rotary_base
-    hf["torch_dtype" if "torch_dtype" in hf else "dtype"] = _HF_DTYPE_NAMES[dtype]
+    hf["torch_dtype" if "torch_dtype" in hf else "dtype"] = HF_DTYPE_NAMES[dtype]
     return hf
 
 

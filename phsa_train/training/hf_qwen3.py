@@ -27,7 +27,6 @@ are refused up front.
 from __future__ import annotations
 
 import json
-import re
 from collections import OrderedDict
 from pathlib import Path
 from typing import Optional
@@ -40,7 +39,7 @@ HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch
 HF_ASSET_SUFFIXES = (".json", ".txt", ".model", ".tiktoken", ".jinja")
 HF_ASSETS_DIR = "hf_assets"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-_HF_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+HF_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
 class ConversionError(ValueError):

@@ -1,6 +1,5 @@
 """Context parallelism with real processes (gloo): same outputs, selections and gradients as CP=1."""
 import pytest
-import torch
 
 from tests.helpers import subprocess_env, torchrun
 from tests.helpers import assert_same, run_layout

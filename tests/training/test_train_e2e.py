@@ -1,5 +1,4 @@
 """End-to-end: the real launcher, real torchrun (2 gloo ranks), real data, W&B offline, checkpoints."""
-import json
 import subprocess
 import time
 
