@@ -2,7 +2,8 @@
 
 Each module has a version guard, names the upstream behaviour it corrects, and offers ``apply()``.
 :func:`phsa_train.training.distributed.prepare_device` calls :func:`apply` once per process, before a model
-is built. The Triton interpreter's patch is a test concern and lives in ``tests/conftest.py``.
+is built. One work-around is not process-wide: ``shield_checkpoint_writer`` starts a helper process, so only
+the training loop's ``PreemptionWatcher`` calls it (evaluation and conversion never get preemption signals).
 """
 from phsa_train.compat import megatron_core_0_16_1
 
