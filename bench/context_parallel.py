@@ -136,9 +136,9 @@ def main():
 
     from megatron.core import parallel_state
 
-    from phsa_train.distributed import init_distributed, init_model_parallel
+    from phsa_train.training.distributed import init_distributed, init_model_parallel
     from phsa_train.megatron.context_parallel import cp_attention, cp_phsa_attention, natural_to_zigzag
-    from phsa_train.megatron.core_attention import dense_causal_attention, phsa_local
+    from phsa_train.megatron.local_attention import dense_causal_attention, phsa_local
     from phsa_train.megatron.token_info import PUNCT_BIT
 
     env = init_distributed()

@@ -29,15 +29,14 @@ import torch.distributed as dist
 
 def run_variant(name: str, overrides: list[str], args) -> dict:
     from megatron.core import parallel_state
-    from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-    from phsa_train.builders import build_optimizer
     from phsa_train.config import compose
     from phsa_train.megatron.token_info import make_token_info
-    from phsa_train.metrics import flops_per_token
-    from phsa_train.model import build_model, padded_vocab_size
-    from phsa_train.train import PEAK_FLOPS, forward_step
+    from phsa_train.megatron.model import build_model, padded_vocab_size
+    from phsa_train.training.metrics import PEAK_FLOPS, flops_per_token
+    from phsa_train.training.optimizer import build_optimizer
+    from phsa_train.training.step import forward_step, get_forward_backward
 
     dp = parallel_state.get_data_parallel_world_size()
     cuda = torch.cuda.is_available() and not args.cpu
@@ -51,17 +50,12 @@ def run_variant(name: str, overrides: list[str], args) -> dict:
         model_parallel_cuda_manual_seed(0)
     vocab = padded_vocab_size(args.vocab, 128, args.tp)
     model = build_model(cfg, vocab, torch.bfloat16 if cuda else torch.float32)
-    ddp, optimizer, _ = build_optimizer(cfg, model, on_gpu=cuda)
+    optimizer = build_optimizer(cfg, model, on_gpu=cuda)  # GPU: Megatron DDP + distributed optimizer
     if name != "dense":
         from phsa_train.megatron import set_sparsity
 
         set_sparsity(model, train_topk=cfg.attention.train_topk, dense=False)
-    if cuda:
-        fb = get_forward_backward_func()
-    else:
-        from phsa_train import cpu_compat
-
-        fb = cpu_compat.forward_backward_local
+    fb = get_forward_backward(on_gpu=cuda)
     # one sequence per DP rank (the same on the ranks of one CP/TP group: forward_step slices it for CP)
     g = torch.Generator(device=dev).manual_seed(1000 + parallel_state.get_data_parallel_rank())
     tokens = torch.randint(0, args.vocab, (1, args.seq_len + 1), device=dev, generator=g)
@@ -72,13 +66,9 @@ def run_variant(name: str, overrides: list[str], args) -> dict:
              "token_info": make_token_info(tokens[:, :-1], lut, None)}
 
     def step():
-        if cuda:
-            ddp.zero_grad_buffer()
         optimizer.zero_grad()
-        fb(forward_step_func=forward_step, data_iterator=iter([batch]), model=[ddp], num_microbatches=1,
+        fb(forward_step_func=forward_step, data_iterator=iter([batch]), model=[optimizer.model], num_microbatches=1,
            seq_length=args.seq_len, micro_batch_size=1, forward_only=False)
-        if not cuda:
-            cpu_compat.allreduce_grads(ddp)
         optimizer.step()
 
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -113,7 +103,7 @@ def run_variant(name: str, overrides: list[str], args) -> dict:
               "dense_flops_per_token": f_dense, "computed_flops_per_token": f_done,
               "mfu_dense_equivalent": per_gpu * f_dense / peak_flops if peak_flops else None,
               "mfu_computed": per_gpu * f_done / peak_flops if peak_flops else None}
-    del ddp, model, optimizer
+    del model, optimizer
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()
@@ -150,7 +140,7 @@ def main():
 
     from megatron.core import parallel_state
 
-    from phsa_train.distributed import init_distributed, init_model_parallel, prepare_device
+    from phsa_train.training.distributed import init_distributed, init_model_parallel, prepare_device
 
     os.environ.setdefault("MASTER_PORT", "29533")
     env = init_distributed()

@@ -16,7 +16,7 @@ other commands:
   {PROG} embedded --cache-dir DIR [--vocab-size 4096]
       build the embedded default corpus (stdlib docs) + tokenizer + punct table into DIR
   {PROG} retrieval-mix --base-prefix P --output-prefix Q --share 0.05 --seq-len 8192 [--tokenizer PATH]
-      copy P to Q with planted-fact retrieval documents (phsa_train/retrieval.py) mixed in
+      copy P to Q with planted-fact retrieval documents (phsa_train/evaluation/retrieval.py) mixed in
 
 examples:
   {PROG} --input a.txt b.txt --output-prefix data/mix --tokenizer train --vocab-size 8192
@@ -93,7 +93,7 @@ def _mix_parser() -> argparse.ArgumentParser:
 def _run(argv: list[str]) -> None:
     if argv[:1] == ["retrieval-mix"]:
         args = _mix_parser().parse_args(argv[1:])
-        from phsa_train.retrieval import write_retrieval_mix
+        from phsa_train.evaluation.retrieval import write_retrieval_mix
 
         tok = args.tokenizer or next((t for t in (args.base_prefix + "_tokenizer.json", os.path.join(
             os.path.dirname(os.path.abspath(args.base_prefix)), "tokenizer.json")) if os.path.isfile(t)), None)

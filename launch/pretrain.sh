@@ -80,7 +80,7 @@ export MASTER_ADDR MASTER_PORT
 export NCCL_DEBUG="${NCCL_DEBUG:-WARN}" TORCH_NCCL_ASYNC_ERROR_HANDLING="${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}"
 STEP_CPUS="${SLURM_CPUS_PER_TASK:-${SLURM_CPUS_ON_NODE:-1}}"  # Slurm 22.05's srun does not inherit it
 REQUEUE_MARK="$PHSA_RUN_DIR/REQUEUE"
-export PHSA_STOP_FILE="$PHSA_RUN_DIR/STOP"  # the ranks look for it (phsa_train/preemption.py)
+export PHSA_STOP_FILE="$PHSA_RUN_DIR/STOP"  # the ranks look for it (phsa_train/training/preemption.py)
 rm -f "$REQUEUE_MARK" "$PHSA_STOP_FILE"  # left over from a start that was killed after writing them
 # Slurm (22.05) does not reliably send the --signal warning again after a requeue: so the ranks also get
 # the job's end time minus PHSA_WARN_S (default 120 s) and stop by themselves when it passes.

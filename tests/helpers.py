@@ -1,4 +1,5 @@
-"""Shared test utilities: Hydra composition and real multi-process runs through torchrun."""
+"""Shared test utilities: Hydra composition, real multi-process runs through torchrun and the launcher, and
+tensor comparisons for the attention operators."""
 from __future__ import annotations
 
 import os
@@ -6,6 +7,9 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+import torch
 
 from phsa_train.config import compose  # noqa: F401  (re-exported for tests)
 
@@ -36,3 +40,77 @@ def torchrun(nproc: int, target: list[str], *, env: dict | None = None, timeout:
     if check and proc.returncode != 0:
         raise AssertionError(f"torchrun failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
     return proc
+
+
+def run_layout(tmp_path, nproc, *args):
+    out = tmp_path / f"out_{nproc}_{'_'.join(a.replace('/', '') for a in args)}.pt"
+    torchrun(nproc, ["tests/workers/parallel_step.py", "--out", str(out), *args])
+    return torch.load(out)
+
+
+def assert_same(ref, got, rtol=1e-5, atol=1e-6):
+    assert got["loss"] == pytest.approx(ref["loss"], rel=1e-6)
+    assert ref["grads"].keys() == got["grads"].keys()
+    for name, g in ref["grads"].items():
+        torch.testing.assert_close(got["grads"][name], g, rtol=rtol, atol=atol, msg=name)
+
+
+SHORT = ["model=tiny", "data.seq_len=128", "train.micro_batch_size=4", "train.global_batch_size=8",
+         "train.warmup_steps=5", "train.lr=3e-3", "train.log_interval=5", "train.eval_iters=2"]
+
+
+def launch(run_dir: Path, *overrides, cache_dir, **popen):
+    env = subprocess_env(PHSA_RUN_DIR=run_dir, PHSA_CACHE_DIR=cache_dir, NPROC=2)
+    return subprocess.Popen(["bash", "launch/pretrain.sh", *SHORT, *overrides], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            **popen)
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and all its descendants (torchrun starts its workers in their own sessions)."""
+    import psutil
+
+    root = psutil.Process(pid)
+    procs = [root, *root.children(recursive=True)]
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=30)
+
+
+def finish(proc, timeout=600) -> str:
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out[-6000:]
+    return out
+
+
+DT = torch.float64
+
+
+def make_inputs(b, L, hq, hk, d=8, dv=6, p_punct=0.2, seed=42):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, L, hq, d, dtype=DT, generator=g)
+    k = torch.randn(b, L, hk, d, dtype=DT, generator=g)
+    v = torch.randn(b, L, hk, dv, dtype=DT, generator=g)
+    pm = torch.rand(b, L, generator=g) < p_punct
+    return q, k, v, pm
+
+
+def assert_close(name: str, ref: torch.Tensor, out: torch.Tensor, ratio: float, atol: float | None = None) -> None:
+    """Fail when ``out`` is not close to ``ref``: NaN in either, RMS of the difference above ``ratio`` times the
+    RMS of ``ref``, or (when given) a max absolute difference above ``atol``. The message prints all three."""
+    assert ref.shape == out.shape, f"{name}: shape {tuple(out.shape)} != reference {tuple(ref.shape)}"
+    ref64, out64 = ref.detach().double(), out.detach().double()
+    assert not torch.isnan(ref64).any(), f"{name}: NaN in the reference"
+    assert not torch.isnan(out64).any(), f"{name}: NaN in the output"
+    diff = out64 - ref64
+    max_abs = diff.abs().max().item() if diff.numel() else 0.0
+    rms_err = diff.pow(2).mean().sqrt().item() if diff.numel() else 0.0
+    rms_ref = ref64.pow(2).mean().sqrt().item() if diff.numel() else 0.0
+    rel = rms_err / (rms_ref + 1e-30)
+    msg = f"{name}: rms-rel {rel:.3e} (limit {ratio:.1e}), max-abs {max_abs:.3e}"
+    assert rel <= ratio, msg
+    if atol is not None:
+        assert max_abs <= atol, msg + f" (max-abs limit {atol:.1e})"

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from .params import KERNEL_BLOCK_SIZES, PHSAParams, check_shapes, pad_queries_front
+from .params import BACKENDS, KERNEL_BLOCK_SIZES, PHSAParams, check_shapes, pad_queries_front
 from .phsa.reference import phsa_reference, select_blocks_reference
-
-BACKENDS = ("auto", "reference", "triton")
 
 
 def _triton_module():
@@ -68,15 +66,15 @@ def phsa_attention(
     n_init: int,
     local_window: int,
     topk: int,
-    lam: float = 0.5,
-    score: str = "softmax_group_sum",
-    query_block: int = 1,
+    lam: float = PHSAParams.lam,
+    score: str = PHSAParams.score,
+    query_block: int = PHSAParams.query_block,
     cu_seqlens: torch.Tensor | None = None,
     backend: str = "auto",
-    softmax_scale: float | None = None,
+    softmax_scale: float | None = PHSAParams.softmax_scale,
     q_offset: int = 0,
 ) -> torch.Tensor:
-    """Punctuation-aware hybrid sparse attention (PHSA_SPEC §3-§4), causal.
+    """Punctuation-aware hybrid sparse attention (docs/phsa.md), causal.
 
     Args:
         q: [b, L, hq, d] queries. k: [b, L, hk, d] keys, used as given (pass post-RoPE keys for the default
@@ -122,12 +120,12 @@ def select_blocks(
     n_init: int,
     local_window: int,
     topk: int,
-    lam: float = 0.5,
-    score: str = "softmax_group_sum",
-    query_block: int = 1,
+    lam: float = PHSAParams.lam,
+    score: str = PHSAParams.score,
+    query_block: int = PHSAParams.query_block,
     cu_seqlens: torch.Tensor | None = None,
     backend: str = "auto",
-    softmax_scale: float | None = None,
+    softmax_scale: float | None = PHSAParams.softmax_scale,
 ) -> torch.Tensor:
     """The blocks PHSA attends to, beyond INIT and LOCAL.
 

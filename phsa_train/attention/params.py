@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 SCORES = ("softmax_group_sum", "dot_group_sum")
+BACKENDS = ("auto", "reference", "triton")  # see phsa_train.attention.api
 # The Triton kernels tile one key block per program; these are the sizes they are built and tested for.
 # The reference accepts any block size >= 1.
 KERNEL_BLOCK_SIZES = (16, 32, 64)
@@ -22,7 +23,10 @@ def _is_int(x) -> bool:
 
 @dataclass(frozen=True)
 class PHSAParams:
-    """The knobs of one PHSA layer (see ``phsa_train/attention/phsa/README.md`` and PHSA_SPEC §3-§4)."""
+    """The knobs of one PHSA layer: the single source of their defaults (see docs/phsa.md).
+
+    The config schema, the Megatron layer settings and the operator signatures take their defaults from here.
+    """
 
     block_size: int = 16  # m, tokens per key block; reference: any int >= 1, kernels: 16 | 32 | 64
     n_init: int = 128  # INIT, the first n_init tokens every query sees; >= 0

@@ -1,4 +1,4 @@
-"""Attention recall (PHSA_SPEC §8): how much of the dense causal softmax mass a selection keeps.
+"""Attention recall (docs/phsa.md): how much of the dense causal softmax mass a selection keeps.
 
 recall(i, h) = sum_{j in S(i)} softmax_j(scale * q[i,h]·k[j])  over the dense causal row j <= i.
 The project reports ``information_loss = 1 - recall`` (the paper's own definition is not known here).

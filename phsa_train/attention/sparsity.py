@@ -1,4 +1,4 @@
-"""Activation ratios of PHSA (PHSA_SPEC §5). Sparsity = 1 - activation ratio; always say which ratio.
+"""Activation ratios of PHSA (docs/phsa.md). Sparsity = 1 - activation ratio; always say which ratio.
 
 - ``activation_ratio``: the budget ratio (n_init + w + k*m) / L, the definition that reproduces the paper's
   "97.3% sparsity at 32k" (128 + 512 + 16*16 = 896 tokens of 32768 = 2.73% active).

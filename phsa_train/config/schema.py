@@ -12,6 +12,8 @@ from typing import List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from phsa_train.attention.params import PHSAParams
+
 
 @dataclass
 class ModelConfig:
@@ -39,18 +41,25 @@ class ModelConfig:
 class AttentionConfig:
     name: str = "dense"  # dense | phsa | meanpool
     backend: str = "auto"  # auto | reference | triton (phsa) ; auto | sdpa (dense)
-    block_size: int = 16  # m, tokens per key block
-    n_init: int = 128  # INIT: first n_init tokens every query sees
-    local_window: int = 512  # w: last w tokens up to and including the query
-    train_topk: int = 16  # k while model.training
-    eval_topk: int = 16  # k in evaluation (spec §7: train small k, evaluate larger)
-    lam: float = 0.5  # mix of mean (lam) and punctuation (1 - lam) representative; 1 = mean pooling
-    score: str = "softmax_group_sum"  # softmax_group_sum | dot_group_sum
-    query_block: int = 1  # queries sharing one selection (1 = per-token reference semantics)
+    # The PHSA knobs' defaults are PHSAParams' (one source); their meaning: PHSAParams and docs/phsa.md.
+    block_size: int = PHSAParams.block_size  # m, tokens per key block
+    n_init: int = PHSAParams.n_init  # INIT: first n_init tokens every query sees
+    local_window: int = PHSAParams.local_window  # w: last w tokens up to and including the query
+    train_topk: int = PHSAParams.topk  # k while model.training
+    eval_topk: int = PHSAParams.topk  # k in evaluation (train with a small k, evaluate with a larger one)
+    lam: float = PHSAParams.lam  # mix of mean (lam) and punctuation (1 - lam) representative; 1 = mean pooling
+    score: str = PHSAParams.score  # softmax_group_sum | dot_group_sum
+    query_block: int = PHSAParams.query_block  # queries sharing one selection (1 = per-token reference semantics)
     rep_keys: str = "post_rope"  # post_rope | pre_rope (only post_rope is implemented in the core)
     dense_layers: List[int] = field(default_factory=list)  # 1-based layer numbers kept dense
     first_dense_layers: int = 0  # keep layers 1..N dense as well
-    punct_charset: str = "en"  # en | en_zh (spec §6)
+    punct_charset: str = "en"  # en | en_zh (phsa_train/data/punctuation.py)
+
+
+def phsa_params_from_config(a, topk: int = 0) -> PHSAParams:
+    """``cfg.attention`` -> the operator's PHSAParams (``topk``: the run-time top-k, set by the curriculum)."""
+    return PHSAParams(block_size=a.block_size, n_init=a.n_init, local_window=a.local_window, topk=topk, lam=a.lam,
+                      score=a.score, query_block=a.query_block)
 
 
 @dataclass
@@ -128,7 +137,7 @@ class LoggingConfig:
 
 @dataclass
 class CurriculumConfig:
-    """Sparsity schedule (phsa_train/curriculum.py). Ignored by dense models."""
+    """Sparsity schedule (phsa_train/training/curriculum.py). Ignored by dense models."""
 
     name: str = "none"  # none = attention.train_topk/eval_topk from step 0
     warmup_steps: int = 0  # dense attention (fast path) for these first steps
@@ -138,7 +147,7 @@ class CurriculumConfig:
     ramp_start_activation: float = 1.0  # budget activation ratio at the start of the ramp (1 = every block)
     target_activation: Optional[float] = None  # final budget activation ratio at data.seq_len ...
     target_topk: Optional[int] = None  # ... or the final top-k directly (exactly one of the two)
-    eval_topk: Optional[int] = None  # null = evaluate at the training top-k; int = fixed (spec §7)
+    eval_topk: Optional[int] = None  # null = evaluate at the training top-k; int = fixed (docs/phsa.md, training strategy)
     dense_fallback_activation: float = 0.5  # above this budget the layers run dense (sparse would be slower)
     stats_interval: int = 0  # every N steps: selection statistics on a fixed probe sequence (0 = off)
     stats_queries: int = 256  # query positions sampled per layer for the statistics

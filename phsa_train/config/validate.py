@@ -7,10 +7,11 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
+from phsa_train.attention.params import BACKENDS
+from phsa_train.config.schema import phsa_params_from_config
+
 ATTENTION_NAMES = ("dense", "phsa", "meanpool")
-PHSA_BACKENDS = ("auto", "reference", "triton")
 DENSE_BACKENDS = ("auto", "sdpa")
-SCORES = ("softmax_group_sum", "dot_group_sum")
 TRANSFORMER_IMPLS = ("local", "transformer_engine")
 CP_MODES = ("allgather", "ulysses")
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -99,19 +100,15 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
 
 
 def _validate_phsa(a, seq_len: int, cp: int, scheduled: bool) -> None:
-    _one_of("attention.backend", a.backend, PHSA_BACKENDS)
-    _one_of("attention.score", a.score, SCORES)
+    _one_of("attention.backend", a.backend, BACKENDS)
     _one_of("attention.rep_keys", a.rep_keys, ("post_rope",))
     _one_of("attention.punct_charset", a.punct_charset, ("en", "en_zh"))
-    _check(a.block_size >= 1, f"attention.block_size={a.block_size} must be >= 1")
-    _check(a.local_window >= a.block_size,
-           f"attention.local_window={a.local_window} must be >= attention.block_size={a.block_size} "
-           "(otherwise an eligible block could hold future tokens)")
-    _check(a.n_init >= 0, f"attention.n_init={a.n_init} must be >= 0")
+    try:  # the operator's own checks: block_size, n_init, local_window, lam, score, query_block
+        phsa_params_from_config(a).validate()
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     for name in ("train_topk", "eval_topk"):
         _check(a[name] >= 0, f"attention.{name}={a[name]} must be >= 0")
-    _check(0.0 <= a.lam <= 1.0, f"attention.lam={a.lam} must be in [0, 1]")
-    _check(a.query_block >= 1, f"attention.query_block={a.query_block} must be >= 1")
     _check(seq_len % a.block_size == 0,
            f"data.seq_len={seq_len} is not a multiple of attention.block_size={a.block_size}; allowed: "
            f"multiples of {a.block_size} (training sequences are whole key blocks)")

@@ -1,4 +1,4 @@
-"""Data layer: embedded corpus, tokenizers, punctuation table (spec §6), .bin/.idx preparation, GPT datasets."""
+"""Data layer: embedded corpus, tokenizers, punctuation table, .bin/.idx preparation, GPT datasets."""
 from phsa_train.data.corpus import CorpusSummary, load_embedded_corpus
 from phsa_train.data.dataset import build_gpt_datasets, check_vocab
 from phsa_train.data.prepare import (

@@ -1,7 +1,7 @@
 """Embedded default corpus: English documentation prose that ships with every CPython install.
 
 Why this source: the no-network default needs real sentences with real punctuation (PHSA's anchors are
-punctuation tokens, spec §6), and it must exist on any machine without downloads. The standard library's
+punctuation tokens), and it must exist on any machine without downloads. The standard library's
 docstrings plus ``pydoc_data/topics.py`` (the language-reference text that ``help()`` prints) give about
 2.5 MB of such prose on CPython 3.11.
 

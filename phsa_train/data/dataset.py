@@ -1,7 +1,7 @@
 """GPT train/valid datasets over Megatron ``.bin/.idx`` prefixes via megatron.core.datasets.
 
 Packing follows Megatron's GPTDataset: EOD-separated documents are concatenated and cut into ``seq_len + 1``
-windows across document boundaries (PHSA decision, ecosystem notes §B.3: a window is one causal sequence
+windows across document boundaries (a design decision of this project: a window is one causal sequence
 and EOD is just another anchor). ``reset_attention_mask=True`` switches to document-masked attention.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Punctuation-id table (spec §6): which vocabulary ids are PHSA punctuation anchors.
+"""Punctuation-id table (docs/phsa.md): which vocabulary ids are PHSA punctuation anchors.
 
 A token is punctuation when its decoded text, stripped of whitespace, is non-empty and made only of
 characters of the chosen charset. Special tokens and ids decoding to partial UTF-8 (U+FFFD, common in
@@ -6,7 +6,7 @@ byte-level BPE) are skipped. The table records the tokenizer's sha256 so a model
 built for a different vocabulary.
 
 Note: ``en`` is ``string.punctuation``, so symbols that are not sentence boundaries (``# % & @ * / _``) are
-included; the spec's rule is "made only of punctuation characters" and we keep it literal.
+included; the rule (docs/phsa.md) is "made only of punctuation characters" and we keep it literal.
 """
 from __future__ import annotations
 

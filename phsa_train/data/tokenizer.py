@@ -2,7 +2,7 @@
 
 ``megatron.core.datasets.GPTDataset`` needs a duck-typed tokenizer with ``vocab_size``, ``eod``, ``pad`` and
 ``unique_identifiers`` (the last one keys its ``.npy`` index cache). :class:`MegatronTokenizer` provides
-those plus ``tokenize``/``detokenize`` and a ``sha256`` that the punctuation table (spec §6) is bound to.
+those plus ``tokenize``/``detokenize`` and a ``sha256`` that the punctuation table (punctuation.py) is bound to.
 """
 from __future__ import annotations
 

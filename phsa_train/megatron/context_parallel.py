@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 
 from phsa_train.attention.params import pad_queries_front
+from phsa_train.megatron.local_attention import dense_causal_attention, phsa_local
 from phsa_train.megatron.token_info import DOC_START_BIT
 
 
@@ -242,8 +243,6 @@ def _attend_chunks(q_local, k_local, v_local, token_info, group, chunk_fn: Calla
 def cp_phsa_attention(q, k, v, token_info, group, mode: str, phsa_kwargs: dict) -> torch.Tensor:
     """PHSA with context parallelism. q [b, s_local, hq, d], k/v [b, s_local, hk, d] (zigzag slices),
     token_info [b, s_local] -> [b, s_local, hq, d]."""
-    from phsa_train.megatron.core_attention import phsa_local
-
     if mode == "ulysses":
         return ulysses_attention(q, k, v, token_info, group,
                                  lambda q_, k_, v_, info_: phsa_local(q_, k_, v_, info_, phsa_kwargs))
@@ -258,10 +257,8 @@ def cp_attention(q, k, v, token_info, group, softmax_scale=None) -> torch.Tensor
     Each local chunk attends its causal prefix with a bottom-right-aligned causal mask, so SDPA can use its
     fused kernels and no [s, s] mask is materialised (document masking, when on, does build one).
     """
-    from phsa_train.megatron.core_attention import dense_chunk_attention
-
     return _attend_chunks(q, k, v, token_info, group,
-                          lambda q_, k_, v_, info_: dense_chunk_attention(q_, k_, v_, info_, softmax_scale))
+                          lambda q_, k_, v_, info_: dense_causal_attention(q_, k_, v_, info_, softmax_scale))
 
 
 def ulysses_attention(q, k, v, token_info, group, local_fn) -> torch.Tensor:
@@ -305,32 +302,3 @@ def _ensure_deepspeed_comm() -> None:
 
         deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
         _ds_ready = True
-
-
-def cp_select_blocks(q, k, token_info, group, phsa_kwargs: dict, mode: str = "allgather") -> torch.Tensor:
-    """The blocks the CP path selects for this rank's queries: [b, s_local, hk, topk] (int64, -1 padded).
-
-    ``allgather``: the same gather and chunking as :func:`cp_phsa_attention`; ``ulysses``: the same all-to-all,
-    selection over the full sequence for this rank's KV heads (tests and selection statistics use it to compare
-    the selections themselves with a CP=1 run). Packed documents (DOC_START bits) are honoured as in training.
-    """
-    from phsa_train.attention import select_blocks
-    from phsa_train.megatron.token_info import document_cu_seqlens, punct_mask
-
-    kwargs = {k_: v_ for k_, v_ in phsa_kwargs.items() if k_ != "softmax_scale"}
-
-    def suffix_select(q_, k_, v_, info_):
-        start = k_.shape[1] - q_.shape[1]  # select_blocks has no query offset: pad, then keep the chunk's rows
-        qp, pm, cu = pad_queries_front(q_, start), punct_mask(info_), document_cu_seqlens(info_)
-        if cu is None:
-            return select_blocks(qp, k_, pm, **kwargs)[:, start:]
-        b, s = pm.shape  # packed documents: one long row, as phsa_local runs them
-        flat = lambda x: x.reshape(1, b * s, *x.shape[2:])  # noqa: E731
-        sel = select_blocks(flat(qp), flat(k_), pm.reshape(1, b * s), cu_seqlens=cu, **kwargs)
-        return sel.reshape(b, s, *sel.shape[2:])[:, start:]
-
-    with torch.no_grad():
-        if mode == "ulysses":
-            return ulysses_attention(q, k, k, token_info, group, suffix_select)
-        return _attend_chunks(q, k, k, token_info, group, suffix_select,
-                              query_context=phsa_kwargs.get("query_block", 1) - 1)

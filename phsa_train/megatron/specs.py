@@ -9,6 +9,7 @@ import copy
 
 from megatron.core.transformer.spec_utils import ModuleSpec
 
+from phsa_train.config.schema import phsa_params_from_config
 from phsa_train.megatron.core_attention import DenseCoreAttention, PHSACoreAttention, PHSASettings
 
 
@@ -56,8 +57,6 @@ def layer_spec_from_config(cfg) -> ModuleSpec:
     if a.name == "dense":
         return get_dense_layer_spec(**common)
     dense_layers = tuple(sorted(set(a.dense_layers) | set(range(1, a.first_dense_layers + 1))))
-    settings = PHSASettings(block_size=a.block_size, n_init=a.n_init, local_window=a.local_window,
-                            train_topk=a.train_topk, eval_topk=a.eval_topk, lam=a.lam, score=a.score,
-                            query_block=a.query_block, backend=a.backend, dense_layers=dense_layers,
-                            cp_mode=cfg.parallel.cp_mode)
+    settings = PHSASettings(phsa_params_from_config(a), train_topk=a.train_topk, eval_topk=a.eval_topk,
+                            backend=a.backend, dense_layers=dense_layers, cp_mode=cfg.parallel.cp_mode)
     return get_phsa_layer_spec(settings, **common)

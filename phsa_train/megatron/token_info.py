@@ -10,7 +10,7 @@ is no hidden global state and nothing to keep in sync. Under context parallelism
 along the sequence with the rest of the batch (Megatron's zigzag), like the tokens.
 
 Bit layout of ``token_info`` (int32):
-  bit 0  the token is punctuation (its id is in the tokenizer's punctuation table, spec §6)
+  bit 0  the token is punctuation (its id is in the tokenizer's punctuation table, phsa_train/data/punctuation.py)
   bit 1  the token starts a new document (the position after an EOD), only when
          ``data.reset_attention_mask`` is on; position 0 of every row always starts a document.
 """
@@ -38,6 +38,15 @@ def make_token_info(tokens: torch.Tensor, punct_lut: torch.Tensor, eod_id: int |
 def punct_mask(info: torch.Tensor) -> torch.Tensor:
     """token_info [b, s] -> bool [b, s]."""
     return (info & PUNCT_BIT) != 0
+
+
+def document_ids(info: torch.Tensor) -> torch.Tensor:
+    """token_info [b, s] -> int64 [b, s]: per row, how many document starts lie at or before each position.
+
+    Two positions of a row are in one document iff their ids are equal. This module is the only reader of the
+    token_info bits; everything else goes through these functions.
+    """
+    return torch.cumsum((info & DOC_START_BIT) != 0, dim=1)
 
 
 def document_cu_seqlens(info: torch.Tensor) -> torch.Tensor | None:

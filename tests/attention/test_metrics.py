@@ -1,4 +1,4 @@
-"""Attention recall (spec §8) and activation ratios (spec §5)."""
+"""Attention recall and activation ratios (docs/phsa.md)."""
 
 from __future__ import annotations
 
@@ -18,8 +18,7 @@ from phsa_train.attention import (
 )
 from phsa_train.attention.phsa import attended_mask
 
-from .test_reference import DT, make_inputs
-from .utils import assert_close
+from tests.helpers import DT, assert_close, make_inputs
 
 
 def test_recall_is_one_when_topk_covers_everything():

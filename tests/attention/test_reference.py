@@ -1,4 +1,4 @@
-"""The PHSA reference against a brute-force reading of PHSA_SPEC §3-§4, plus its structural properties."""
+"""The PHSA reference against a brute-force reading of docs/phsa.md, plus its structural properties."""
 
 from __future__ import annotations
 
@@ -11,19 +11,7 @@ import torch.nn.functional as F
 from phsa_train.attention import PHSAParams, phsa_attention, phsa_reference, select_blocks
 from phsa_train.attention.phsa import block_representatives, select_blocks_reference
 
-from .utils import assert_close
-
-DT = torch.float64
-
-
-def make_inputs(b, L, hq, hk, d=8, dv=6, p_punct=0.2, seed=42):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(b, L, hq, d, dtype=DT, generator=g)
-    k = torch.randn(b, L, hk, d, dtype=DT, generator=g)
-    v = torch.randn(b, L, hk, dv, dtype=DT, generator=g)
-    pm = torch.rand(b, L, generator=g) < p_punct
-    return q, k, v, pm
-
+from tests.helpers import DT, assert_close, make_inputs
 
 def brute_force(q, k, v, pm, p: PHSAParams):
     """One query group, one KV head at a time, straight from the spec text: S(i) as a Python set."""

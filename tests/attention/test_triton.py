@@ -19,7 +19,7 @@ from phsa_train.attention.params import PHSAParams  # noqa: E402
 from phsa_train.attention.phsa import reference as R  # noqa: E402
 from phsa_train.attention.phsa.triton import phsa_triton, select_blocks_triton  # noqa: E402
 
-from .utils import assert_close  # noqa: E402
+from tests.helpers import assert_close  # noqa: E402
 
 
 def _inputs(b, L, hq, hk, d, dtype, seed):

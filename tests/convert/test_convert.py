@@ -19,7 +19,8 @@ transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
 from phsa_train import convert  # noqa: E402
-from phsa_train.metrics import read_metrics  # noqa: E402
+from phsa_train.training import hf_qwen3  # noqa: E402
+from phsa_train.training.metrics import read_metrics  # noqa: E402
 from tests.helpers import REPO, free_port, subprocess_env  # noqa: E402
 
 # Measured on CPU fp32 (2 cores): max |Megatron - transformers| ~ 1e-6 on logits of std ~ 2.
@@ -128,7 +129,7 @@ def test_export_round_trips_bit_for_bit(run, case):
     for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
               "num_key_value_heads", "head_dim", "rms_norm_eps", "tie_word_embeddings", "model_type"):
         assert ca[k] == cb[k], k
-    assert convert.hf_rope_theta(ca) == convert.hf_rope_theta(cb)
+    assert hf_qwen3.hf_rope_theta(ca) == hf_qwen3.hf_rope_theta(cb)
     if case == "tied":  # assets saved at import come back
         assert (back / "tokenizer_config.json").read_text() == (src / "tokenizer_config.json").read_text()
     tokens = torch.randint(0, VOCAB, (1, 16), generator=torch.Generator().manual_seed(3))
@@ -160,10 +161,10 @@ def test_presets_match_the_public_qwen3_configs(preset):
           "max_position_embeddings": 40960, "rms_norm_eps": 1e-06, "rope_scaling": None, "rope_theta": 1000000,
           "sliding_window": None, "use_sliding_window": False, "vocab_size": 151936, "torch_dtype": "bfloat16",
           **QWEN3_PUBLIC[preset]}
-    convert.check_hf_config(hf)
-    convert.check_model_matches_hf(compose([f"model={preset}"]).model, hf)  # raises on any difference
-    with pytest.raises(convert.ConversionError, match="model.layernorm_epsilon=1e-05 but the checkpoint has 1e-06"):
-        convert.check_model_matches_hf(compose([f"model={preset}", "model.layernorm_epsilon=1e-5"]).model, hf)
+    hf_qwen3.check_hf_config(hf)
+    hf_qwen3.check_model_matches_hf(compose([f"model={preset}"]).model, hf)  # raises on any difference
+    with pytest.raises(hf_qwen3.ConversionError, match="model.layernorm_epsilon=1e-05 but the checkpoint has 1e-06"):
+        hf_qwen3.check_model_matches_hf(compose([f"model={preset}", "model.layernorm_epsilon=1e-5"]).model, hf)
 
 
 # ------------------------------------------------------------------------------------------- bad input
@@ -204,31 +205,31 @@ def test_config_override_that_contradicts_the_checkpoint(run, tmp_path, capsys):
 def test_tensor_shapes_and_names_are_checked(run, tmp_path):
     from tests.helpers import compose
 
-    hf = convert.read_hf_config(run["hf"]["untied"])
-    sd = convert.load_hf_state_dict(run["hf"]["untied"])
-    with pytest.raises(convert.ConversionError, match=r"shape mismatch model\.layers\.0\.mlp\.gate_proj\.weight: \(96, 64\) \(config implies \(128, 64\)\)"):
-        convert.hf_to_megatron_tensors(sd, {**hf, "intermediate_size": 128}, 4096)
+    hf = hf_qwen3.read_hf_config(run["hf"]["untied"])
+    sd = hf_qwen3.load_hf_state_dict(run["hf"]["untied"])
+    with pytest.raises(hf_qwen3.ConversionError, match=r"shape mismatch model\.layers\.0\.mlp\.gate_proj\.weight: \(96, 64\) \(config implies \(128, 64\)\)"):
+        hf_qwen3.hf_to_megatron_tensors(sd, {**hf, "intermediate_size": 128}, 4096)
     extra = {**sd, "model.layers.1.self_attn.q_proj.bias": torch.zeros(128)}
-    with pytest.raises(convert.ConversionError, match=r"no Megatron counterpart model\.layers\.1\.self_attn\.q_proj\.bias"):
-        convert.hf_to_megatron_tensors(extra, hf, 4096)
+    with pytest.raises(hf_qwen3.ConversionError, match=r"no Megatron counterpart model\.layers\.1\.self_attn\.q_proj\.bias"):
+        hf_qwen3.hf_to_megatron_tensors(extra, hf, 4096)
     missing = {k: v for k, v in sd.items() if k != "lm_head.weight"}
-    with pytest.raises(convert.ConversionError, match=r"missing tensors lm_head\.weight"):
-        convert.hf_to_megatron_tensors(missing, hf, 4096)
-    with pytest.raises(convert.ConversionError, match="4000 rows but the model only 2048"):
-        convert.hf_to_megatron_tensors(sd, hf, 2048)
+    with pytest.raises(hf_qwen3.ConversionError, match=r"missing tensors lm_head\.weight"):
+        hf_qwen3.hf_to_megatron_tensors(missing, hf, 4096)
+    with pytest.raises(hf_qwen3.ConversionError, match="4000 rows but the model only 2048"):
+        hf_qwen3.hf_to_megatron_tensors(sd, hf, 2048)
     # rows past the tokenizer's last id may be cut (Qwen3: 151669 ids in 151936 rows), and come back as zeros
-    cut = convert.hf_to_megatron_tensors(sd, hf, 3968, tokenizer_vocab=3900)
+    cut = hf_qwen3.hf_to_megatron_tensors(sd, hf, 3968, tokenizer_vocab=3900)
     assert cut["embedding.word_embeddings.weight"].shape[0] == cut["output_layer.weight"].shape[0] == 3968
-    back = convert.megatron_to_hf_tensors(cut, compose(["model=tiny", *convert.hf_model_overrides(hf)]).model, 4000)
+    back = hf_qwen3.megatron_to_hf_tensors(cut, compose(["model=tiny", *hf_qwen3.hf_model_overrides(hf)]).model, 4000)
     assert torch.equal(back["lm_head.weight"][:3968], sd["lm_head.weight"][:3968])
     assert not back["lm_head.weight"][3968:].any()
-    with pytest.raises(convert.ConversionError, match=r"4000 rows but the model only 3968 \(padded from 3990"):
-        convert.hf_to_megatron_tensors(sd, hf, 3968, tokenizer_vocab=3990)
-    with pytest.raises(convert.ConversionError, match="the data tokenizer has 4100 entries"):
-        convert.hf_to_megatron_tensors(sd, hf, 4224, tokenizer_vocab=4100)
+    with pytest.raises(hf_qwen3.ConversionError, match=r"4000 rows but the model only 3968 \(padded from 3990"):
+        hf_qwen3.hf_to_megatron_tensors(sd, hf, 3968, tokenizer_vocab=3990)
+    with pytest.raises(hf_qwen3.ConversionError, match="the data tokenizer has 4100 entries"):
+        hf_qwen3.hf_to_megatron_tensors(sd, hf, 4224, tokenizer_vocab=4100)
     # a checkpoint whose tensors contradict its own config.json, through the CLI
     bad = _variant(tmp_path, run["hf"]["tied"], "bad_ffn", intermediate_size=80)
-    with pytest.raises(convert.ConversionError, match="mlp.gate_proj.weight: \\(96, 64\\) \\(config implies \\(80, 64\\)\\)"):
+    with pytest.raises(hf_qwen3.ConversionError, match="mlp.gate_proj.weight: \\(96, 64\\) \\(config implies \\(80, 64\\)\\)"):
         convert.hf_to_megatron(bad, tmp_path / "o")
 
 
@@ -241,8 +242,8 @@ def test_init_from_hf_trains_from_the_converted_weights(run, tmp_path, cache_dir
     back to HF, are the source's bit for bit; the step-0 loss is the imported model's (std 0.5 weights
     give a loss far above ln(4096) = 8.3, which a fresh init cannot)."""
     src = write_tiny_qwen3(tmp_path / "hf4096", tied=False, vocab=4096, seed=7, std=0.5)
-    hf = convert.read_hf_config(src)
-    overrides = ["model=tiny", *convert.hf_model_overrides(hf, "tiny_qwen3"), "parallel.tensor_model_parallel_size=2",
+    hf = hf_qwen3.read_hf_config(src)
+    overrides = ["model=tiny", *hf_qwen3.hf_model_overrides(hf, "tiny_qwen3"), "parallel.tensor_model_parallel_size=2",
                  "data.seq_len=64", "train.micro_batch_size=2", "train.global_batch_size=2", "train.steps=2",
                  "train.lr=0", "train.min_lr=0", "train.warmup_steps=0", "train.eval_interval=2", "train.eval_iters=1",
                  "checkpoint.interval=2", f"checkpoint.init_from=hf:{src}", "logging.plots=false"]
@@ -271,11 +272,11 @@ def test_init_from_hf_vocab_mismatch_is_a_clear_error(run):
     refused before any weight is touched."""
     from tests.helpers import compose
 
-    hf = convert.read_hf_config(run["hf"]["tied"])
-    cfg = compose(["model=tiny", *convert.hf_model_overrides(hf, "x")])
-    with pytest.raises(convert.ConversionError, match="the data tokenizer has 4096 entries but the HF checkpoint's "
+    hf = hf_qwen3.read_hf_config(run["hf"]["tied"])
+    cfg = compose(["model=tiny", *hf_qwen3.hf_model_overrides(hf, "x")])
+    with pytest.raises(hf_qwen3.ConversionError, match="the data tokenizer has 4096 entries but the HF checkpoint's "
                                                       "vocabulary only 4000"):
-        convert.load_hf_into_model(None, run["hf"]["tied"], cfg, tokenizer_vocab=4096)
-    with pytest.raises(convert.ConversionError, match="model.num_layers=3 but the checkpoint has 2"):
-        convert.load_hf_into_model(None, run["hf"]["tied"], compose(["model=tiny", *convert.hf_model_overrides(hf),
+        hf_qwen3.load_hf_into_model(None, run["hf"]["tied"], cfg, tokenizer_vocab=4096)
+    with pytest.raises(hf_qwen3.ConversionError, match="model.num_layers=3 but the checkpoint has 2"):
+        hf_qwen3.load_hf_into_model(None, run["hf"]["tied"], compose(["model=tiny", *hf_qwen3.hf_model_overrides(hf),
                                                                      "model.num_layers=3"]))

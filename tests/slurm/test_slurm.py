@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from phsa_train.metrics import read_metrics
+from phsa_train.training.metrics import read_metrics
 from tests.helpers import REPO, subprocess_env
 
 pytestmark = pytest.mark.slow
@@ -193,7 +193,7 @@ def wandb_run_group(run_dir: Path) -> tuple[str, str]:
     """(group, run id) of the W&B offline run in ``run_dir``, read from its ``run`` record."""
     from wandb.proto import wandb_internal_pb2
 
-    from phsa_train.wandb_reader import _payloads, find_run_file
+    from tests.wandb_reader import _payloads, find_run_file
 
     for payload in _payloads(find_run_file(run_dir).read_bytes()):
         rec = wandb_internal_pb2.Record()

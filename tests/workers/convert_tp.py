@@ -18,11 +18,13 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from omegaconf import OmegaConf
 
-from phsa_train import checkpoint as ckpt
-from phsa_train import convert, cpu_compat
-from phsa_train.distributed import init_distributed, init_model_parallel
+from phsa_train.training import checkpoint as ckpt
+from phsa_train import compat
+from phsa_train.training import hf_qwen3
+from phsa_train.training.optimizer import LocalOptimizer
+from phsa_train.training.distributed import init_distributed, init_model_parallel
 from phsa_train.megatron.token_info import make_token_info
-from phsa_train.model import build_model, padded_vocab_size
+from phsa_train.megatron.model import build_model, padded_vocab_size
 from tests.helpers import compose
 
 SEQ, BATCH, BLOCK = 64, 2, 16
@@ -58,12 +60,12 @@ def main():
     ap.add_argument("--save-dir")
     args = ap.parse_args()
     env = init_distributed()
-    cpu_compat.install_cpu_shims()
+    compat.apply(on_gpu=False)
     init_model_parallel(args.tp, 1, 1)
     results = {}
     for name, hf_dir, mg_dir in args.case:
-        hf = convert.read_hf_config(hf_dir)
-        base = ["model=tiny", *convert.hf_model_overrides(hf, name), f"data.seq_len={SEQ}",
+        hf = hf_qwen3.read_hf_config(hf_dir)
+        base = ["model=tiny", *hf_qwen3.hf_model_overrides(hf, name), f"data.seq_len={SEQ}",
                 f"parallel.tensor_model_parallel_size={args.tp}"]
         cfg = compose(base)
         vocab = hf["vocab_size"]
@@ -72,22 +74,21 @@ def main():
         res = {}
 
         model = build_model(cfg, padded, torch.float32)
-        ckpt.load(mg_dir, ckpt.latest_step(mg_dir), model, None, megatron_optimizer=False, load_optimizer=False)
+        ckpt.load(mg_dir, ckpt.latest_step(mg_dir), model)
         res["mg"] = logits_of(model, tokens, info, vocab)
 
         model = build_model(cfg, padded, torch.float32)
-        convert.load_hf_into_model(model, hf_dir, cfg)
+        hf_qwen3.load_hf_into_model(model, hf_dir, cfg)
         res["hf"] = logits_of(model, tokens, info, vocab)
         if name == args.save_case:
-            opt = torch.optim.AdamW(model.parameters())
-            ckpt.save(args.save_dir, model, opt, ckpt.TrainState(step=1), OmegaConf.to_container(cfg, resolve=True),
-                      megatron_optimizer=False)
+            opt = LocalOptimizer(model, cfg.train)
+            ckpt.save(args.save_dir, model, opt, ckpt.TrainState(step=1), OmegaConf.to_container(cfg, resolve=True))
 
         phsa = compose([*base, "attention=phsa", f"attention.block_size={BLOCK}", f"attention.n_init={BLOCK}",
                         f"attention.local_window={BLOCK}", f"attention.train_topk={SEQ // BLOCK}",
                         f"attention.eval_topk={SEQ // BLOCK}", "attention.backend=reference"])
         model = build_model(phsa, padded, torch.float32)
-        convert.load_hf_into_model(model, hf_dir, phsa)
+        hf_qwen3.load_hf_into_model(model, hf_dir, phsa)
         res["phsa"] = logits_of(model, tokens, info, vocab)
         res["tokens"] = tokens
         results[name] = res

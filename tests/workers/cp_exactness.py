@@ -21,10 +21,11 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from phsa_train.attention import select_blocks
-from phsa_train.distributed import init_distributed, init_model_parallel
-from phsa_train.megatron.context_parallel import cp_phsa_attention, cp_select_blocks, natural_to_zigzag
-from phsa_train.megatron.core_attention import phsa_local
+from phsa_train.megatron.context_parallel import cp_phsa_attention, natural_to_zigzag
+from phsa_train.megatron.local_attention import phsa_local
 from phsa_train.megatron.token_info import DOC_START_BIT, PUNCT_BIT, document_cu_seqlens
+from phsa_train.training.distributed import init_distributed, init_model_parallel
+from tests.workers.cp_selection import cp_select_blocks
 
 
 def rel(a, b) -> float:

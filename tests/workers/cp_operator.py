@@ -19,9 +19,10 @@ import torch.distributed as dist  # noqa: E402
 from megatron.core import parallel_state  # noqa: E402
 
 from phsa_train.attention import phsa_attention, select_blocks  # noqa: E402
-from phsa_train.distributed import init_distributed, init_model_parallel  # noqa: E402
-from phsa_train.megatron.context_parallel import cp_phsa_attention, cp_select_blocks, natural_to_zigzag  # noqa: E402
+from phsa_train.megatron.context_parallel import cp_phsa_attention, natural_to_zigzag  # noqa: E402
 from phsa_train.megatron.token_info import PUNCT_BIT  # noqa: E402
+from phsa_train.training.distributed import init_distributed, init_model_parallel  # noqa: E402
+from tests.workers.cp_selection import cp_select_blocks  # noqa: E402
 
 
 def main():

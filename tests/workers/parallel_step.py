@@ -2,7 +2,7 @@
 
 Run under torchrun. Writes (rank 0) the loss and the full (TP-gathered) gradients to ``--out`` so a
 test can compare layouts with the single-process run. Uses the real training step
-(``phsa_train.train.forward_step`` / ``loss_func``) and the real grad sync of the CPU path.
+(``phsa_train.training.step.forward_step`` / ``loss_func``) and the real grad sync of the CPU path.
 """
 import argparse
 
@@ -10,11 +10,12 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from phsa_train import cpu_compat
-from phsa_train.distributed import init_distributed, init_model_parallel
+from phsa_train import compat
+from phsa_train.training.distributed import init_distributed, init_model_parallel
 from phsa_train.megatron.token_info import make_token_info
-from phsa_train.model import build_model
-from phsa_train.train import forward_step
+from phsa_train.megatron.model import build_model
+from phsa_train.training.optimizer import allreduce_grads
+from phsa_train.training.step import forward_backward_local, forward_step
 from tests.helpers import compose
 
 VOCAB, SEQ, GLOBAL_BATCH = 256, 64, 4
@@ -55,7 +56,7 @@ def main():
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     env = init_distributed()
-    cpu_compat.install_cpu_shims()
+    compat.apply(on_gpu=False)
     init_model_parallel(args.tp, 1, args.cp)
     cfg = compose(["model=tiny", f"data.seq_len={SEQ}", f"parallel.tensor_model_parallel_size={args.tp}",
                    f"parallel.context_parallel_size={args.cp}", *args.overrides])
@@ -66,9 +67,9 @@ def main():
     dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
     rows = slice(dp_rank * GLOBAL_BATCH // dp, (dp_rank + 1) * GLOBAL_BATCH // dp)
     local = iter([{k: v[rows] for k, v in batch.items()}])
-    out = cpu_compat.forward_backward_local(forward_step_func=forward_step, data_iterator=local, model=[model],
-                                            num_microbatches=1)
-    cpu_compat.allreduce_grads(model)
+    out = forward_backward_local(forward_step_func=forward_step, data_iterator=local, model=[model],
+                                 num_microbatches=1)
+    allreduce_grads(model)
     loss = out[0]["loss"].clone()
     dist.all_reduce(loss, group=parallel_state.get_data_parallel_group())
     grads = {n: gather_tp(n, p, p.grad) for n, p in model.named_parameters()}

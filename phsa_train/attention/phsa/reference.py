@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from ..params import PHSAParams, check_shapes, doc_bounds
+from ..params import PHSAParams, doc_bounds
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -29,7 +29,7 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 def block_representatives(
     k: torch.Tensor, punct_mask: torch.Tensor | None, block_size: int, lam: float
 ) -> torch.Tensor:
-    """Dual-branch representative of every complete block (README.md, "Representatives").
+    """Dual-branch representative of every complete block (docs/phsa.md).
 
     k: [b, L, hk, d], punct_mask: bool [b, L] or None (no punctuation) -> M: [b, nb, hk, d], nb = L // block_size.
     M_o is the block mean, M_p the mean over the block's punctuation keys (M_o when it has none),
@@ -65,7 +65,7 @@ def score_representatives(
 
 def eligible_blocks(n: int, params: PHSAParams) -> torch.Tensor:
     """bool [n_groups, nb]: block t is eligible for query group j (first query i0 = j * B) when it is not
-    entirely inside INIT, (t+1)*m > n_init, and starts before the local window, t*m <= i0 - w (README.md).
+    entirely inside INIT, (t+1)*m > n_init, and starts before the local window, t*m <= i0 - w (docs/phsa.md).
     With w >= m an eligible block holds no token at or after i0; blocks past n // m do not exist."""
     m, B = params.block_size, params.query_block
     nb, n_groups = n // m, -(-n // B)
@@ -138,9 +138,8 @@ def select_blocks_reference(
 ) -> torch.Tensor:
     """Blocks chosen by every query: q [b, L, hq, d], k [b, L, hk, d], punct_mask bool [b, L] or None
     -> LongTensor [b, L, hk, topk], ascending, padded with -1. Shared by the G query heads of a KV head and by
-    the query_block queries of a group. With cu_seqlens the indices are document-local."""
-    params.validate()
-    check_shapes(q, k, None, punct_mask, cu_seqlens)
+    the query_block queries of a group. With cu_seqlens the indices are document-local. Inputs are checked by
+    the public API (:func:`phsa_train.attention.select_blocks`), not here."""
     b, L, _, _ = q.shape
     out = torch.full((b, L, k.shape[2], params.topk), -1, dtype=torch.long, device=q.device)
     with torch.no_grad():
@@ -210,15 +209,14 @@ def phsa_reference(
     params: PHSAParams,
     cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """PHSA forward: o[i,h] = sum_{j in S(i)} softmax_j(scale * q[i,h]·k[j]) v[j] (README.md).
+    """PHSA forward: o[i,h] = sum_{j in S(i)} softmax_j(scale * q[i,h]·k[j]) v[j] (docs/phsa.md).
 
     q: [b, L, hq, d], k: [b, L, hk, d], v: [b, L, hk, dv], punct_mask: bool [b, L] or None,
     cu_seqlens: [n_docs + 1] with b == 1, or None -> o: [b, L, hq, dv] in q's dtype.
     Keys are used as given (the caller decides pre- or post-RoPE). Gradients reach q, k, v through the
-    attention only; the selection is made under no_grad.
+    attention only; the selection is made under no_grad. Inputs are checked by the public API
+    (:func:`phsa_train.attention.phsa_attention`), not here.
     """
-    params.validate()
-    check_shapes(q, k, v, punct_mask, cu_seqlens)
     idx = select_blocks_reference(q, k, punct_mask, params, cu_seqlens)
     scale = params.scale(q.shape[-1])
     outs = []

@@ -2,7 +2,7 @@
 
 For every PHSA layer the probe's post-RoPE q and k are captured in one no-grad forward (also during the
 dense warm-up: the capture happens before the dense/sparse dispatch), then, at the hold's top-k:
-  recall            share of the dense softmax mass inside S(i) with PHSA selection (spec §8)
+  recall            share of the dense softmax mass inside S(i) with PHSA selection (docs/phsa.md)
   recall_meanpool   the same with mean-pooling selection (lam = 1) at the same budget
   info_loss_reduction  1 - (1 - recall) / (1 - recall_meanpool): the paper's headline quantity
   punct_block_frac  fraction of selected blocks holding at least one punctuation token
@@ -22,16 +22,24 @@ from phsa_train.megatron.token_info import punct_mask
 
 @contextmanager
 def capture_qk(model):
-    """Make every PHSA layer record (layer_number, q [b,s,hq,d], k [b,s,hk,d], token_info) in forward."""
-    layers = [m for m in model.modules() if isinstance(m, PHSACoreAttention)]
+    """Record (layer_number, q [b,s,hq,d], k [b,s,hk,d], token_info) of every PHSA layer's forward calls.
+
+    A forward pre-hook sees the core-attention inputs ([s, b, h, d], post-RoPE) before the dense/sparse dispatch.
+    """
     store: list = []
-    for m in layers:
-        m.capture = store
+
+    def record(module, args, kwargs):
+        query, key = args[0], args[1]
+        store.append((module.layer_number, query.permute(1, 0, 2, 3), key.permute(1, 0, 2, 3),
+                      kwargs.get("attention_bias")))
+
+    handles = [m.register_forward_pre_hook(record, with_kwargs=True) for m in model.modules()
+               if isinstance(m, PHSACoreAttention)]
     try:
         yield store
     finally:
-        for m in layers:
-            m.capture = None
+        for h in handles:
+            h.remove()
 
 
 def _jaccard_distance(a: torch.Tensor, b: torch.Tensor, nb: int) -> float:
@@ -55,7 +63,7 @@ def probe_positions(L: int, attn_cfg, num_queries: int, device=None) -> torch.Te
 
 
 def layer_recall(q, k, pm, attn_cfg, topk: int, lam: float, pos: torch.Tensor, cu_seqlens=None):
-    """Mean attention recall (spec §8) at query positions ``pos`` of row 0, with the selection that ``lam`` and
+    """Mean attention recall (docs/phsa.md) at query positions ``pos`` of row 0, with the selection that ``lam`` and
     ``topk`` give (reference backend). q [b, L, hq, d], k [b, L, hk, d], pm bool [b, L].
     Returns (recall, selection [b, L, hk, topk])."""
     from phsa_train.attention import attention_recall, select_blocks
@@ -104,3 +112,36 @@ def selection_stats(model, probe: dict, attn_cfg, topk: int, num_queries: int, p
         if vals:
             metrics[f"phsa_stats/{key}"] = sum(vals) / len(vals)
     return metrics, selections
+
+
+class SelectionMonitor:
+    """``selection_stats`` on one fixed validation micro-batch every ``curriculum.stats_interval`` steps.
+
+    Off for dense models and under CP (the probe would be split over ranks).
+    """
+
+    def __init__(self, cfg, data, device, curriculum):
+        from phsa_train.training.data import batches
+
+        cur = cfg.curriculum
+        self.cfg, self.interval = cfg, cur.stats_interval
+        self.enabled = curriculum.phsa and cur.stats_interval > 0 and cfg.parallel.context_parallel_size == 1
+        self.topk = curriculum.schedule.final_topk if curriculum.phsa else None
+        self.previous = None
+        self.probe = None
+        if self.enabled:
+            from megatron.core import parallel_state
+
+            mbs = cfg.train.micro_batch_size
+            self.probe = next(batches(data.valid, start_sample=0,
+                                      global_batch_size=mbs * parallel_state.get_data_parallel_world_size(),
+                                      micro_batch_size=mbs, data=data,
+                                      reset_attention_mask=cfg.data.reset_attention_mask, device=device))
+
+    def due(self, step: int) -> bool:
+        return self.enabled and step % self.interval == 0
+
+    def collect(self, model) -> dict:
+        stats, self.previous = selection_stats(model, self.probe, self.cfg.attention, self.topk,
+                                               self.cfg.curriculum.stats_queries, self.previous)
+        return stats

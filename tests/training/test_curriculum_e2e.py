@@ -1,11 +1,11 @@
 """The curriculum in a real run: warm-up -> ramp -> hold, read back from W&B offline files and the console."""
 import pytest
 
-from phsa_train.curriculum import build_curriculum
-from phsa_train.metrics import read_metrics
-from phsa_train.wandb_reader import find_run_file, read_history
+from phsa_train.training.curriculum import build_curriculum
+from phsa_train.training.metrics import read_metrics
+from tests.wandb_reader import find_run_file, read_history
 from tests.helpers import compose
-from tests.test_train_e2e import finish, launch
+from tests.helpers import finish, launch
 
 CURRICULUM = ["attention=phsa", "attention.n_init=16", "attention.local_window=16", "attention.eval_topk=4",
               "attention.backend=reference", "curriculum=linear", "curriculum.warmup_steps=6",

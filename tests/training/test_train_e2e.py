@@ -1,44 +1,11 @@
 """End-to-end: the real launcher, real torchrun (2 gloo ranks), real data, W&B offline, checkpoints."""
-import json
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 
-from phsa_train.metrics import read_metrics
-from tests.helpers import REPO, subprocess_env
-
-SHORT = ["model=tiny", "data.seq_len=128", "train.micro_batch_size=4", "train.global_batch_size=8",
-         "train.warmup_steps=5", "train.lr=3e-3", "train.log_interval=5", "train.eval_iters=2"]
-
-
-def launch(run_dir: Path, *overrides, cache_dir, **popen):
-    env = subprocess_env(PHSA_RUN_DIR=run_dir, PHSA_CACHE_DIR=cache_dir, NPROC=2)
-    return subprocess.Popen(["bash", "launch/pretrain.sh", *SHORT, *overrides], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-                            **popen)
-
-
-def kill_tree(pid: int) -> None:
-    """SIGKILL a process and all its descendants (torchrun starts its workers in their own sessions)."""
-    import psutil
-
-    root = psutil.Process(pid)
-    procs = [root, *root.children(recursive=True)]
-    for p in procs:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(procs, timeout=30)
-
-
-def finish(proc, timeout=600) -> str:
-    out, _ = proc.communicate(timeout=timeout)
-    assert proc.returncode == 0, out[-6000:]
-    return out
-
+from phsa_train.training.metrics import read_metrics
+from tests.helpers import REPO, finish, kill_tree, launch
 
 @pytest.mark.slow
 def test_demo_trains_and_writes_everything(tmp_path, cache_dir):

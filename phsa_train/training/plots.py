@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from phsa_train.metrics import read_metrics
+from phsa_train.training.metrics import read_metrics
 
 
 def _series(rows, key):

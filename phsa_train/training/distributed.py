@@ -76,15 +76,13 @@ def init_distributed(timeout_minutes: int = 30) -> DistEnv:
 
 
 def prepare_device(env: DistEnv, seed: int) -> bool:
-    """Seed every RNG a run uses (Megatron's CUDA RNG tracker on GPU); on CPU install the Megatron shims.
-
-    Call after :func:`init_model_parallel`. Returns True on GPU.
+    """Apply the library work-arounds (:mod:`phsa_train.compat`) and seed every RNG a run uses (Megatron's
+    CUDA RNG tracker on GPU). Call after :func:`init_model_parallel`. Returns True on GPU.
     """
-    on_gpu = env.device.type == "cuda"
-    if not on_gpu:
-        from phsa_train import cpu_compat
+    from phsa_train import compat
 
-        cpu_compat.install_cpu_shims()
+    on_gpu = env.device.type == "cuda"
+    compat.apply(on_gpu)
     torch.manual_seed(seed)
     if on_gpu:
         from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed

@@ -1,7 +1,6 @@
-"""Small functions that build the training components from the config (torchtitan style)."""
+"""Training data from the config: tokenizer, punctuation table, Megatron GPT datasets, and the batch iterator."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -86,50 +85,3 @@ def batches(dataset, *, start_sample: int, global_batch_size: int, micro_batch_s
                                                   data.eod if reset_attention_mask else None)
             yield batch
         g += 1
-
-
-def lr_at_step(step: int, t) -> float:
-    """Linear warm-up, then cosine/linear decay to ``min_lr`` at ``train.steps`` (a pure function of step)."""
-    if step < t.warmup_steps:
-        return t.lr * (step + 1) / t.warmup_steps
-    if t.lr_decay_style == "constant":
-        return t.lr
-    frac = min(1.0, (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps))
-    decay = 0.5 * (1 + math.cos(math.pi * frac)) if t.lr_decay_style == "cosine" else 1 - frac
-    return t.min_lr + (t.lr - t.min_lr) * decay
-
-
-def build_optimizer(cfg, model, on_gpu: bool):
-    """GPU: Megatron DDP + (distributed) optimizer. CPU: AdamW (+ explicit grad all-reduce, cpu_compat).
-
-    Returns (model_for_forward, optimizer, uses_megatron_optimizer).
-    """
-    t = cfg.train
-    if not on_gpu:
-        decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-        no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
-                                 {"params": no_decay, "weight_decay": 0.0}],
-                                lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=1e-8)
-        return model, opt, False
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-
-    from phsa_train.megatron_fixes import apply_megatron_fixes
-
-    apply_megatron_fixes()
-
-    use_dist = cfg.parallel.use_distributed_optimizer
-    ddp = DistributedDataParallel(
-        config=model.config, module=model,
-        ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
-                                                 use_distributed_optimizer=use_dist))
-    bf16 = model.config.bf16
-    opt = get_megatron_optimizer(
-        OptimizerConfig(optimizer="adam", lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay,
-                        adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, clip_grad=t.clip_grad, bf16=bf16,
-                        params_dtype=torch.bfloat16 if bf16 else torch.float32,
-                        use_distributed_optimizer=use_dist), [ddp])
-    model.config.no_sync_func = ddp.no_sync
-    model.config.finalize_model_grads_func = finalize_model_grads
-    return ddp, opt, True

@@ -10,6 +10,10 @@ Layout (Megatron-LM's, so its users find their way)::
 A save is written to ``iter_XXXXXXX.tmp`` and renamed by rank 0 only after every rank finished, and the
 tracker is replaced (temp + ``os.replace``) after that. A crash or SIGKILL mid-save therefore leaves
 the previous checkpoint as the latest valid one; stale ``.tmp`` directories are removed on the next save.
+
+This module owns the format: the other tools (``phsa_train.convert``, ``phsa_train.eval``) go through
+:func:`iter_dir`, :func:`latest_step`, :func:`resolve_iter_dir`, :func:`read_meta`, :func:`load` and
+:func:`save_weights_only`, never through the file names.
 """
 from __future__ import annotations
 
@@ -26,7 +30,10 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
 
+from phsa_train.compat.megatron_core_0_16_1 import init_optimizer_state
+
 TRACKER = "latest_checkpointed_iteration.txt"
+META = "meta.json"
 
 
 @dataclass
@@ -39,8 +46,14 @@ class TrainState:
     extra: dict = field(default_factory=dict)
 
 
-def _iter_dir(root: Path, step: int) -> Path:
-    return root / f"iter_{step:07d}"
+def iter_dir(root: str | Path, step: int) -> Path:
+    """The directory of checkpoint ``step`` under ``root``."""
+    return Path(root) / f"iter_{step:07d}"
+
+
+def read_meta(path: str | Path) -> dict:
+    """``meta.json`` of one checkpoint directory (step, consumed samples, config, extra, versions)."""
+    return json.loads((Path(path) / META).read_text())
 
 
 def _rng_state() -> dict:
@@ -64,20 +77,36 @@ def latest_step(root: str | Path) -> Optional[int]:
     tracker = root / TRACKER
     if tracker.exists():
         step = int(tracker.read_text().strip())
-        if (_iter_dir(root, step) / "meta.json").exists():
+        if (iter_dir(root, step) / META).exists():
             return step
     # Tracker missing or pointing at a removed dir: fall back to the newest complete iter_* dir.
     steps = sorted(int(p.name[5:]) for p in root.glob("iter_*") if p.is_dir() and p.name[5:].isdigit()
-                   and (p / "meta.json").exists())
+                   and (p / META).exists())
     return steps[-1] if steps else None
 
 
+def resolve_iter_dir(path: str | Path) -> Path:
+    """``path`` itself if it is one checkpoint directory, else the newest checkpoint under it."""
+    path = Path(path)
+    if (path / META).exists():
+        return path
+    step = latest_step(path)
+    if step is None:
+        raise FileNotFoundError(f"{path}: no checkpoint (neither meta.json nor iter_*/meta.json)")
+    return iter_dir(path, step)
+
+
 def save(root: str | Path, model, optimizer, state: TrainState, config: dict[str, Any], *,
-         megatron_optimizer: bool, keep_last: int = 2, optimizer_sharding: str = "fully_reshardable") -> Path:
-    """Save a checkpoint of ``state.step``; collective over all ranks."""
+         keep_last: int = 2, optimizer_sharding: str = "fully_reshardable") -> Path:
+    """Save a checkpoint of ``state.step``; collective over all ranks.
+
+    ``optimizer``: a :mod:`phsa_train.training.optimizer` face; a sharded one goes into the distributed
+    checkpoint, a local one into the per-rank file.
+    """
+    megatron_optimizer = optimizer.sharded
     root = Path(root)
     rank = dist.get_rank()
-    final, tmp = _iter_dir(root, state.step), Path(str(_iter_dir(root, state.step)) + ".tmp")
+    final, tmp = iter_dir(root, state.step), Path(str(iter_dir(root, state.step)) + ".tmp")
     if rank == 0:
         for stale in root.glob("iter_*.tmp"):
             shutil.rmtree(stale, ignore_errors=True)
@@ -99,7 +128,7 @@ def save(root: str | Path, model, optimizer, state: TrainState, config: dict[str
                 "extra": state.extra, "world_size": dist.get_world_size(), "config": config,
                 "optimizer_sharding": optimizer_sharding if megatron_optimizer else None,
                 "versions": _versions()}
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
+        _write_meta(tmp, meta)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -116,21 +145,30 @@ def _optim_metadata(sharding: str) -> dict:
     return {"distrib_optim_sharding_type": sharding}
 
 
-def _init_optimizer_state(optimizer) -> None:
-    """Give a fresh Megatron optimizer's Adam its (zero) state so a checkpoint can be loaded into it.
+def _write_meta(path: Path, meta: dict) -> None:
+    (path / META).write_text(json.dumps(meta, indent=1, default=str))
 
-    Its sharded_state_dict needs existing per-parameter state, and without Apex/TE also a ``step`` per
-    parameter, which Megatron's own ``init_state_fn`` does not create (0.16.1).
+
+def save_weights_only(root: str | Path, step: int, model, config: dict[str, Any], extra: dict,
+                      add_files=None) -> Path:
+    """One process: write ``model``'s weights as checkpoint ``step`` under ``root`` (no optimizer, no RNG).
+
+    ``add_files(tmp_dir)`` may put more files into the checkpoint before it is published.
     """
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = opt.optimizer
-        for group in inner.param_groups:
-            for p in group["params"]:
-                if len(inner.state[p]) == 0:
-                    inner.state[p]["exp_avg"] = torch.zeros_like(p.data)
-                    inner.state[p]["exp_avg_sq"] = torch.zeros_like(p.data)
-                if "step" not in inner.state[p]:
-                    inner.state[p]["step"] = torch.tensor(0.0)
+    final = iter_dir(root, step)
+    if final.exists():
+        raise FileExistsError(f"{final} exists; choose an empty destination")
+    tmp = Path(str(final) + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    dist_checkpointing.save({"model": model.sharded_state_dict()}, str(tmp))
+    _write_meta(tmp, {"step": step, "consumed_samples": 0, "wandb_run_id": None, "world_size": 1, "extra": extra,
+                      "config": config, "versions": _versions()})
+    if add_files is not None:
+        add_files(tmp)
+    os.replace(tmp, final)
+    _write_tracker(Path(root), step)
+    return final
 
 
 def _write_tracker(root: Path, step: int) -> None:
@@ -142,18 +180,22 @@ def _write_tracker(root: Path, step: int) -> None:
 def _prune(root: Path, keep_last: int) -> None:
     steps = sorted(int(p.name[5:]) for p in root.glob("iter_*") if p.is_dir() and p.name[5:].isdigit())
     for s in steps[:-keep_last] if keep_last > 0 else []:
-        shutil.rmtree(_iter_dir(root, s), ignore_errors=True)
+        shutil.rmtree(iter_dir(root, s), ignore_errors=True)
 
 
-def load(root: str | Path, step: int, model, optimizer, *, megatron_optimizer: bool,
-         load_optimizer: bool = True) -> TrainState:
-    """Load checkpoint ``step`` into ``model`` (and ``optimizer``); returns the saved TrainState."""
-    path = _iter_dir(Path(root), step)
-    meta = json.loads((path / "meta.json").read_text())
+def load(root: str | Path, step: int, model, optimizer=None) -> TrainState:
+    """Load checkpoint ``step`` into ``model`` (and, if given, ``optimizer`` and the RNG states).
+
+    Returns the saved TrainState. Without ``optimizer`` only the weights are read.
+    """
+    path = iter_dir(root, step)
+    meta = read_meta(path)
+    load_optimizer = optimizer is not None
+    megatron_optimizer = load_optimizer and optimizer.sharded
     sharded = {"model": model.sharded_state_dict()}
     if load_optimizer and megatron_optimizer:
         sharding = meta.get("optimizer_sharding", "fully_reshardable")
-        _init_optimizer_state(optimizer)
+        init_optimizer_state(optimizer.optimizer)
         sharded["optimizer"] = optimizer.sharded_state_dict(sharded["model"], is_loading=True,
                                                             metadata=_optim_metadata(sharding))
     loaded = dist_checkpointing.load(sharded, str(path))
@@ -180,3 +222,24 @@ def _versions() -> dict:
     import megatron.core
 
     return {"torch": torch.__version__, "megatron_core": getattr(megatron.core, "__version__", "?")}
+
+
+def restore(cfg, ckpt_dir: Path, model, optimizer, tokenizer_vocab: int) -> TrainState:
+    """Resume from the newest checkpoint under ``ckpt_dir`` (``checkpoint.resume``), else initialise the
+    weights from ``checkpoint.init_from`` (one of our checkpoints, or ``hf:<Qwen3 dir>``), else start fresh."""
+    resume = str(cfg.checkpoint.resume).lower()
+    last = latest_step(ckpt_dir) if resume != "false" else None
+    if resume == "true" and last is None:
+        raise FileNotFoundError(f"checkpoint.resume=true but no checkpoint under {ckpt_dir}")
+    if last is not None:
+        return load(ckpt_dir, last, model, optimizer)
+    if cfg.checkpoint.init_from:
+        init_from = str(cfg.checkpoint.init_from)
+        if init_from.startswith("hf:"):  # a Hugging Face Qwen3 directory, converted on the fly (weights only)
+            from phsa_train.training.hf_qwen3 import load_hf_into_model
+
+            load_hf_into_model(model, Path(init_from[3:]).expanduser(), cfg, tokenizer_vocab=tokenizer_vocab)
+        else:
+            load(init_from, latest_step(init_from), model)
+        optimizer.reload_model_params()
+    return TrainState()

@@ -65,6 +65,16 @@ class MetricsLogger:
             xs=steps, ys=[[r["train/loss"] for r in rows], [r.get("phsa/sparsity", 0.0) for r in rows]],
             keys=["train/loss", "phsa/sparsity"], title="loss and sparsity", xname="step")})
 
+    def finish_run(self, plots: bool) -> None:
+        """End of training: PNG plots (``logging.plots``), the W&B summary chart, close W&B."""
+        if self.enabled and plots:
+            from phsa_train.training.plots import plot_run
+
+            plot_run(self.run_dir)
+        if self.enabled:
+            self.summary_charts()
+        self.finish()
+
     def finish(self) -> None:
         if self.wandb is not None:
             self.wandb.finish()
@@ -101,3 +111,47 @@ def flops_per_token(cfg, seq_len: int, vocab_size: int, attended_tokens: Optiona
     attended = seq_len / 2 if attended_tokens is None else attended_tokens
     attn = L * 2 * 2 * q_dim * attended  # QK^T and PV, 2 FLOPs per MAC
     return 6 * n_matmul + 3 * attn
+
+
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16, for MFU
+
+
+class StepReport:
+    """Turns one finished step into its metrics row and (every ``train.log_interval`` steps) its console line."""
+
+    def __init__(self, cfg, world_size: int, vocab_size: int, first_step: int, stop_at: int, on_gpu: bool):
+        import torch
+
+        self.cfg, self.world_size, self.vocab_size = cfg, world_size, vocab_size
+        self.tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
+        self.first_step, self.stop_at, self.t0 = first_step, stop_at, time.time()
+        self.peak = next((v for k, v in PEAK_FLOPS.items() if on_gpu and k in torch.cuda.get_device_name()), None)
+
+    def metrics(self, step: int, loss: float, lr: float, grad_norm: float, step_time: float, sparsity) -> dict:
+        tps = self.tokens_per_step / step_time
+        m = {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
+             "train/tokens_seen": step * self.tokens_per_step, "perf/step_time_s": step_time,
+             "perf/tokens_per_sec": tps, "perf/tokens_per_sec_per_gpu": tps / self.world_size, **sparsity.metrics()}
+        if self.peak:
+            L = self.cfg.data.seq_len
+            fpt = flops_per_token(self.cfg, L, self.vocab_size, sparsity.attended_tokens(L))
+            m["perf/mfu"] = fpt * m["perf/tokens_per_sec_per_gpu"] / self.peak
+        return m
+
+    @staticmethod
+    def add_valid(m: dict, valid_loss: float) -> dict:
+        import torch
+
+        m.update({"valid/loss": valid_loss, "valid/ppl": float(torch.tensor(valid_loss).exp())})
+        return m
+
+    def console(self, step: int, m: dict, sparsity) -> Optional[str]:
+        t = self.cfg.train
+        if not (step % t.log_interval == 0 or step in (1, self.stop_at) or "valid/loss" in m):
+            return None
+        eta = (time.time() - self.t0) / max(1, step - self.first_step) * (self.stop_at - step) if step else 0
+        return (f"step {step:>6}/{t.steps} | loss {m['train/loss']:.4f} | lr {m['train/lr']:.2e} | gnorm "
+                f"{m['train/grad_norm']:.3f} | {m['perf/tokens_per_sec']:,.0f} tok/s | {m['perf/step_time_s']:.2f} "
+                f"s/step{sparsity.console()}" + (f" | mfu {m['perf/mfu']:.1%}" if "perf/mfu" in m else "")
+                + (f" | valid {m['valid/loss']:.4f} ppl {m['valid/ppl']:.1f}" if "valid/loss" in m else "")
+                + f" | eta {eta:.0f}s")

@@ -3,11 +3,12 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from phsa_train import cpu_compat
+from phsa_train import compat
+from phsa_train.attention import PHSAParams
 from phsa_train.megatron import PHSACoreAttention, PHSASettings, get_dense_layer_spec, get_phsa_layer_spec
 from phsa_train.megatron.core_attention import DenseCoreAttention, set_sparsity
 from phsa_train.megatron.token_info import make_token_info
-from phsa_train.model import build_model
+from phsa_train.megatron.model import build_model
 from tests.helpers import compose, free_port
 
 VOCAB, SEQ = 256, 64
@@ -20,14 +21,14 @@ def single_process():
     store = dist.TCPStore("127.0.0.1", free_port(), 1, is_master=True)
     dist.init_process_group("gloo", rank=0, world_size=1, store=store)  # no MASTER_* left in os.environ
     parallel_state.initialize_model_parallel(1, 1)
-    cpu_compat.install_cpu_shims()
+    compat.apply(on_gpu=False)
     yield
     parallel_state.destroy_model_parallel()
     dist.destroy_process_group()
 
 
 def test_phsa_spec_swaps_only_core_attention():
-    dense, phsa = get_dense_layer_spec(), get_phsa_layer_spec(PHSASettings(block_size=16))
+    dense, phsa = get_dense_layer_spec(), get_phsa_layer_spec(PHSASettings(PHSAParams(block_size=16)))
     d_attn, p_attn = dense.submodules.self_attention, phsa.submodules.self_attention
     assert p_attn.submodules.core_attention.module is PHSACoreAttention
     assert d_attn.submodules.core_attention.module is DenseCoreAttention

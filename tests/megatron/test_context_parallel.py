@@ -1,9 +1,8 @@
 """Context parallelism with real processes (gloo): same outputs, selections and gradients as CP=1."""
 import pytest
-import torch
 
 from tests.helpers import subprocess_env, torchrun
-from tests.test_parallel_step import assert_same, run_layout
+from tests.helpers import assert_same, run_layout
 
 
 def _cp_operator(tmp_path, nproc, *args):

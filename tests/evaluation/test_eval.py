@@ -1,4 +1,4 @@
-"""phsa_train.eval and phsa_train.retrieval on CPU: hand-made cases, the retrieval data mix, and the CLI end to
+"""phsa_train.eval and phsa_train.evaluation.retrieval on CPU: hand-made cases, the retrieval data mix, and the CLI end to
 end on a tiny PHSA checkpoint trained here by the real launcher (about 1.5 min on 2 cores in all)."""
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from phsa_train.retrieval import Fact, make_sample, random_fact, score_answers
+from phsa_train.evaluation.retrieval import Fact, make_sample, random_fact, score_answers
 from tests.helpers import REPO, subprocess_env
-from tests.test_train_e2e import finish, launch
+from tests.helpers import finish, launch
 
 SEQ, NB = 128, 8  # tiny checkpoint: 128 tokens = 8 blocks of 16
 
@@ -82,7 +82,7 @@ def test_scorer_is_one_on_the_answer_and_zero_otherwise():
 
 
 def test_retrieval_grid_scores_an_oracle_model_one_and_a_blind_one_zero():
-    from phsa_train.eval import RetrievalConfig, TopKPlan, retrieval_eval, retrieval_set
+    from phsa_train.evaluation.evaluate import RetrievalConfig, TopKPlan, retrieval_eval, retrieval_set
 
     vocab = 2100
     data = SimpleNamespace(valid=[{"tokens": np.arange(1000, 1000 + SEQ) + i} for i in range(5)], eod=0,
@@ -102,7 +102,7 @@ def test_retrieval_grid_scores_an_oracle_model_one_and_a_blind_one_zero():
 
 
 def test_recall_is_one_when_topk_covers_everything():
-    from phsa_train.selection_stats import layer_recall, probe_positions
+    from phsa_train.evaluation.selection_stats import layer_recall, probe_positions
 
     a = OmegaConf.create({"block_size": 16, "n_init": 16, "local_window": 32, "query_block": 1,
                           "score": "softmax_group_sum", "lam": 0.5})
@@ -123,7 +123,7 @@ def test_retrieval_mix_is_deterministic_and_plants_real_text(tmp_path, cache_dir
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     from phsa_train.data import MegatronTokenizer, prepare_default_corpus
-    from phsa_train.retrieval import write_retrieval_mix
+    from phsa_train.evaluation.retrieval import write_retrieval_mix
 
     base = prepare_default_corpus(Path(cache_dir) / "embedded")
     tok = MegatronTokenizer(base.tokenizer_path)

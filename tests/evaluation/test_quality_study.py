@@ -79,7 +79,7 @@ def test_summarize_reads_real_eval_results(tmp_path):
     """The eval JSON as `phsa_train.eval` wrote it on the GPU (2026-11-27 study, trimmed): a dense model's
     ``recall`` is ``{"skipped": ...}`` (no ``by_topk``), retrieval rows carry ``answer_logprob``."""
     sm = _module("summarize")
-    real = json.loads((REPO / "tests/eval/fixtures/quality_eval_results_h200.json").read_text())
+    real = json.loads((REPO / "tests/evaluation/fixtures/quality_eval_results_h200.json").read_text())
     assert "by_topk" not in real["dense"]["recall"]
     warm = [{"step": s, "phsa/phase": "dense"} for s in (1, 2)] + [{"step": 3, "phsa/phase": "hold"}]
     for name, res, v2 in (("dense-s1", real["dense"], 6.0), ("phsa-qb64-s1", real["phsa"], 6.2),

@@ -4,7 +4,8 @@ Three ways to ask the ranks to stop:
   * a signal (SIGUSR1, SIGTERM) to the rank itself; torchrun forwards the ones it handles;
   * the file ``$PHSA_STOP_FILE`` appearing: ``launch/pretrain.sh`` creates it when its batch shell gets the
     warning (``#SBATCH --signal=B:USR1@120``). That keeps the signal away from the other processes of the
-    job step, which Slurm would otherwise signal all at once (see ``_shield_checkpoint_writer``);
+    job step, which Slurm would otherwise signal all at once (see
+    :func:`phsa_train.compat.megatron_core_0_16_1.shield_checkpoint_writer`);
   * the wall clock passing ``$PHSA_STOP_AT`` (Unix time): ``launch/pretrain.sh`` sets it to the job's end
     time minus the warning, at every start, because Slurm (22.05) does not reliably send the ``--signal``
     warning again after a requeue (seen: the next time limit came without one).
@@ -23,6 +24,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from phsa_train.compat.megatron_core_0_16_1 import shield_checkpoint_writer
+
 
 class PreemptionWatcher:
     SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
@@ -38,7 +41,7 @@ class PreemptionWatcher:
         self._next_poll = 0.0
         stop_at = os.environ.get("PHSA_STOP_AT")
         self.stop_at = float(stop_at) if stop_at else None
-        _shield_checkpoint_writer()
+        shield_checkpoint_writer()
         for sig in self.SIGNALS:
             signal.signal(sig, self._handler)
 
@@ -71,24 +74,3 @@ class PreemptionWatcher:
         Path(run_dir).mkdir(parents=True, exist_ok=True)
         (Path(run_dir) / "REQUEUE").write_text(f"{step}\n")
 
-
-def _shield_checkpoint_writer() -> None:
-    """Start Megatron's checkpoint-writer helper process now, with SIGUSR1 ignored.
-
-    The ``torch_dist`` saver keeps one *spawned* ``multiprocessing.Manager`` per rank (a fresh interpreter,
-    so default signal actions). A SIGUSR1 sent to every process of the job step (``--signal=USR1@T``
-    without ``B:``, ``scancel --signal=USR1`` without ``--batch``) kills it, and the very save the signal
-    asked for then fails with ``BrokenPipeError`` (seen on a real Slurm). An ignored signal stays ignored
-    across exec, so a Manager started here survives it.
-    """
-    try:
-        from megatron.core.dist_checkpointing.strategies import filesystem_async as fa
-    except ImportError:
-        return
-    if getattr(fa, "_results_queue", None) is not None or not hasattr(fa, "_get_write_results_queue"):
-        return
-    previous = signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-    try:
-        fa._get_write_results_queue()
-    finally:
-        signal.signal(signal.SIGUSR1, previous)

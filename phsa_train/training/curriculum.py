@@ -2,10 +2,10 @@
 
 Everything here is a pure function of the step (:func:`sparsity_at_step`), so a resumed run lands exactly
 on the schedule and the logged sequence equals the uninterrupted run's. The paper's own strategy (a fixed
-tiny k from the start, evaluated at a larger k; spec §7) is the special case ``warmup_steps=0,
+tiny k from the start, evaluated at a larger k; docs/phsa.md) is the special case ``warmup_steps=0,
 ramp_steps=0, target_topk=2, eval_topk=4`` (``conf/curriculum/constant.yaml``).
 
-Activation ratio ("budget", spec §5) at the training length L: ``a = (n_init + w + k*m) / L``. The ramp
+Activation ratio ("budget", docs/phsa.md) at the training length L: ``a = (n_init + w + k*m) / L``. The ramp
 interpolates ``a`` from ``ramp_start_activation`` down to the target with the chosen shape and maps it to
 the largest top-k whose budget does not exceed it (at least 1). While the current budget is above
 ``dense_fallback_activation`` the layers run the dense fast path instead: at that density block-sparse
@@ -31,7 +31,7 @@ class SparsityState:
     train_topk: Optional[int]
     eval_topk: Optional[int]
     dense: bool  # the PHSA layers run the dense path this step
-    activation_ratio: Optional[float] = None  # budget definition (spec §5), of train_topk at data.seq_len
+    activation_ratio: Optional[float] = None  # budget definition (docs/phsa.md), of train_topk at data.seq_len
     causal_activation_ratio: Optional[float] = None  # mean over queries of |S(i)| / (i + 1)
 
     def metrics(self) -> dict:

@@ -1,0 +1,1 @@
+"""Evaluation of checkpoints: perplexity, attention recall, synthetic retrieval, selection statistics."""

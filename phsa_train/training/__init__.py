@@ -1,0 +1,1 @@
+"""Training: the loop, one step, the optimizer face, checkpoints, preemption, metrics, the curriculum."""
