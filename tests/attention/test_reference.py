@@ -125,7 +125,7 @@ def test_lam_one_is_mean_pooling():
     b, _, hk, d = k.shape
     reps = block_representatives(k, pm, m, 1.0)
     assert_close("reps", k[:, : (L // m) * m].reshape(b, L // m, m, hk, d).mean(2), reps, 1e-15)
-    knobs = dict(block_size=m, n_init=8, local_window=8, topk=2, lam=1.0, backend="reference")
+    knobs = dict(block_size=m, n_init=8, local_window=8, topk=2, lam=1.0, query_block=1, backend="reference")
     mean_sel = select_blocks(q, k, None, **knobs)
     assert torch.equal(select_blocks(q, k, pm, **knobs), mean_sel)
     # lam < 1 does use the punctuation: with this many punctuation tokens the selection changes somewhere.
@@ -144,7 +144,7 @@ def test_punctuation_changes_selection():
     pm = torch.zeros(1, L, dtype=torch.bool)
     pm[0, 2] = True
     q = e0.expand(1, L, 1, 4).clone()
-    knobs = dict(block_size=m, n_init=0, local_window=4, topk=1, backend="reference")
+    knobs = dict(block_size=m, n_init=0, local_window=4, topk=1, query_block=1, backend="reference")
     assert select_blocks(q, k, pm, lam=0.5, **knobs)[0, 15, 0].tolist() == [0]
     assert select_blocks(q, k, pm, lam=1.0, **knobs)[0, 15, 0].tolist() == [1]
 
@@ -154,7 +154,7 @@ def test_ties_go_to_the_later_block(score):
     m, L, topk = 4, 40, 3
     q, _, _, _ = make_inputs(1, L, 2, 1)
     k = torch.ones(1, L, 1, 8, dtype=DT)  # every representative equal: every score ties
-    p = PHSAParams(block_size=m, n_init=0, local_window=m, topk=topk, score=score)
+    p = PHSAParams(block_size=m, n_init=0, local_window=m, topk=topk, score=score, query_block=1)
     idx = select_blocks_reference(q, k, None, p)
     for i in range(L):
         last = (i - m) // m  # the last eligible block, t*m <= i - w

@@ -37,7 +37,7 @@ def test_cp2_triton_kernels_with_query_offset(tmp_path):
 @pytest.mark.parametrize("attention", ["dense", "phsa"])
 def test_cp2_training_step_matches_cp1(tmp_path, attention):
     phsa = ["attention=phsa", "attention.n_init=8", "attention.local_window=16", "attention.train_topk=2",
-            "attention.backend=reference"] if attention == "phsa" else []
+            "attention.query_block=4", "attention.backend=reference"] if attention == "phsa" else []
     ref = run_layout(tmp_path, 1, *(["--"] + phsa if phsa else []))
     got = run_layout(tmp_path, 2, "--cp", "2", *(["--"] + phsa if phsa else []))
     assert_same(ref, got, rtol=2e-4, atol=2e-6)

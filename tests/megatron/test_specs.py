@@ -55,7 +55,7 @@ def _batch(seed=0):
 def test_full_topk_phsa_model_equals_dense_model(single_process):
     dense = _model(["attention=dense"])
     phsa = _model(["attention=phsa", "attention.n_init=8", "attention.local_window=16", "attention.train_topk=4",
-                   "attention.backend=reference"])
+                   "attention.query_block=1", "attention.backend=reference"])
     phsa.load_state_dict(dense.state_dict())
     x, y, pos, info = _batch()
     set_sparsity(phsa, train_topk=SEQ // 16, eval_topk=SEQ // 16)
