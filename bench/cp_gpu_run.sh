@@ -26,7 +26,7 @@ export PY
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-4} WANDB_MODE=offline PHSA_CACHE_DIR=${PHSA_CACHE_DIR:-/tmp/phsa_cache}
 LOG=$TMPD/log  # stage logs $LOG.<stage>, concatenated into $OUT/cp_run.txt
 START=$SECONDS
-if [ "$CPU" = 1 ]; then NGPU=2; else NGPU=$("$PY" -c 'import torch; print(torch.cuda.device_count())'); fi
+if [ "$CPU" = 1 ]; then NGPU=2; else NGPU=${CP_NGPU:-$("$PY" -c 'import torch; print(torch.cuda.device_count())')}; fi  # CP_NGPU=2: GPUs 0,1 only
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv > "$OUT/gpu.txt" 2>&1 || echo cpu > "$OUT/gpu.txt"
 echo "cp_gpu_run: $NGPU devices, stages $STAGES, cpu=$CPU, $(date -u), scratch $TMPD" | tee -a "$OUT/cp_run.txt"
 SHIPPED_QB=$("$PY" -c 'from phsa_train.config import compose; print(compose(["attention=phsa"]).attention.query_block)')
