@@ -16,6 +16,8 @@ import json
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root: `tests.` helpers under torchrun
+
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state

@@ -7,7 +7,10 @@ chunk path's native query offset is checked against the kernels' own full-sequen
 """
 import argparse
 import os
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root: `tests.` helpers under torchrun
 
 if os.environ.get("TRITON_INTERPRET") == "1":  # --backend triton on CPU: the interpreter's shims, before the kernels
     from tests.triton_interpreter import patch
