@@ -95,8 +95,9 @@ def _run(argv: list[str]) -> None:
         args = _mix_parser().parse_args(argv[1:])
         from phsa_train.evaluation.retrieval import write_retrieval_mix
 
-        tok = args.tokenizer or next((t for t in (args.base_prefix + "_tokenizer.json", os.path.join(
-            os.path.dirname(os.path.abspath(args.base_prefix)), "tokenizer.json")) if os.path.isfile(t)), None)
+        from phsa_train.config.data_files import tokenizer_beside
+
+        tok = args.tokenizer or tokenizer_beside(args.base_prefix)
         if tok is None:
             raise FileNotFoundError(f"--tokenizer: none given and no tokenizer beside {args.base_prefix}")
         r = write_retrieval_mix(args.base_prefix, args.output_prefix, tok, share=args.share, seq_len=args.seq_len,
@@ -139,7 +140,9 @@ def _run(argv: list[str]) -> None:
             docs = hf_documents(args.hf_dataset, args.hf_split, args.json_key)
         tok = MegatronTokenizer(train_bpe_tokenizer(docs, args.vocab_size, progress=not args.no_progress))
         os.makedirs(os.path.dirname(os.path.abspath(args.output_prefix)), exist_ok=True)
-        tok.save(f"{args.output_prefix}_tokenizer.json")
+        from phsa_train.config.data_files import tokenizer_file
+
+        tok.save(tokenizer_file(args.output_prefix))
     else:
         tok = MegatronTokenizer(args.tokenizer)
     r = prepare(args.input or [], args.output_prefix, tok, json_key=args.json_key, append_eod=not args.no_eod,
