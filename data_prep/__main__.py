@@ -90,6 +90,20 @@ def _mix_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _check_writable(prefix: str) -> None:
+    """The output directory exists (or can be made) and takes new files: probe with a real file, since
+    permission bits alone do not say it (root, read-only mounts, ACLs)."""
+    import tempfile
+
+    out_dir = os.path.dirname(os.path.abspath(prefix))
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out_dir, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise ValueError(f"--output-prefix {prefix}: cannot write to {out_dir} ({e.strerror})") from e
+
+
 def _run(argv: list[str]) -> None:
     if argv[:1] == ["retrieval-mix"]:
         args = _mix_parser().parse_args(argv[1:])
@@ -130,6 +144,7 @@ def _run(argv: list[str]) -> None:
         raise ValueError(f"--workers={args.workers}: must be >= 1")
     from phsa_train.data import MegatronTokenizer, hf_documents, prepare, read_documents, train_bpe_tokenizer
 
+    _check_writable(args.output_prefix)  # before minutes of tokenizer training, not after
     if args.tokenizer == "train":
         if args.input:
             for path in args.input:
@@ -156,6 +171,9 @@ def main(argv: list[str] | None = None) -> int:
         _run(sys.argv[1:] if argv is None else argv)
     except (ValueError, FileNotFoundError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # e.g. the disk filled up mid-write: the file and the reason, no traceback
+        print(f"{PROG}: error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
         return 2
     return 0
 

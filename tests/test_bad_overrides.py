@@ -26,7 +26,7 @@ BAD = [
     (["train.global_batch_size=6"], 4,
      "train.global_batch_size=6 is not divisible by train.micro_batch_size=4 x data-parallel size 4"),
     (["train.log_interval=0"], 1, "train.log_interval=0 must be >= 1"),
-    (["train.eval_iters=0"], 1, "train.eval_iters=0 must be >= 1"),
+    (["train.eval_iters=0"], 1, "train.eval_iters=0 must be >= 1 (or train.eval_interval=0: no validation)"),
     (["train.min_lr=1.0"], 1, "train.min_lr=1.0 must be in [0, train.lr=0.003]"),
     (["train.steps=abc"], 1,
      "Error merging override train.steps=abc; Value 'abc' of type 'str' could not be converted to Integer"),

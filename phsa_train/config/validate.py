@@ -169,8 +169,12 @@ def check_ranges(cfg: DictConfig) -> None:
         _at_least("model.vocab_size", m.vocab_size, 1)
     for name in ("rotary_base", "layernorm_epsilon", "init_method_std"):
         _check(m[name] > 0, f"model.{name}={m[name]} must be > 0")
-    for name in ("steps", "micro_batch_size", "global_batch_size", "eval_interval", "eval_iters", "log_interval"):
+    for name in ("steps", "micro_batch_size", "global_batch_size", "log_interval"):
         _at_least(f"train.{name}", t[name], 1)
+    _at_least("train.eval_interval", t.eval_interval, 0)  # 0 = no validation during training
+    if t.eval_interval > 0:
+        _check(t.eval_iters >= 1, f"train.eval_iters={t.eval_iters} must be >= 1 (or train.eval_interval=0: "
+                                  "no validation)")
     _at_least("train.warmup_steps", t.warmup_steps, 0)
     _check(t.lr > 0, f"train.lr={t.lr} must be > 0")
     _check(0 <= t.min_lr <= t.lr, f"train.min_lr={t.min_lr} must be in [0, train.lr={t.lr}]")
