@@ -34,7 +34,7 @@ BAD = [
     (["model.hiden_size=64"], 1, "model.hiden_size is not a knob of this config; did you mean model.hidden_size?"),
     (["+train.stepz=5"], 1, "train.stepz is not a knob of this config; did you mean train.steps?"),
     (PHSA + ["attention.score=dot"], 1,
-     "attention.score='dot' is not supported; allowed: softmax_group_sum, dot_group_sum"),
+     "attention.score='dot' must be one of softmax_group_sum | dot_group_sum"),
     (PHSA + ["attention.eval_topk=100"], 1, f"attention.eval_topk=100 is larger than {NB} = 16"),
     (PHSA + ["curriculum=constant", "curriculum.eval_topk=100"], 1, f"curriculum.eval_topk=100 must be in [1, 16] ({NB})"),
     (["parallel.context_parallel_size=2", "data.seq_len=250"], 2,
@@ -71,7 +71,7 @@ def test_missing_tokenizer_beside_the_data_is_one_line(tmp_path):
 @pytest.mark.parametrize("overrides,message", [
     (["model.num_layers=0"], "error: model.num_layers=0 must be >= 1"),
     (["attention=phsa", "attention.score=dot"],
-     "error: attention.score='dot' is not supported; allowed: softmax_group_sum, dot_group_sum"),
+     "error: attention.score='dot' must be one of softmax_group_sum | dot_group_sum"),
 ])
 def test_launcher_exits_2_with_the_line_before_torchrun(tmp_path, overrides, message):
     proc = subprocess.run(["bash", "launch/pretrain.sh", *overrides], cwd=REPO, capture_output=True, text=True,
