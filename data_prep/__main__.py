@@ -90,13 +90,28 @@ def _mix_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _check_writable(prefix: str) -> None:
+    """The output directory exists (or can be made) and takes new files: probe with a real file, since
+    permission bits alone do not say it (root, read-only mounts, ACLs)."""
+    import tempfile
+
+    out_dir = os.path.dirname(os.path.abspath(prefix))
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out_dir, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise ValueError(f"--output-prefix {prefix}: cannot write to {out_dir} ({e.strerror})") from e
+
+
 def _run(argv: list[str]) -> None:
     if argv[:1] == ["retrieval-mix"]:
         args = _mix_parser().parse_args(argv[1:])
         from phsa_train.evaluation.retrieval import write_retrieval_mix
 
-        tok = args.tokenizer or next((t for t in (args.base_prefix + "_tokenizer.json", os.path.join(
-            os.path.dirname(os.path.abspath(args.base_prefix)), "tokenizer.json")) if os.path.isfile(t)), None)
+        from phsa_train.config.data_files import tokenizer_beside
+
+        tok = args.tokenizer or tokenizer_beside(args.base_prefix)
         if tok is None:
             raise FileNotFoundError(f"--tokenizer: none given and no tokenizer beside {args.base_prefix}")
         r = write_retrieval_mix(args.base_prefix, args.output_prefix, tok, share=args.share, seq_len=args.seq_len,
@@ -129,6 +144,7 @@ def _run(argv: list[str]) -> None:
         raise ValueError(f"--workers={args.workers}: must be >= 1")
     from phsa_train.data import MegatronTokenizer, hf_documents, prepare, read_documents, train_bpe_tokenizer
 
+    _check_writable(args.output_prefix)  # before minutes of tokenizer training, not after
     if args.tokenizer == "train":
         if args.input:
             for path in args.input:
@@ -139,7 +155,9 @@ def _run(argv: list[str]) -> None:
             docs = hf_documents(args.hf_dataset, args.hf_split, args.json_key)
         tok = MegatronTokenizer(train_bpe_tokenizer(docs, args.vocab_size, progress=not args.no_progress))
         os.makedirs(os.path.dirname(os.path.abspath(args.output_prefix)), exist_ok=True)
-        tok.save(f"{args.output_prefix}_tokenizer.json")
+        from phsa_train.config.data_files import tokenizer_file
+
+        tok.save(tokenizer_file(args.output_prefix))
     else:
         tok = MegatronTokenizer(args.tokenizer)
     r = prepare(args.input or [], args.output_prefix, tok, json_key=args.json_key, append_eod=not args.no_eod,
@@ -153,6 +171,9 @@ def main(argv: list[str] | None = None) -> int:
         _run(sys.argv[1:] if argv is None else argv)
     except (ValueError, FileNotFoundError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # e.g. the disk filled up mid-write: the file and the reason, no traceback
+        print(f"{PROG}: error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
         return 2
     return 0
 

@@ -50,6 +50,8 @@ if [ -z "${SLURM_JOB_ID:-}" ]; then
     NGPU="$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)"
     if [ "$NGPU" -gt 0 ]; then NPROC="$NGPU"; else NPROC=2; fi
   fi
+  # A bad value fails here, as one line and exit status 2, before torchrun starts any rank.
+  "$PYTHON" -m phsa_train.config.check --world-size="$NPROC" "$@" || exit $?
   echo "[pretrain.sh] local run: $NPROC processes, run dir $PHSA_RUN_DIR"
   exec "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node="$NPROC" \
     --signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 \
@@ -71,7 +73,8 @@ if [ "${PHSA_SLURM_NODE:-}" = 1 ]; then
     -m phsa_train.train hydra.run.dir="$PHSA_RUN_DIR" "$@"
 fi
 
-# Batch part: runs once, on the first node of the allocation.
+# Batch part: runs once, on the first node of the allocation. A bad config fails here (one line, status 2).
+"$PYTHON" -m phsa_train.config.check --world-size="$(( SLURM_NNODES * ${NPROC:-$(gpus_here | sed 's/^0$/2/')} ))" "$@" || exit $?
 MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
 # Per job, so two jobs on one node never collide; sbatch exports the submitting shell's environment, so an
 # inherited MASTER_PORT is ignored (PHSA_MASTER_PORT sets one explicitly).

@@ -114,3 +114,38 @@ def assert_close(name: str, ref: torch.Tensor, out: torch.Tensor, ratio: float, 
     assert rel <= ratio, msg
     if atol is not None:
         assert max_abs <= atol, msg + f" (max-abs limit {atol:.1e})"
+
+
+
+
+def selection_margin(q: torch.Tensor, k: torch.Tensor, punct_mask, params, cu_seqlens=None) -> float:
+    """Smallest gap between the k-th and the (k+1)-th block score of any query group, relative to the group's
+    best score, over the reference scores (inf when no group has more than k eligible blocks).
+
+    Two implementations that round differently (another GEMM kernel, another CPU, Triton's interpreter) can only
+    disagree on a selection where this gap is within their rounding error (~1e-6 in fp32), so a test that
+    compares selections exactly first checks that its inputs keep clear of that."""
+    from phsa_train.attention.params import doc_bounds
+    from phsa_train.attention.phsa.reference import block_scores
+
+    worst = float("inf")
+    for s, e in doc_bounds(cu_seqlens, q.shape[1]):
+        pm = None if punct_mask is None else punct_mask[:, s:e]
+        scores = block_scores(q[:, s:e], k[:, s:e], pm, params).sort(dim=-1, descending=True).values
+        if scores.shape[-1] <= params.topk or params.topk == 0:
+            continue
+        kth, next_ = scores[..., params.topk - 1], scores[..., params.topk]
+        chooses = next_.isfinite()  # more than k eligible blocks: the top-k really chooses
+        if chooses.any():
+            gap = (kth - next_) / scores[..., 0].abs().clamp(min=1e-30)
+            worst = min(worst, gap[chooses].min().item())
+    return worst
+
+
+def assert_no_near_ties(q, k, punct_mask, params, cu_seqlens=None, margin: float | None = None) -> None:
+    """Precondition of an exact selection comparison between two implementations (see ``selection_margin``).
+    Default margin: 1e-9 when the scores are computed in float64, 1e-4 in float32 (bf16/fp16/fp32 inputs)."""
+    if margin is None:
+        margin = 1e-9 if torch.promote_types(q.dtype, torch.float32) == torch.float64 else 1e-4
+    gap = selection_margin(q, k, punct_mask, params, cu_seqlens)
+    assert gap > margin, f"inputs hold a near-tie (relative score gap {gap:.1e} <= {margin:.0e}): change the seed"

@@ -114,7 +114,7 @@ class CheckpointConfig:
     dir: Optional[str] = None  # default: <run dir>/checkpoints
     interval: int = 50  # steps between saves (a crash loses at most this many)
     resume: str = "auto"  # auto | true | false
-    keep_last: int = 2
+    keep_last: int = 2  # newest checkpoints kept; older ones are deleted at each save (0 = keep all)
     init_from: Optional[str] = None  # a checkpoint dir to start from (weights only), or hf:PATH
     optimizer_sharding: str = "fully_reshardable"  # GPU distributed optimizer: fully_reshardable | dp_reshardable
 

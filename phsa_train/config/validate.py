@@ -35,6 +35,8 @@ def _one_of(name: str, value, allowed) -> None:
 
 def validate(cfg: DictConfig, world_size: int = 1) -> None:
     """Raise ConfigError on the first inconsistent knob. ``world_size`` is the number of ranks of the job."""
+    check_known_keys(cfg)
+    check_ranges(cfg)
     m, a, p, d, t = cfg.model, cfg.attention, cfg.parallel, cfg.data, cfg.train
     _one_of("model.transformer_impl", m.transformer_impl, TRANSFORMER_IMPLS)
     _one_of("attention.name", a.name, ATTENTION_NAMES)
@@ -97,6 +99,8 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
         _one_of("attention.backend", a.backend, DENSE_BACKENDS)
     else:
         _validate_phsa(a, d.seq_len, cp, scheduled=cfg.curriculum.name != "none")
+    check_curriculum_topk(cfg)
+    validate_data_files(cfg)
 
 
 def _validate_phsa(a, seq_len: int, cp: int, scheduled: bool) -> None:
@@ -124,3 +128,120 @@ def _validate_phsa(a, seq_len: int, cp: int, scheduled: bool) -> None:
         _check((seq_len // (2 * cp)) % a.query_block == 0,
                f"data.seq_len / (2 x parallel.context_parallel_size) = {seq_len // (2 * cp)} must be a multiple "
                f"of attention.query_block={a.query_block} (query groups may not straddle CP chunks)")
+
+
+def check_known_keys(cfg: DictConfig) -> None:
+    """Every key of the composed config must be a field of its schema node: a ``+`` override (which Hydra lets
+    add keys) or a typo in a YAML file is an error, not a setting that is silently ignored."""
+    import dataclasses
+    import difflib
+
+    from omegaconf import OmegaConf
+
+    def walk(node: DictConfig, prefix: str) -> None:
+        schema = OmegaConf.get_type(node)
+        if not dataclasses.is_dataclass(schema):
+            return
+        known = [f.name for f in dataclasses.fields(schema)]
+        for key in node.keys():
+            if key not in known:
+                close = difflib.get_close_matches(str(key), known, n=1)
+                hint = f"; did you mean {prefix}{close[0]}?" if close else f"; known: {', '.join(known)}"
+                raise ConfigError(f"{prefix}{key} is not a knob of this config{hint}")
+            child = node._get_node(key)
+            if isinstance(child, DictConfig) and not child._is_missing() and not child._is_none():
+                walk(child, f"{prefix}{key}.")
+
+    walk(cfg, "")
+
+
+def _at_least(name: str, value, low) -> None:
+    _check(value is not None and value >= low, f"{name}={value} must be >= {low}")
+
+
+def check_ranges(cfg: DictConfig) -> None:
+    """Single-knob ranges, checked before any cross-field rule divides by one of them."""
+    m, t, d, c, p = cfg.model, cfg.train, cfg.data, cfg.curriculum, cfg.parallel
+    for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+                 "kv_channels", "max_position_embeddings", "make_vocab_size_divisible_by"):
+        _at_least(f"model.{name}", m[name], 1)
+    if m.vocab_size is not None:
+        _at_least("model.vocab_size", m.vocab_size, 1)
+    for name in ("rotary_base", "layernorm_epsilon", "init_method_std"):
+        _check(m[name] > 0, f"model.{name}={m[name]} must be > 0")
+    for name in ("steps", "micro_batch_size", "global_batch_size", "log_interval"):
+        _at_least(f"train.{name}", t[name], 1)
+    _at_least("train.eval_interval", t.eval_interval, 0)  # 0 = no validation during training
+    if t.eval_interval > 0:
+        _check(t.eval_iters >= 1, f"train.eval_iters={t.eval_iters} must be >= 1 (or train.eval_interval=0: "
+                                  "no validation)")
+    _at_least("train.warmup_steps", t.warmup_steps, 0)
+    _check(t.lr > 0, f"train.lr={t.lr} must be > 0")
+    _check(0 <= t.min_lr <= t.lr, f"train.min_lr={t.min_lr} must be in [0, train.lr={t.lr}]")
+    _check(t.weight_decay >= 0, f"train.weight_decay={t.weight_decay} must be >= 0")
+    for name in ("adam_beta1", "adam_beta2"):
+        _check(0 <= t[name] < 1, f"train.{name}={t[name]} must be in [0, 1)")
+    _check(t.clip_grad >= 0, f"train.clip_grad={t.clip_grad} must be >= 0 (0 = no clipping)")
+    if t.exit_after_steps is not None:
+        _at_least("train.exit_after_steps", t.exit_after_steps, 1)
+    _at_least("checkpoint.keep_last", cfg.checkpoint.keep_last, 0)  # 0 = keep every checkpoint
+    _at_least("parallel.nproc_per_node", p.nproc_per_node, 1)
+    _at_least("data.num_workers", d.num_workers, 0)
+    _at_least("data.embedded_vocab_size", d.embedded_vocab_size, 258)
+    split = str(d.split).split(",")
+    _check(len(split) == 3 and all(s.strip().replace(".", "", 1).isdigit() for s in split)
+           and sum(float(s) for s in split) > 0,
+           f"data.split={d.split!r} must be three non-negative weights 'train,valid,test', e.g. 949,50,1")
+    _check(all(w >= 0 for w in d.weights), f"data.weights={list(d.weights)} must all be >= 0")
+    for name in ("warmup_steps", "ramp_steps", "stats_interval"):
+        _at_least(f"curriculum.{name}", c[name], 0)
+    _at_least("curriculum.num_step_levels", c.num_step_levels, 1)
+    _at_least("curriculum.stats_queries", c.stats_queries, 1)
+    for name in ("ramp_start_activation", "target_activation", "dense_fallback_activation"):
+        if c[name] is not None:
+            _check(0 < c[name] <= 1, f"curriculum.{name}={c[name]} must be in (0, 1]")
+    if c.target_topk is not None:
+        _at_least("curriculum.target_topk", c.target_topk, 1)
+
+
+def check_curriculum_topk(cfg: DictConfig) -> None:
+    """curriculum.eval_topk obeys the same bound as attention.eval_topk: at most the blocks of a sequence."""
+    c, a, d = cfg.curriculum, cfg.attention, cfg.data
+    if a.name == "dense" or c.name == "none" or a.block_size < 1:
+        return
+    nb = d.seq_len // a.block_size
+    for name in ("eval_topk", "target_topk"):
+        if c[name] is not None:
+            _check(1 <= c[name] <= nb,
+                   f"curriculum.{name}={c[name]} must be in [1, {nb}] (the number of blocks data.seq_len // "
+                   f"attention.block_size = {d.seq_len} // {a.block_size})")
+
+
+def validate_data_files(cfg: DictConfig) -> None:
+    """The files a run reads exist: every data prefix's .bin/.idx, the tokenizer (data.tokenizer, or the one
+    data_prep left beside the first prefix), the punctuation table, checkpoint.init_from."""
+    import os
+
+    from phsa_train.config.data_files import missing_dataset_files, punct_table_file, tokenizer_beside
+
+    d = cfg.data
+    prefixes = [os.path.expanduser(str(p)) for p in d.prefixes]
+    for p in prefixes:
+        missing = missing_dataset_files(p)
+        _check(not missing, f"data.prefixes: {' and '.join(missing)} not found (data.prefixes=[P] names the "
+                            "P.bin/P.idx that `python -m data_prep --output-prefix P` writes)")
+    if prefixes and d.tokenizer is None:
+        _check(tokenizer_beside(prefixes[0]) is not None,
+               f"data.tokenizer is not set and there is no {prefixes[0]}_tokenizer.json (written by data_prep "
+               f"--tokenizer train) nor tokenizer.json beside it; set data.tokenizer=<the tokenizer data_prep used>")
+    tok = None if d.tokenizer is None else os.path.expanduser(str(d.tokenizer))
+    if tok is not None and (tok.endswith(".json") or tok.startswith((".", "/", "~"))):
+        _check(os.path.exists(tok), f"data.tokenizer={d.tokenizer}: no such file or directory")
+    if prefixes:
+        punct = os.path.expanduser(str(d.punct_table)) if d.punct_table else punct_table_file(prefixes[0])
+        _check(os.path.isfile(punct), f"data.punct_table={punct}: no such file (data_prep writes P_punct.json; "
+                                      "`python -m data_prep punct` builds one for a tokenizer)")
+    init = cfg.checkpoint.init_from
+    if init:
+        path = os.path.expanduser(str(init)[3:] if str(init).startswith("hf:") else str(init))
+        _check(os.path.isdir(path), f"checkpoint.init_from={init}: no such directory")

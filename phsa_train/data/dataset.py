@@ -14,6 +14,7 @@ from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegat
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
+from phsa_train.config.validate import ConfigError
 from phsa_train.data.tokenizer import MegatronTokenizer
 
 _CHECK_TOKENS = 1 << 26  # build_gpt_datasets scans at most this many tokens per prefix (~0.1 s uint16)
@@ -41,6 +42,18 @@ def check_vocab(prefix: str, vocab_size: int, max_tokens: int | None = None) -> 
             f"the data was tokenized with a different tokenizer (data.prefixes vs data.tokenizer)"
         )
     return max_id
+
+
+def _check_splits_not_empty(prefixes, split_matrix, split: str, num_samples) -> None:
+    """A split that must yield samples but holds no document would loop forever in Megatron's epoch count;
+    say which prefix and split instead (Megatron's own document rounding)."""
+    for p in prefixes:
+        n_docs = len(IndexedDataset(p).document_indices) - 1
+        for name, (lo, hi), wanted in zip(("train", "valid"), split_matrix, num_samples):
+            beg, end = int(round(lo * float(n_docs))), int(round(hi * float(n_docs)))
+            if wanted and end <= beg:
+                raise ConfigError(f"data.split={split}: the {name} split of {p} gets 0 of its {n_docs} documents; "
+                                 "use more documents or give that split a larger share")
 
 
 def build_gpt_datasets(
@@ -103,7 +116,10 @@ def build_gpt_datasets(
         # only needs a materialised one for document masking.
         create_attention_mask=reset_attention_mask,
     )
+    _check_splits_not_empty(prefixes, config.split_matrix, split, num_samples)
+    # The test split is never read: size None (one pass, no sample count), since a 0-sample request on an empty
+    # split never returns from Megatron's epoch count (GPTDataset._get_num_epochs, megatron-core 0.16.1).
     train_ds, valid_ds, _ = BlendedMegatronDatasetBuilder(
-        GPTDataset, [num_samples[0], num_samples[1], 0], is_built_on_rank, config
+        GPTDataset, [num_samples[0], num_samples[1], None], is_built_on_rank, config
     ).build()
     return train_ds, valid_ds

@@ -9,6 +9,7 @@ EOD is appended after every document, so GPTDataset's concatenated windows see d
 """
 from __future__ import annotations
 
+import glob
 import gzip
 import json
 import multiprocessing
@@ -19,6 +20,7 @@ import shutil
 import socket
 import tempfile
 import time
+import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -50,36 +52,51 @@ def _open_text(path: str):
 
 
 def read_documents(paths: Sequence[str], json_key: str = "text", split_docs: str | None = None) -> Iterator[str]:
-    """Yield documents (str) from local files in the given order; empty documents are skipped."""
+    """Yield documents (str) from local files in the given order; empty documents are skipped.
+
+    A file that cannot be read as documents (not UTF-8, a ``.gz`` that is not gzip, a JSON row without a string
+    under ``json_key``) raises ValueError naming the file."""
     if split_docs not in _SPLIT_DOCS:
         raise ValueError(f"data.split_docs={split_docs!r}: unknown; allowed: {list(_SPLIT_DOCS)}")
     for path in paths:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"data.inputs: no such file: {path}")
-        stem = path[:-3] if path.endswith(".gz") else path
-        if stem.endswith((".jsonl", ".json")):
-            with _open_text(path) as f:
-                for lineno, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        text = json.loads(line)[json_key]
-                    except (json.JSONDecodeError, KeyError, TypeError) as e:
-                        raise ValueError(f"{path}:{lineno}: no string under --json-key {json_key!r} ({e!r})") from e
-                    if text:
-                        yield text
-        elif stem.endswith(".txt"):
-            with _open_text(path) as f:
-                text = f.read()
-            if split_docs == "paragraph":
-                parts = text.split("\n\n")
-            elif split_docs == "line":
-                parts = text.splitlines()
-            else:
-                parts = [text]
-            yield from (p.strip() for p in parts if p.strip())
+        try:
+            yield from _file_documents(path, json_key, split_docs)
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}: not valid UTF-8 text ({e.reason}); convert it to UTF-8 first") from e
+        except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+            raise ValueError(f"{path}: not a readable gzip file ({e}); name it without .gz if it is plain text") from e
+
+
+def _file_documents(path: str, json_key: str, split_docs: str | None) -> Iterator[str]:
+    stem = path[:-3] if path.endswith(".gz") else path
+    if stem.endswith((".jsonl", ".json")):
+        with _open_text(path) as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    text = json.loads(line)[json_key]
+                except (json.JSONDecodeError, KeyError, TypeError) as e:
+                    raise ValueError(f"{path}:{lineno}: no string under --json-key {json_key!r} ({e!r})") from e
+                if not isinstance(text, str) and text is not None:
+                    raise ValueError(f"{path}:{lineno}: the value under --json-key {json_key!r} is "
+                                     f"{type(text).__name__}, not a string")
+                if text:
+                    yield text
+    elif stem.endswith(".txt"):
+        with _open_text(path) as f:
+            text = f.read()
+        if split_docs == "paragraph":
+            parts = text.split("\n\n")
+        elif split_docs == "line":
+            parts = text.splitlines()
         else:
-            raise ValueError(f"data.inputs: {path}: unsupported extension; allowed: .txt, .jsonl, .json (+ .gz)")
+            parts = [text]
+        yield from (p.strip() for p in parts if p.strip())
+    else:
+        raise ValueError(f"data.inputs: {path}: unsupported extension; allowed: .txt, .jsonl, .json (+ .gz)")
 
 
 def hf_documents(name: str, split: str = "train", json_key: str = "text") -> Iterator[str]:
@@ -150,11 +167,35 @@ def prepare(
                            progress=progress, punct_charset=punct_charset)
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by another user
+        return True
+    return True
+
+
+def remove_orphan_tmp(prefix: str) -> list[str]:
+    """Remove ``<prefix>.tmp-<pid>.bin/.idx`` left by writers that were killed (their pid is gone on this
+    host); a live writer's files are left alone. Returns the removed paths."""
+    removed = []
+    for path in glob.glob(glob.escape(prefix) + ".tmp-*"):
+        pid, _, ext = path[len(prefix) + len(".tmp-"):].partition(".")
+        if pid.isdigit() and ext in ("bin", "idx") and not _pid_alive(int(pid)):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+                removed.append(path)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_indexed_dataset(prefix: str, dtype):
     """Yield an IndexedDatasetBuilder writing ``<prefix>.tmp-<pid>.bin``; on success finalize and rename both
     files into place (.idx last, so ``IndexedDataset.exists(prefix)`` never sees a half-written dataset);
     on any error remove the temp files."""
+    remove_orphan_tmp(prefix)
     tmp = f"{prefix}.tmp-{os.getpid()}"
     builder = IndexedDatasetBuilder(tmp + ".bin", dtype=dtype)
     try:

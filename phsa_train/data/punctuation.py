@@ -17,6 +17,7 @@ import string
 import torch
 from tokenizers import Tokenizer
 
+from phsa_train.config.data_files import punct_table_file
 from phsa_train.data.tokenizer import MegatronTokenizer, tokenizer_sha256
 
 # CJK/full-width punctuation plus the typographic marks Chinese text uses (curly quotes, ellipsis, dashes).
@@ -78,7 +79,8 @@ def write_punct_table(table: dict, prefix: str | os.PathLike, tokenizer: Tokeniz
     The .tsv is for human review; without ``tokenizer`` its second column is empty. Returns the json path.
     """
     prefix = os.fspath(prefix)
-    json_path, tsv_path = f"{prefix}_punct.json", f"{prefix}_punct.tsv"
+    json_path = punct_table_file(prefix)
+    tsv_path = json_path[: -len(".json")] + ".tsv"
     with open(json_path + ".tmp", "w") as f:
         json.dump(table, f, indent=1)
     tok = _hf(tokenizer) if tokenizer is not None else None

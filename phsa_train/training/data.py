@@ -24,6 +24,8 @@ class Data:
 
 def build_data(cfg, env, padded_vocab_fn) -> Data:
     """Tokenizer, punctuation table and Megatron GPT datasets. Rank 0 prepares the embedded corpus first."""
+    from phsa_train.config.data_files import punct_table_file, tokenizer_beside
+    from phsa_train.config.validate import validate_data_files
     from phsa_train.data import (MegatronTokenizer, build_gpt_datasets, check_vocab, load_punct_mask,
                                  load_tokenizer, prepare_default_corpus)
 
@@ -31,12 +33,9 @@ def build_data(cfg, env, padded_vocab_fn) -> Data:
     cache_dir = Path(d.cache_dir).expanduser()
     if d.prefixes:
         prefixes = [str(Path(p).expanduser()) for p in d.prefixes]
-        for p in prefixes:
-            if not (Path(p + ".bin").exists() and Path(p + ".idx").exists()):
-                raise FileNotFoundError(f"data.prefixes: no Megatron dataset at {p}(.bin/.idx); "
-                                        "prepare one with `python -m data_prep`")
-        tok_spec = d.tokenizer or str(Path(prefixes[0]).parent)
-        punct_path = d.punct_table or prefixes[0] + "_punct.json"
+        validate_data_files(cfg)  # one line naming the file when a prefix, tokenizer or table is missing
+        tok_spec = d.tokenizer or tokenizer_beside(prefixes[0])
+        punct_path = d.punct_table or punct_table_file(prefixes[0])
     else:
         if env.is_main:  # build once; the others wait, then find it complete
             prepare_default_corpus(cache_dir / "embedded", vocab_size=d.embedded_vocab_size, progress=True)

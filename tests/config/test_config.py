@@ -80,5 +80,17 @@ def test_cli_missing_data_path(tmp_path):
 def test_cli_help_lists_groups_and_knobs():
     proc = _run_train("--help")
     assert proc.returncode == 0
-    for word in ("dense, meanpool, phsa", "qwen3_0.6b, qwen3_8b, small, tiny", "dense_warmup_to_97", "train.steps"):
+    for word in ("attention=dense|meanpool|phsa", "+experiment=cpu_demo", "dense_warmup_to_97", "train.steps"):
+        assert word in proc.stdout, proc.stdout
+    model_line = next(line for line in proc.stdout.splitlines() if line.startswith("model="))
+    assert set(model_line[len("model="):].split("|")) == {f.stem for f in (REPO / "conf" / "model").glob("*.yaml")}
+    assert "base_" not in proc.stdout.split("== Config (defaults) ==")[0]  # schema nodes are not user options
+
+
+def test_eval_help_says_what_eval_does():
+    proc = subprocess.run([sys.executable, "-m", "phsa_train.eval", "--help"], cwd=REPO, env=subprocess_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0
+    for word in ("quality evaluation of a training checkpoint", "perplexity", "retrieval", "eval.checkpoint=RUN_DIR",
+                 "eval.topks=", "eval.retrieval.samples="):
         assert word in proc.stdout, proc.stdout

@@ -225,3 +225,74 @@ def test_default_corpus_idempotent_and_atomic(tmp_path, default_data, monkeypatc
     assert fresh.manifest["corpus"] == default_data.manifest["corpus"]
     assert fresh.manifest["tokenizer_sha256"] == default_data.manifest["tokenizer_sha256"]
     assert re.fullmatch(r"embedded-py\d+\.\d+\.\d+-v4096-f\d+", name)
+
+
+# ------------------------------------------------------------------ data_prep: bad input is one line naming the file
+
+
+def _data_prep(argv, capsys) -> tuple[int, str]:
+    from data_prep.__main__ import main
+
+    rc = main([str(a) for a in argv])
+    err = capsys.readouterr().err.strip()
+    return rc, err
+
+
+def test_data_prep_non_string_json_value_names_the_line(tmp_path, default_data, capsys):
+    src = tmp_path / "rows.jsonl"
+    src.write_text('{"text": "fine."}\n{"text": 5}\n')
+    rc, err = _data_prep(["--input", src, "--tokenizer", default_data.tokenizer_path, "--output-prefix",
+                          tmp_path / "out", "--no-progress"], capsys)
+    assert rc == 2 and err == f"python -m data_prep: error: {src}:2: the value under --json-key 'text' is int, not a string"
+
+
+def test_data_prep_gz_that_is_not_gzip_names_the_file(tmp_path, default_data, capsys):
+    src = tmp_path / "plain.txt.gz"
+    src.write_text("plain text, not gzip.")
+    rc, err = _data_prep(["--input", src, "--tokenizer", default_data.tokenizer_path, "--output-prefix",
+                          tmp_path / "out", "--no-progress"], capsys)
+    assert rc == 2 and err.startswith(f"python -m data_prep: error: {src}: not a readable gzip file (") and "\n" not in err
+    assert not list(tmp_path.glob("out*")), "nothing half-written is left"
+
+
+def test_data_prep_invalid_utf8_names_the_file(tmp_path, default_data, capsys):
+    src = tmp_path / "latin1.txt"
+    src.write_bytes("caf\u00e9, cr\u00e8me.".encode("latin-1"))
+    rc, err = _data_prep(["--input", src, "--tokenizer", "train", "--output-prefix", tmp_path / "out",
+                          "--no-progress"], capsys)
+    assert rc == 2 and err.startswith(f"python -m data_prep: error: {src}: not valid UTF-8 text (") and "\n" not in err
+
+
+def test_data_prep_read_only_output_dir_fails_before_training_a_tokenizer(tmp_path, capsys, monkeypatch):
+    import tempfile
+
+    src = tmp_path / "a.txt"
+    src.write_text("Some text, with punctuation. " * 50)
+    out_dir = tmp_path / "ro"
+    out_dir.mkdir()
+    out_dir.chmod(0o555)
+    if os.access(out_dir, os.W_OK):  # root ignores permission bits: make the directory refuse new files
+        def refuse(*args, dir=None, **kwargs):
+            raise PermissionError(13, "Permission denied", os.path.join(dir, "x"))
+        monkeypatch.setattr(tempfile, "NamedTemporaryFile", refuse)
+    trained = []
+    monkeypatch.setattr(D, "train_bpe_tokenizer", lambda *a, **k: trained.append(1))
+    rc, err = _data_prep(["--input", src, "--tokenizer", "train", "--output-prefix", out_dir / "corpus"], capsys)
+    assert rc == 2 and err == (f"python -m data_prep: error: --output-prefix {out_dir}/corpus: cannot write to "
+                               f"{out_dir} (Permission denied)")
+    assert not trained and not list(out_dir.iterdir())
+
+
+def test_orphan_tmp_files_of_dead_writers_are_removed(tmp_path, default_data):
+    from phsa_train.data.prepare import remove_orphan_tmp
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    prefix = tmp_path / "corpus"
+    orphans = [tmp_path / f"corpus.tmp-{dead.pid}.bin", tmp_path / f"corpus.tmp-{dead.pid}.idx"]
+    live = tmp_path / "corpus.tmp-1.bin"  # a writer that is still running (pid 1 always is)
+    for f in (*orphans, live):
+        f.write_bytes(b"x")
+    D.write_documents(["One document, with a comma."], prefix, default_data.tokenizer_path, progress=False)
+    assert not any(f.exists() for f in orphans) and live.exists()
+    assert (tmp_path / "corpus.bin").exists() and remove_orphan_tmp(str(prefix)) == []

@@ -7,11 +7,19 @@ import pytest
 from phsa_train.training.metrics import read_metrics
 from tests.helpers import REPO, finish, kill_tree, launch
 
+# One uninterrupted run serves both tests: what a run writes, and the reference a killed + resumed run must match.
+RUN = ["train.steps=60", "train.eval_interval=30", "checkpoint.interval=10"]
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory, cache_dir):
+    run = tmp_path_factory.mktemp("straight") / "run"
+    return run, finish(launch(run, *RUN, cache_dir=cache_dir))
+
+
 @pytest.mark.slow
-def test_demo_trains_and_writes_everything(tmp_path, cache_dir):
-    run = tmp_path / "run"
-    out = finish(launch(run, "train.steps=60", "train.eval_interval=30", "checkpoint.interval=30",
-                        cache_dir=cache_dir))
+def test_demo_trains_and_writes_everything(straight_run):
+    run, out = straight_run
     rows = read_metrics(run)
     valid = [r["valid/loss"] for r in rows if "valid/loss" in r]
     assert len(valid) == 3 and valid[-1] < valid[0] - 0.5, valid
@@ -24,13 +32,9 @@ def test_demo_trains_and_writes_everything(tmp_path, cache_dir):
 
 
 @pytest.mark.slow
-def test_sigkill_then_restart_resumes_and_matches_uninterrupted(tmp_path, cache_dir):
-    common = ["train.steps=100", "train.eval_interval=0", "checkpoint.interval=10"]
-    straight = tmp_path / "straight"
-    finish(launch(straight, *common, cache_dir=cache_dir))
-
+def test_sigkill_then_restart_resumes_and_matches_uninterrupted(tmp_path, cache_dir, straight_run):
     run = tmp_path / "killed"
-    proc = launch(run, *common, cache_dir=cache_dir)
+    proc = launch(run, *RUN, cache_dir=cache_dir)
     deadline = time.time() + 300
     while time.time() < deadline:
         steps = [r["step"] for r in read_metrics(run) if "train/loss" in r]
@@ -41,15 +45,15 @@ def test_sigkill_then_restart_resumes_and_matches_uninterrupted(tmp_path, cache_
     proc.wait()
     assert (run / "checkpoints" / "latest_checkpointed_iteration.txt").exists()
     killed_at = [r["step"] for r in read_metrics(run) if "train/loss" in r][-1]
-    assert killed_at < 100
+    assert killed_at < 60
 
-    out = finish(launch(run, *common, cache_dir=cache_dir))
+    out = finish(launch(run, *RUN, cache_dir=cache_dir))
     resumed_from = int(out.split("resumed at step ")[1].split()[0].rstrip(","))
     assert killed_at - 10 <= resumed_from <= killed_at and resumed_from % 10 == 0
     final = {r["step"]: r["train/loss"] for r in read_metrics(run) if "train/loss" in r}
-    ref = {r["step"]: r["train/loss"] for r in read_metrics(straight) if "train/loss" in r}
-    assert max(final) == 100
-    for step in range(resumed_from + 1, 101):  # same data, weights, optimizer and RNG -> same losses
+    ref = {r["step"]: r["train/loss"] for r in read_metrics(straight_run[0]) if "train/loss" in r}
+    assert max(final) == 60
+    for step in range(resumed_from + 1, 61):  # same data, weights, optimizer and RNG -> same losses
         assert final[step] == pytest.approx(ref[step], rel=1e-5), step
 
 

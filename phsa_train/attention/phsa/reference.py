@@ -104,11 +104,21 @@ def block_scores(
         per_q = torch.where(mask, p, 0.0)  # rows with nothing eligible are NaN before this
     else:
         per_q = torch.where(mask, logits, 0.0)
-    per_q = per_q.view(b, n, hk, G, nb).sum(dim=3)  # [b, n, hk, nb]
+    per_q = _sum_in_order(per_q.view(b, n, hk, G, nb), dim=3)  # [b, n, hk, nb]
     pad = n_groups * B - n
     per_q = torch.nn.functional.pad(per_q, (0, 0, 0, 0, 0, pad))
-    s = per_q.view(b, n_groups, B, hk, nb).sum(dim=2)
+    s = _sum_in_order(per_q.view(b, n_groups, B, hk, nb), dim=2)
     return s.masked_fill(~elig_g[None, :, None, :], float("-inf"))
+
+
+def _sum_in_order(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sum over ``dim`` by adding its slices one after another. Every block's score then comes from the same
+    sequence of float additions, so blocks whose terms are equal tie exactly, which the tie rule of
+    ``topk_blocks`` needs; ``torch.sum`` rounds its vectorised lanes and its tail differently."""
+    out = x.select(dim, 0)
+    for j in range(1, x.shape[dim]):
+        out = out + x.select(dim, j)
+    return out
 
 
 def topk_blocks(scores: torch.Tensor, topk: int) -> torch.Tensor:
