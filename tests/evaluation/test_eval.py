@@ -177,6 +177,7 @@ def tiny_run(tmp_path_factory, cache_dir):
     run = tmp_path_factory.mktemp("eval") / "run"
     finish(launch(run, "train.steps=10", "train.eval_interval=0", "checkpoint.interval=10", "attention=phsa",
                   "attention.n_init=16", "attention.local_window=32", "attention.train_topk=2", "attention.eval_topk=4",
+                  "attention.query_block=16",
                   "logging=stdout", "logging.plots=false", cache_dir=cache_dir))
     return run
 
