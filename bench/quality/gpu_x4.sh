@@ -56,7 +56,7 @@ COMMON=(model="$MODEL" data.seq_len="$SEQ" train.steps="$STEPS" train.global_bat
 # Selection statistics (recall vs mean pooling at the hold's k) every 1/20 of the run, warm-up included.
 SPARSE=(attention.block_size=16 attention.n_init=${WIN[0]} attention.local_window=${WIN[1]} curriculum=linear
         curriculum.warmup_steps=$((STEPS / 6)) curriculum.ramp_steps=$((STEPS / 3))
-        curriculum.target_activation=null curriculum.target_topk=2 curriculum.eval_topk=4
+        curriculum.target_activation=null curriculum.target_topk=2 attention.eval_topk=4
         curriculum.stats_interval=$(( STEPS / 20 > 0 ? STEPS / 20 : 1 )))
 # Evaluation: the same validation batches and retrieval haystacks for every run (train.seed fixed for the eval).
 EVAL=(eval.topks="$TOPKS" eval.retrieval.kind=kv eval.retrieval.lengths="$LENGTHS" eval.retrieval.depths="$DEPTHS"

@@ -30,7 +30,7 @@ COMMON=(model="$MODEL" data.seq_len="$SEQ" train.steps="$STEPS" train.global_bat
 # At 8192 tokens: (16 + 128 + 2*16) / 8192 = 2.1% active = 97.9% sparsity during the hold (k=4: 97.5%).
 SPARSE=(attention.block_size=16 attention.n_init=16 attention.local_window=128 attention.query_block=64 curriculum=linear
         curriculum.warmup_steps=$((STEPS / 6)) curriculum.ramp_steps=$((STEPS / 3)) curriculum.target_activation=null
-        curriculum.target_topk=2 curriculum.eval_topk=4 curriculum.stats_interval=$((STEPS / 6)))
+        curriculum.target_topk=2 attention.eval_topk=4 curriculum.stats_interval=$((STEPS / 6)))
 summarize() {
 "$PY" - "$W" "$OUT" <<'PYEOF'
 import json, sys, pathlib

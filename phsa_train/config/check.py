@@ -29,18 +29,14 @@ def _unknown_key(e: BaseException) -> str | None:
     if not found or "not in" not in str(e.__cause__ or e):
         return None
     key = found.group(1)
-    parent, _, leaf = key.rpartition(".")
+    parent = key.rpartition(".")[0]
     from phsa_train.config import compose
+    from phsa_train.config.validate import unknown_knob
 
     node = compose([])
     for part in parent.split(".") if parent else []:
         node = node.get(part) if hasattr(node, "get") else None
-    known = list(node.keys()) if hasattr(node, "keys") else []
-    import difflib
-
-    close = difflib.get_close_matches(leaf, [str(k) for k in known], n=1)
-    return f"{key} is not a knob of this config" + (f"; did you mean {parent + '.' if parent else ''}{close[0]}?"
-                                                   if close else "")
+    return unknown_knob(key, [str(k) for k in node.keys()] if hasattr(node, "keys") else [])
 
 
 def check(overrides: list[str], world_size: int) -> str | None:

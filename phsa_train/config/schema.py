@@ -46,7 +46,9 @@ class AttentionConfig:
     n_init: int = PHSAParams.n_init  # INIT: first n_init tokens every query sees
     local_window: int = PHSAParams.local_window  # w: last w tokens up to and including the query
     train_topk: int = PHSAParams.topk  # k while model.training
-    eval_topk: int = PHSAParams.topk  # k in evaluation (train with a small k, evaluate with a larger one)
+    # k in evaluation, with or without a curriculum: null = the current training top-k; an int = that k at every
+    # step (train with a small k, evaluate with a larger one; docs/phsa.md, training strategy)
+    eval_topk: Optional[int] = None
     lam: float = PHSAParams.lam  # mix of mean (lam) and punctuation (1 - lam) representative; 1 = mean pooling
     score: str = PHSAParams.score  # softmax_group_sum | dot_group_sum
     query_block: int = PHSAParams.query_block  # queries sharing one selection (1 = per-token reference semantics)
@@ -139,7 +141,7 @@ class LoggingConfig:
 class CurriculumConfig:
     """Sparsity schedule (phsa_train/training/curriculum.py). Ignored by dense models."""
 
-    name: str = "none"  # none = attention.train_topk/eval_topk from step 0
+    name: str = "none"  # none = attention.train_topk from step 0 (evaluation: attention.eval_topk, always)
     warmup_steps: int = 0  # dense attention (fast path) for these first steps
     ramp_steps: int = 0  # then the activation ratio ramps down over this many steps
     shape: str = "cosine"  # linear | cosine | step
@@ -147,7 +149,6 @@ class CurriculumConfig:
     ramp_start_activation: float = 1.0  # budget activation ratio at the start of the ramp (1 = every block)
     target_activation: Optional[float] = None  # final budget activation ratio at data.seq_len ...
     target_topk: Optional[int] = None  # ... or the final top-k directly (exactly one of the two)
-    eval_topk: Optional[int] = None  # null = evaluate at the training top-k; int = fixed (docs/phsa.md, training strategy)
     dense_fallback_activation: float = 0.5  # above this budget the layers run dense (sparse would be slower)
     stats_interval: int = 0  # every N steps: selection statistics on a fixed probe sequence (0 = off)
     stats_queries: int = 256  # query positions sampled per layer for the statistics
@@ -166,6 +167,20 @@ class Config:
     curriculum: CurriculumConfig = MISSING
     run_name: str = "${attention.name}-${model.name}-s${data.seq_len}"
     run_dir: Optional[str] = None  # default: Hydra's output dir
+
+
+def upgrade_saved_config(config: dict) -> dict:
+    """A run's saved config (checkpoint ``meta.json``) in today's schema. Runs before the merge of the two
+    evaluation top-k knobs saved ``curriculum.eval_topk`` (null = the training top-k), which a schedule used
+    instead of ``attention.eval_topk``; both meanings are ``attention.eval_topk`` now."""
+    curriculum = dict(config.get("curriculum") or {})
+    if "eval_topk" not in curriculum:
+        return config
+    eval_topk = curriculum.pop("eval_topk")
+    attention = dict(config.get("attention") or {})
+    if curriculum.get("name", "none") != "none":
+        attention["eval_topk"] = eval_topk
+    return {**config, "curriculum": curriculum, "attention": attention}
 
 
 def register_configs() -> None:

@@ -111,16 +111,16 @@ def _validate_phsa(a, seq_len: int, cp: int, scheduled: bool) -> None:
         phsa_params_from_config(a).validate()
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    for name in ("train_topk", "eval_topk"):
-        _check(a[name] >= 0, f"attention.{name}={a[name]} must be >= 0")
+    _check(a.train_topk >= 0, f"attention.train_topk={a.train_topk} must be >= 0")
     _check(seq_len % a.block_size == 0,
            f"data.seq_len={seq_len} is not a multiple of attention.block_size={a.block_size}; allowed: "
            f"multiples of {a.block_size} (training sequences are whole key blocks)")
     nb = seq_len // a.block_size
-    for name in () if scheduled else ("train_topk", "eval_topk"):  # a curriculum sets both itself
-        _check(a[name] <= nb,
-               f"attention.{name}={a[name]} is larger than the number of blocks data.seq_len // "
+    if not scheduled:  # a curriculum sets the training top-k itself
+        _check(a.train_topk <= nb,
+               f"attention.train_topk={a.train_topk} is larger than the number of blocks data.seq_len // "
                f"attention.block_size = {seq_len} // {a.block_size} = {nb}")
+    check_eval_topk(a.eval_topk, seq_len, a.block_size)
     if cp > 1:
         _check(seq_len % (2 * cp * a.block_size) == 0,
                f"data.seq_len={seq_len} must be divisible by 2 x parallel.context_parallel_size x "
@@ -130,11 +130,26 @@ def _validate_phsa(a, seq_len: int, cp: int, scheduled: bool) -> None:
                f"of attention.query_block={a.query_block} (query groups may not straddle CP chunks)")
 
 
+# Knobs that were merged into another: the old name's error line names the knob to use instead.
+MOVED_KNOBS = {"curriculum.eval_topk": "attention.eval_topk (null = the current training top-k)"}
+
+
+def unknown_knob(key: str, known: list[str]) -> str:
+    """The one line for ``key``, which its schema node (whose fields are ``known``) does not have."""
+    import difflib
+
+    if key in MOVED_KNOBS:
+        return f"{key} is not a knob of this config; use {MOVED_KNOBS[key]}"
+    parent, _, leaf = key.rpartition(".")
+    close = difflib.get_close_matches(leaf, known, n=1)
+    hint = f"; did you mean {parent + '.' if parent else ''}{close[0]}?" if close else f"; known: {', '.join(known)}"
+    return f"{key} is not a knob of this config{hint}"
+
+
 def check_known_keys(cfg: DictConfig) -> None:
     """Every key of the composed config must be a field of its schema node: a ``+`` override (which Hydra lets
     add keys) or a typo in a YAML file is an error, not a setting that is silently ignored."""
     import dataclasses
-    import difflib
 
     from omegaconf import OmegaConf
 
@@ -145,9 +160,7 @@ def check_known_keys(cfg: DictConfig) -> None:
         known = [f.name for f in dataclasses.fields(schema)]
         for key in node.keys():
             if key not in known:
-                close = difflib.get_close_matches(str(key), known, n=1)
-                hint = f"; did you mean {prefix}{close[0]}?" if close else f"; known: {', '.join(known)}"
-                raise ConfigError(f"{prefix}{key} is not a knob of this config{hint}")
+                raise ConfigError(unknown_knob(f"{prefix}{key}", known))
             child = node._get_node(key)
             if isinstance(child, DictConfig) and not child._is_missing() and not child._is_none():
                 walk(child, f"{prefix}{key}.")
@@ -204,17 +217,25 @@ def check_ranges(cfg: DictConfig) -> None:
         _at_least("curriculum.target_topk", c.target_topk, 1)
 
 
+def check_eval_topk(eval_topk, seq_len: int, block_size: int) -> None:
+    """attention.eval_topk, with or without a curriculum: null (the current training top-k) or a k in [0, blocks]."""
+    if eval_topk is None:
+        return
+    nb = seq_len // block_size
+    _check(eval_topk >= 0, f"attention.eval_topk={eval_topk} must be >= 0 (or null: the current training top-k)")
+    _check(eval_topk <= nb, f"attention.eval_topk={eval_topk} is larger than the number of blocks data.seq_len // "
+                            f"attention.block_size = {seq_len} // {block_size} = {nb}")
+
+
 def check_curriculum_topk(cfg: DictConfig) -> None:
-    """curriculum.eval_topk obeys the same bound as attention.eval_topk: at most the blocks of a sequence."""
+    """curriculum.target_topk is in [1, blocks of a sequence]: below 1 no block is selected while training."""
     c, a, d = cfg.curriculum, cfg.attention, cfg.data
-    if a.name == "dense" or c.name == "none" or a.block_size < 1:
+    if a.name == "dense" or c.name == "none" or a.block_size < 1 or c.target_topk is None:
         return
     nb = d.seq_len // a.block_size
-    for name in ("eval_topk", "target_topk"):
-        if c[name] is not None:
-            _check(1 <= c[name] <= nb,
-                   f"curriculum.{name}={c[name]} must be in [1, {nb}] (the number of blocks data.seq_len // "
-                   f"attention.block_size = {d.seq_len} // {a.block_size})")
+    _check(1 <= c.target_topk <= nb,
+           f"curriculum.target_topk={c.target_topk} must be in [1, {nb}] (the number of blocks data.seq_len // "
+           f"attention.block_size = {d.seq_len} // {a.block_size})")
 
 
 def validate_data_files(cfg: DictConfig) -> None:

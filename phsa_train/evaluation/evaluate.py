@@ -112,13 +112,13 @@ def resolve_checkpoint(path: str, step: Optional[int]) -> tuple[Path, int]:
 
 def training_config(root: Path, step: int, overrides: list[str]) -> tuple[DictConfig, dict]:
     """The run's resolved training config from meta.json (typed by the schema), overrides applied, and meta."""
-    from phsa_train.config.schema import Config
+    from phsa_train.config.schema import Config, upgrade_saved_config
     from phsa_train.training import checkpoint as ckpt
 
     meta = ckpt.read_meta(ckpt.iter_dir(root, step))
     try:
         extra = OmegaConf.from_dotlist(list(overrides))
-        cfg = OmegaConf.merge(OmegaConf.structured(Config), meta["config"], extra)
+        cfg = OmegaConf.merge(OmegaConf.structured(Config), upgrade_saved_config(meta["config"]), extra)
     except Exception as e:  # omegaconf's validation errors: a typo'd key or a wrong type
         raise ConfigError(f"eval.overrides={list(overrides)}: {str(e).splitlines()[0]}") from e
     # One rank: every parallel layout of the checkpoint is loaded into TP = PP = CP = 1.

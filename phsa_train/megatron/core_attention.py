@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 from megatron.core import parallel_state
@@ -33,7 +33,7 @@ class PHSASettings:
 
     params: PHSAParams = field(default_factory=PHSAParams)
     train_topk: int = PHSAParams.topk
-    eval_topk: int = PHSAParams.topk
+    eval_topk: Optional[int] = None  # None = train_topk (attention.eval_topk=null)
     backend: str = "auto"
     dense_layers: Tuple[int, ...] = field(default_factory=tuple)  # 1-based layer numbers kept dense
     cp_mode: str = "allgather"
@@ -87,7 +87,7 @@ class PHSACoreAttention(DenseCoreAttention):
                          pg_collection)
         self.settings = settings or PHSASettings()
         self.train_topk = self.settings.train_topk
-        self.eval_topk = self.settings.eval_topk
+        self.eval_topk = self.settings.eval_topk if self.settings.eval_topk is not None else self.train_topk
         self.dense = layer_number in self.settings.dense_layers
 
     @property

@@ -3,7 +3,8 @@
 Everything here is a pure function of the step (:func:`sparsity_at_step`), so a resumed run lands exactly
 on the schedule and the logged sequence equals the uninterrupted run's. The paper's own strategy (a fixed
 tiny k from the start, evaluated at a larger k; docs/phsa.md) is the special case ``warmup_steps=0,
-ramp_steps=0, target_topk=2, eval_topk=4`` (``conf/curriculum/constant.yaml``).
+ramp_steps=0, target_topk=2`` with ``attention.eval_topk=4`` (``conf/curriculum/constant.yaml``). The evaluation
+top-k is ``attention.eval_topk`` with or without a schedule: null follows the training top-k, an int is fixed.
 
 Activation ratio ("budget", docs/phsa.md) at the training length L: ``a = (n_init + w + k*m) / L``. The ramp
 interpolates ``a`` from ``ramp_start_activation`` down to the target with the chosen shape and maps it to
@@ -18,7 +19,7 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
-from phsa_train.config.validate import ConfigError
+from phsa_train.config.validate import ConfigError, check_eval_topk
 
 SHAPES = ("linear", "cosine", "step")
 
@@ -74,7 +75,7 @@ class Schedule:
     ramp_start_activation: float = 1.0
     target_activation: Optional[float] = None
     target_topk: Optional[int] = None
-    eval_topk: Optional[int] = None
+    eval_topk: Optional[int] = None  # attention.eval_topk: None = the current training top-k
     dense_fallback_activation: float = 1.0
 
     @property
@@ -116,8 +117,7 @@ class Schedule:
         if self.ramp_steps and self.budget(self.final_topk) > self.ramp_start_activation:
             bad(f"the ramp ends above its start: target activation {self.budget(self.final_topk):.4f} > "
                 f"curriculum.ramp_start_activation={self.ramp_start_activation}")
-        if self.eval_topk is not None and self.eval_topk < 1:
-            bad(f"curriculum.eval_topk={self.eval_topk} must be >= 1 (or null: same as the training top-k)")
+        check_eval_topk(self.eval_topk, self.seq_len, self.block_size)
         if self.num_step_levels < 1:
             bad(f"curriculum.num_step_levels={self.num_step_levels} must be >= 1")
         return self
@@ -160,7 +160,7 @@ def schedule_from_config(cfg) -> Schedule:
         seq_len=cfg.data.seq_len, block_size=a.block_size, n_init=a.n_init, local_window=a.local_window,
         warmup_steps=c.warmup_steps, ramp_steps=c.ramp_steps, shape=c.shape, num_step_levels=c.num_step_levels,
         ramp_start_activation=c.ramp_start_activation, target_activation=c.target_activation,
-        target_topk=c.target_topk, eval_topk=c.eval_topk, dense_fallback_activation=c.dense_fallback_activation,
+        target_topk=c.target_topk, eval_topk=a.eval_topk, dense_fallback_activation=c.dense_fallback_activation,
     ).validate()
 
 

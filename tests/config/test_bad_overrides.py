@@ -12,6 +12,7 @@ from tests.helpers import REPO, subprocess_env
 
 PHSA = ["attention=phsa"]
 NB = "the number of blocks data.seq_len // attention.block_size = 256 // 16"
+MOVED = "curriculum.eval_topk is not a knob of this config; use attention.eval_topk (null = the current training top-k)"
 
 # (overrides, world size, the exact message)
 BAD = [
@@ -36,7 +37,11 @@ BAD = [
     (PHSA + ["attention.score=dot"], 1,
      "attention.score='dot' must be one of softmax_group_sum | dot_group_sum"),
     (PHSA + ["attention.eval_topk=100"], 1, f"attention.eval_topk=100 is larger than {NB} = 16"),
-    (PHSA + ["curriculum=constant", "curriculum.eval_topk=100"], 1, f"curriculum.eval_topk=100 must be in [1, 16] ({NB})"),
+    (PHSA + ["curriculum=constant", "attention.eval_topk=100"], 1, f"attention.eval_topk=100 is larger than {NB} = 16"),
+    (PHSA + ["curriculum=constant", "curriculum.target_topk=100"], 1,
+     f"curriculum.target_topk=100 must be in [1, 16] ({NB})"),
+    (PHSA + ["curriculum.eval_topk=4"], 1, MOVED),
+    (PHSA + ["+curriculum.eval_topk=4"], 1, MOVED),
     (["parallel.context_parallel_size=2", "data.seq_len=250"], 2,
      "data.seq_len=250 must be divisible by 2 x parallel.context_parallel_size=4 (Megatron's load-balanced split)"),
     (PHSA + ["parallel.context_parallel_size=2", "data.seq_len=96", "attention.train_topk=2",

@@ -20,6 +20,18 @@ def test_every_combination_composes_and_validates(model, attention, parallel):
     validate(cfg, world_size=PARALLEL[parallel] * 2)
 
 
+def test_saved_config_of_an_older_run_moves_its_eval_topk_to_attention():
+    from phsa_train.config.schema import upgrade_saved_config
+
+    def saved(curriculum, eval_topk):
+        return {"attention": {"eval_topk": 16}, "curriculum": {"name": curriculum, "eval_topk": eval_topk}}
+
+    assert upgrade_saved_config(saved("constant", 4)) == {"attention": {"eval_topk": 4},
+                                                          "curriculum": {"name": "constant"}}
+    assert upgrade_saved_config(saved("linear", None))["attention"] == {"eval_topk": None}
+    assert upgrade_saved_config(saved("none", None))["attention"] == {"eval_topk": 16}  # none used attention's
+
+
 def test_meanpool_is_phsa_with_lam_one():
     cfg = compose(["attention=meanpool"])
     assert cfg.attention.lam == 1.0 and cfg.attention.name == "meanpool" and cfg.attention.block_size == 16

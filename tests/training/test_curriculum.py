@@ -53,6 +53,19 @@ def test_paper_constant_strategy():
     assert (s.phase, s.train_topk, s.eval_topk, s.dense) == ("hold", 2, 4, False)
 
 
+@pytest.mark.parametrize("overrides,expected", [
+    (["curriculum=none", "attention.train_topk=2"], [(2, 2)] * 3),  # null: the training top-k
+    (["curriculum=none", "attention.train_topk=2", "attention.eval_topk=4"], [(2, 4)] * 3),
+    (["curriculum=linear", "curriculum.warmup_steps=1", "curriculum.ramp_steps=1", "curriculum.target_activation=null",
+      "curriculum.target_topk=2"], [(64, 64), (24, 24), (2, 2)]),  # null follows the schedule, warm-up included
+    (["curriculum=linear", "curriculum.warmup_steps=1", "curriculum.ramp_steps=1", "curriculum.target_activation=null",
+      "curriculum.target_topk=2", "attention.eval_topk=4"], [(64, 4), (24, 4), (2, 4)]),
+])
+def test_one_eval_topk_knob_with_and_without_a_schedule(overrides, expected):
+    c = build_curriculum(compose(["attention=phsa", "data.seq_len=1024", *overrides]))
+    assert [(s.train_topk, s.eval_topk) for s in map(c.sparsity_at_step, range(3))] == expected
+
+
 def test_dense_model_has_no_schedule():
     assert build_curriculum(compose(["attention=dense"])).sparsity_at_step(3).metrics() == {}
 
@@ -65,7 +78,8 @@ def test_dense_model_has_no_schedule():
     (dict(target_activation=0.001), "curriculum.target_activation"),
     (dict(target_topk=16, ramp_steps=10, ramp_start_activation=0.01), "ramp ends above its start"),
     (dict(target_topk=4, shape="exp"), "curriculum.shape"),
-    (dict(target_topk=4, eval_topk=0), "curriculum.eval_topk"),
+    (dict(target_topk=4, eval_topk=-1), "attention.eval_topk=-1 must be >= 0"),
+    (dict(target_topk=4, eval_topk=3000), "attention.eval_topk=3000 is larger than the number of blocks"),
     (dict(target_topk=4, warmup_steps=-1), "curriculum.warmup_steps"),
 ])
 def test_invalid_schedules_are_rejected(kwargs, msg):

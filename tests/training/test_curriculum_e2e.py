@@ -30,6 +30,7 @@ def test_warmup_ramp_hold_switches_path_and_follows_schedule(tmp_path, cache_dir
     for step, state in expected.items():
         row = history[step]
         assert row["phsa/phase"] == state.phase and row["phsa/topk"] == state.train_topk, step
+        assert row["phsa/eval_topk"] == state.eval_topk == 4, step  # attention.eval_topk holds under a schedule
         layers_x_micro = row["phsa/dense_calls"] + row["phsa/sparse_calls"]
         assert row["phsa/dense_calls" if state.dense else "phsa/sparse_calls"] == layers_x_micro > 0, step
     phases = [history[s]["phsa/phase"] for s in sorted(history)]
