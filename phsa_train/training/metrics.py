@@ -7,9 +7,11 @@ one run and one curve.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import secrets
+import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -17,15 +19,17 @@ from typing import Any, Optional
 
 class MetricsLogger:
     def __init__(self, run_dir: Path, *, enabled: bool, wandb_cfg, config: dict, run_name: str,
-                 resume_id: Optional[str] = None, tags: tuple[str, ...] = ()):
+                 resume_id: Optional[str] = None, tags: tuple[str, ...] = (), first_step: int = 0):
         self.enabled = enabled
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / "metrics.jsonl"
         self.wandb = None
+        self.wandb_dir: Optional[Path] = None  # this run's folder under <run dir>/wandb
         self.run_id: Optional[str] = resume_id
         if not enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._drop_rows_after(first_step)
         if wandb_cfg.mode != "disabled":
             import wandb
 
@@ -35,10 +39,22 @@ class MetricsLogger:
                 project=wandb_cfg.project, entity=wandb_cfg.entity, group=wandb_cfg.group, name=wandb_cfg.name or run_name,
                 tags=list(tags) + list(wandb_cfg.tags), config=config, mode=wandb_cfg.mode, dir=str(self.run_dir),
                 id=self.run_id, resume="allow")
+            self.wandb_dir = Path(self.wandb.dir).parent
             # Line dense and sparse runs up on tokens, not on steps.
             self.wandb.define_metric("train/tokens_seen")
             for prefix in ("train/*", "valid/*", "perf/*", "phsa/*"):
                 self.wandb.define_metric(prefix, step_metric="train/tokens_seen")
+
+    def _drop_rows_after(self, step: int) -> None:
+        """A start at ``step`` replays what the previous start did after its last checkpoint: keep the log one
+        run's (every step once) by dropping those rows; a fresh start (0) drops them all."""
+        if not self.path.exists():
+            return
+        keep = [line for line in self.path.read_text().splitlines(keepends=True)
+                if step and line.strip() and json.loads(line)["step"] <= step]
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(keep))
+        os.replace(tmp, self.path)
 
     def log(self, step: int, metrics: dict[str, Any], console: Optional[str] = None) -> None:
         if not self.enabled:
@@ -138,6 +154,10 @@ class StepReport:
             m["perf/mfu"] = fpt * m["perf/tokens_per_sec_per_gpu"] / self.peak
         return m
 
+    def mean_tokens_per_sec(self, step: int) -> float:
+        """Tokens per second over this start's steps (set-up excluded up to the first step, evaluation included)."""
+        return self.tokens_per_step * max(0, step - self.first_step) / max(1e-9, time.time() - self.t0)
+
     @staticmethod
     def add_valid(m: dict, valid_loss: float) -> dict:
         import torch
@@ -155,3 +175,29 @@ class StepReport:
                 f"s/step{sparsity.console()}" + (f" | mfu {m['perf/mfu']:.1%}" if "perf/mfu" in m else "")
                 + (f" | valid {m['valid/loss']:.4f} ppl {m['valid/ppl']:.1f}" if "valid/loss" in m else "")
                 + f" | eta {eta:.0f}s")
+
+
+class _Tee:
+    """A text stream that writes to two (the console and the log file), flushing both."""
+
+    def __init__(self, console, log_file):
+        self.console, self.log_file = console, log_file
+
+    def write(self, text: str) -> int:
+        self.log_file.write(text)
+        return self.console.write(text)
+
+    def flush(self) -> None:
+        self.log_file.flush()
+        self.console.flush()
+
+    def __getattr__(self, name):
+        return getattr(self.console, name)
+
+
+def log_console_to(path: Path) -> None:
+    """Copy this process's console output into ``path`` (appended), where Hydra logs too: the run's own log.
+    Matplotlib's font-cache INFO lines stay out of it."""
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout = _Tee(sys.stdout, open(path, "a", buffering=1))
