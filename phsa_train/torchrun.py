@@ -5,7 +5,8 @@ of a traceback plus torchrun's failure block:
   * a stop signal (SIGTERM from Slurm's scancel / preemption, Ctrl-C): torchrun has forwarded it, the ranks
     saved a checkpoint and stopped (:mod:`phsa_train.training.preemption`); exit 128 + the signal number;
   * a rank that exited with status 2 has already said what was wrong in one line (bad input, a non-finite
-    loss, a full disk); exit 2. Any other failure keeps torchrun's report: the rank's traceback is the clue.
+    loss, a full disk), and torchrun stopped the others with a signal; exit 2. Any other failure keeps
+    torchrun's report: the rank's traceback is the clue.
 """
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[torchrun] stopped by {name}; the ranks checkpointed first (see above)", file=sys.stderr, flush=True)
         return 128 + int(e.sigval)
     except ChildFailedError as e:
-        if all(f.exitcode == ONE_LINE_EXIT for f in e.failures.values()):
+        codes = [f.exitcode for f in e.failures.values()]
+        if ONE_LINE_EXIT in codes and all(c == ONE_LINE_EXIT or c < 0 for c in codes):  # < 0: torchrun stopped it
             return ONE_LINE_EXIT
         raise
     return 0
