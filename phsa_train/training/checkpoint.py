@@ -21,6 +21,7 @@ This module owns the format: the other tools (``phsa_train.convert``, ``phsa_tra
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import random
@@ -149,7 +150,10 @@ def save(root: str | Path, model, optimizer, state: TrainState, config: dict[str
         per_rank = {"rng": _rng_state()}
         if not megatron_optimizer:
             per_rank["optimizer"] = optimizer.state_dict()
-        torch.save(per_rank, tmp / f"rank_{rank:05d}.pt")
+        buffer = io.BytesIO()  # through Python's file I/O: a full disk is an OSError, not torch's bare RuntimeError
+        torch.save(per_rank, buffer)
+        with open(tmp / f"rank_{rank:05d}.pt", "wb") as f:
+            f.write(buffer.getbuffer())
     except Exception as e:
         oserror = _os_error(e)
         if oserror is None:

@@ -151,3 +151,35 @@ def test_non_finite_loss_skips_at_most_max_skipped_steps_then_stops_in_one_line(
     errors = [line for line in out.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "stopping (3 such steps > train.max_skipped_steps=2)" in errors[0], out[-3000:]
     assert "Traceback" not in out and "ChildFailedError" not in out, out[-3000:]
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 28 MB tmpfs: room for one checkpoint of the test model (18.5 MB), not two. Needs mount rights."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=28m", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root); the disk-full test runs in CI's container")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_a_full_disk_at_save_is_one_line_and_the_previous_checkpoint_stays_intact(tmp_path, cache_dir, small_disk):
+    root = small_disk / "checkpoints"
+    proc = launch(tmp_path / "run", "train.steps=6", "train.eval_interval=0", "checkpoint.interval=2",
+                  f"checkpoint.dir={root}", cache_dir=cache_dir)
+    out = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 2, out[-3000:]
+    errors = [line for line in out.splitlines() if line.startswith("error: ")]
+    assert errors and set(errors) == {f"error: cannot write checkpoint step 4 to {root}/iter_0000004.tmp: No space "
+                                      "left on device; iter_0000002 is intact"}, out[-3000:]
+    assert "Traceback" not in out, out[-3000:]
+    assert ckpt.newest_verified(root) == (2, [])
+
+
+def test_an_unwritable_checkpoint_dir_is_one_line_at_start_up(small_disk):
+    subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    with pytest.raises(ckpt.CheckpointError) as e:
+        ckpt.check_writable(small_disk / "checkpoints")
+    assert str(e.value) == (f"checkpoint directory {small_disk}/checkpoints is not writable: Read-only file system "
+                            "(checkpoint.dir to choose another)")
