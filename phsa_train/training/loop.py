@@ -88,7 +88,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         optimizer.set_lr(lr)
         optimizer.zero_grad()
         loss = train_step(optimizer.model, forward_backward, train_iter, cfg, env.device)
-        grad_norm = optimizer.step()
+        # Megatron's bf16 optimizer would apply a NaN gradient (no loss scaler to catch it): no update then.
+        grad_norm = optimizer.step() if _finite_everywhere(loss, env.device) else float("nan")
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             skipped += 1
             _non_finite(loss, grad_norm, state.step + 1, skipped, t.max_skipped_steps, env.is_main)
@@ -120,6 +121,13 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     shutdown()
     return {"step": state.step, "loss": loss, "valid_loss": valid_loss, "run_dir": str(run_dir),
             "preempted": watcher.stopped}
+
+
+def _finite_everywhere(loss: float, device) -> bool:
+    """Whether the loss is finite on every rank: all of them must take, or skip, the optimizer step together."""
+    flag = torch.tensor([0.0 if math.isfinite(loss) else 1.0], device=device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return flag.item() == 0.0
 
 
 def _non_finite(loss: float, grad_norm: float, step: int, skipped: int, allowed: int, say: bool) -> None:

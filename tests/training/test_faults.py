@@ -63,8 +63,7 @@ def test_kill_9_of_the_launcher_leaves_no_process_and_no_lock(tmp_path, cache_di
     _, alive = psutil.wait_procs(family, timeout=10)
     assert not alive, [(p.pid, p.cmdline()[:4]) for p in alive]
 
-    out = finish(launch(run, "train.steps=2", "train.eval_interval=0", cache_dir=cache_dir))  # lock released
-    assert train_steps(run) == [1, 2], out[-3000:]  # a fresh start: the killed start's rows are gone
+    assert subprocess.run(["flock", "-n", str(run / ".lock"), "true"]).returncode == 0  # the lock died with it
 
 
 @pytest.fixture(scope="module")
