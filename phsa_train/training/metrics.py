@@ -63,7 +63,7 @@ class MetricsLogger:
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
         if self.wandb is not None:
-            self.wandb.log(metrics, step=step)
+            self._to_wandb(lambda run: run.log(metrics, step=step))
         if console:
             print(console, flush=True)
 
@@ -77,9 +77,9 @@ class MetricsLogger:
         if not rows or "phsa/sparsity" not in rows[-1]:
             return
         steps = [r["step"] for r in rows]
-        self.wandb.log({"charts/loss_and_sparsity": wandb.plot.line_series(
+        self._to_wandb(lambda run: run.log({"charts/loss_and_sparsity": wandb.plot.line_series(
             xs=steps, ys=[[r["train/loss"] for r in rows], [r.get("phsa/sparsity", 0.0) for r in rows]],
-            keys=["train/loss", "phsa/sparsity"], title="loss and sparsity", xname="step")})
+            keys=["train/loss", "phsa/sparsity"], title="loss and sparsity", xname="step")}))
 
     def finish_run(self, plots: bool) -> None:
         """End of training: PNG plots (``logging.plots``), the W&B summary chart, close W&B."""
@@ -93,7 +93,16 @@ class MetricsLogger:
 
     def finish(self) -> None:
         if self.wandb is not None:
-            self.wandb.finish()
+            self._to_wandb(lambda run: run.finish())
+            self.wandb = None
+
+    def _to_wandb(self, call) -> None:
+        """W&B only mirrors metrics.jsonl, so its failure never stops training or a save: one line, then without it.
+        (Slurm's scancel and preemption SIGTERM every process of the job, W&B's service process included.)"""
+        try:
+            call(self.wandb)
+        except Exception as e:  # noqa: BLE001 - whatever the W&B client raises once its service is gone
+            print(f"[phsa_train] W&B stopped ({e.__class__.__name__}: {e}); metrics.jsonl goes on", flush=True)
             self.wandb = None
 
 
