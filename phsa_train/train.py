@@ -24,7 +24,8 @@ register_configs()
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
-    die_with_parent()  # a rank never outlives its launcher (torchrun, srun): no orphan trains on after kill -9
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # a torchrun worker: no orphan rank trains on after a kill -9 of it
+        die_with_parent()
     run_dir = Path(cfg.run_dir or HydraConfig.get().runtime.output_dir)
     if int(os.environ.get("RANK", 0)) == 0:
         log_console_to(run_dir / f"{HydraConfig.get().job.name}.log")  # train.log: the console, not just Hydra's

@@ -224,8 +224,9 @@ def _gather(obj) -> list:
 
 
 def _manifest(path: Path) -> dict:
-    """``{file: [size, crc32]}`` of every file under ``path``; collective. CRC32 runs at about 2 GB/s per rank
-    (zlib, one EPYC core), on files the page cache still holds."""
+    """``{file: [size, crc32]}`` of every file under ``path``; collective, each rank hashing a share. zlib's
+    CRC32 reads a just-written 1 GiB file in 0.76 s on one busy EPYC core (1.4 GB/s): a Qwen3-0.6B checkpoint
+    with Adam state (~8.4 GB) costs ~0.8 s on 8 ranks, at save and again at resume."""
     names = sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file() and p.name != MANIFEST)
     mine = {n: [(path / n).stat().st_size, _crc32(path / n)] for n in _share(names)}
     return {"crc32": dict(sorted(kv for part in _gather(mine) for kv in part.items()))}

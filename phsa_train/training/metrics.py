@@ -50,8 +50,7 @@ class MetricsLogger:
         run's (every step once) by dropping those rows; a fresh start (0) drops them all."""
         if not self.path.exists():
             return
-        keep = [line for line in self.path.read_text().splitlines(keepends=True)
-                if step and line.strip() and json.loads(line)["step"] <= step]
+        keep = [line for line in self.path.read_text().splitlines(keepends=True) if step and _step_of(line) <= step]
         tmp = self.path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(keep))
         os.replace(tmp, self.path)
@@ -104,6 +103,14 @@ class MetricsLogger:
         except Exception as e:  # noqa: BLE001 - whatever the W&B client raises once its service is gone
             print(f"[phsa_train] W&B stopped ({e.__class__.__name__}: {e}); metrics.jsonl goes on", flush=True)
             self.wandb = None
+
+
+def _step_of(line: str) -> float:
+    """The step of one metrics.jsonl row; infinity for a blank line or one cut short by a kill mid-write."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 def _plain(v):
