@@ -20,8 +20,8 @@ from phsa_train.megatron.model import build_model, num_parameters, padded_vocab_
 from phsa_train.training import checkpoint as ckpt
 from phsa_train.training.curriculum import build_curriculum
 from phsa_train.training.data import batches, build_data
-from phsa_train.training.errors import TrainingError
 from phsa_train.training.distributed import init_distributed, init_model_parallel, prepare_device, shutdown
+from phsa_train.training.errors import TrainingError
 from phsa_train.training.metrics import MetricsLogger, StepReport
 from phsa_train.training.optimizer import build_optimizer, lr_at_step
 from phsa_train.training.phsa_monitor import PHSAMonitor
@@ -143,7 +143,8 @@ def _non_finite(loss: float, grad_norm: float, step: int, skipped: int, allowed:
 
 def _summary(cfg, run_dir: Path, ckpt_dir: Path, step: int, loss, valid_loss, report, logger) -> str:
     """The end of a run: where it got and where everything is."""
-    lines = [f"[phsa_train] done at step {step}/{cfg.train.steps}: train loss "
+    ended = "done" if step >= cfg.train.steps else "stopped"
+    lines = [f"[phsa_train] {ended} at step {step}/{cfg.train.steps}: train loss "
              + (f"{loss:.4f}" if loss is not None else "-")
              + (f", valid loss {valid_loss:.4f} (ppl {math.exp(min(valid_loss, 50)):.1f})" if valid_loss is not None
                 else "") + f", {report.mean_tokens_per_sec(step):,.0f} tok/s",
