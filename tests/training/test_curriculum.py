@@ -2,7 +2,8 @@
 import pytest
 
 from phsa_train.config import ConfigError
-from phsa_train.training.curriculum import LossSpikeDetector, Schedule, SparsityState, build_curriculum, sparsity_at_step
+from phsa_train.training.curriculum import (LossSpikeDetector, Schedule, SparsityState, build_curriculum,
+                                            sparsity_at_step)
 from tests.helpers import compose
 
 PAPER_32K = dict(seq_len=32768, block_size=16, n_init=128, local_window=512)
