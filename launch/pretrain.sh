@@ -45,6 +45,17 @@ fi
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" PYTHONFAULTHANDLER=1 PYTHONUNBUFFERED=1
 mkdir -p "$PHSA_RUN_DIR"
 
+lock_run_dir() {  # one live run per run dir: a second one would resume from, and then prune, the first's files
+  local lock="$PHSA_RUN_DIR/.lock"
+  exec 9>>"$lock"  # fd 9 lives as long as this process and what it execs (torchrun); the ranks close it
+  if ! flock -n 9; then
+    echo "error: run dir $PHSA_RUN_DIR is in use by a live run ($(cat "$lock" 2>/dev/null)); wait for it," \
+      "stop it, or choose another PHSA_RUN_DIR" >&2
+    exit 2
+  fi
+  echo "pid $$ on $(hostname)" >"$lock"  # only for the message above; the kernel's lock is what counts
+}
+
 if [ -z "${SLURM_JOB_ID:-}" ]; then
   if [ -z "${NPROC:-}" ]; then
     NGPU="$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)"
@@ -52,9 +63,10 @@ if [ -z "${SLURM_JOB_ID:-}" ]; then
   fi
   # A bad value fails here, as one line and exit status 2, before torchrun starts any rank.
   "$PYTHON" -m phsa_train.config.check --world-size="$NPROC" "$@" || exit $?
+  lock_run_dir
   echo "[pretrain.sh] local run: $NPROC processes, run dir $PHSA_RUN_DIR"
-  exec "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node="$NPROC" \
-    --signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 \
+  exec "$PYTHON" -m phsa_train.torchrun --standalone --nproc-per-node="$NPROC" \
+    --signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 --shutdown-timeout="${PHSA_SHUTDOWN_TIMEOUT:-300}" \
     -m phsa_train.train hydra.run.dir="$PHSA_RUN_DIR" "$@"
 fi
 
@@ -67,7 +79,7 @@ if [ "${PHSA_SLURM_NODE:-}" = 1 ]; then
   export TRITON_CACHE_DIR="${PHSA_TRITON_CACHE_ROOT:-/tmp}/triton-${USER:-$(id -un)}-$SLURM_JOB_ID-$SLURM_NODEID"
   NPROC="${NPROC:-$(gpus_here)}"
   if [ "$NPROC" -eq 0 ]; then NPROC=2; fi  # CPU node: 2 gloo ranks, as in local mode
-  exec "$PYTHON" -m torch.distributed.run --nnodes="$SLURM_NNODES" --nproc-per-node="$NPROC" \
+  exec "$PYTHON" -m phsa_train.torchrun --nnodes="$SLURM_NNODES" --nproc-per-node="$NPROC" \
     --rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv-id="$SLURM_JOB_ID" \
     --max-restarts=0 --signals-to-handle="$SIGNALS" --shutdown-timeout="${PHSA_SHUTDOWN_TIMEOUT:-300}" \
     -m phsa_train.train hydra.run.dir="$PHSA_RUN_DIR" "$@"
@@ -75,6 +87,7 @@ fi
 
 # Batch part: runs once, on the first node of the allocation. A bad config fails here (one line, status 2).
 "$PYTHON" -m phsa_train.config.check --world-size="$(( SLURM_NNODES * ${NPROC:-$(gpus_here | sed 's/^0$/2/')} ))" "$@" || exit $?
+lock_run_dir
 MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
 # Per job, so two jobs on one node never collide; sbatch exports the submitting shell's environment, so an
 # inherited MASTER_PORT is ignored (PHSA_MASTER_PORT sets one explicitly).

@@ -15,14 +15,20 @@
   ``step`` without Apex/TE, yet ``sharded_state_dict(is_loading=True)`` needs both:
   :func:`init_optimizer_state`, called by the checkpoint loader.
 * The ``torch_dist`` saver keeps one *spawned* ``multiprocessing.Manager`` per rank (a private queue in
-  ``filesystem_async``; a fresh interpreter, so default signal actions). A SIGUSR1 sent to every process
-  of a Slurm job step kills it, and the very save the signal asked for then fails with ``BrokenPipeError``
-  (seen on a real Slurm). :func:`shield_checkpoint_writer` starts it now with SIGUSR1 ignored, which
-  survives exec.
+  ``filesystem_async``; a fresh interpreter, so default signal actions, and no tie to its rank). Slurm sends
+  the stop signals (SIGUSR1 warning, SIGTERM on scancel / preemption) to every process of the job step, and
+  torchrun forwards the SIGTERM it gets to each rank's whole process group: either kills the writer, and the
+  very save the signal asked for then fails (``BrokenPipeError`` / ``ConnectionRefusedError``, only
+  ``iter_*.tmp`` left; seen on a real Slurm and locally). And a rank killed with ``kill -9`` leaves it alive
+  for hours. :func:`shield_checkpoint_writer` starts it now, with SIGUSR1, SIGTERM and SIGINT ignored (that
+  survives exec) and ``PR_SET_PDEATHSIG`` set in it, so it lives exactly as long as its rank.
 """
 from __future__ import annotations
 
+import multiprocessing
+import os
 import signal
+from multiprocessing.managers import SyncManager
 
 import torch
 
@@ -108,15 +114,21 @@ def init_optimizer_state(optimizer) -> None:
 
 
 def shield_checkpoint_writer() -> None:
-    """Start Megatron's checkpoint-writer helper process now, with SIGUSR1 ignored (see the module docstring)."""
+    """Start Megatron's checkpoint-writer helper process now, deaf to the stop signals and dying with this rank
+    (see the module docstring)."""
     try:
         from megatron.core.dist_checkpointing.strategies import filesystem_async as fa
     except ImportError:
         return
     if getattr(fa, "_results_queue", None) is not None or not hasattr(fa, "_get_write_results_queue"):
         return
-    previous = signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    from phsa_train.training.lifetime import die_with_parent
+
+    manager = SyncManager(ctx=multiprocessing.get_context("spawn"))  # what fa._get_write_results_queue() starts
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)}
     try:
-        fa._get_write_results_queue()
+        manager.start(initializer=die_with_parent, initargs=(os.getpid(),))
     finally:
-        signal.signal(signal.SIGUSR1, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    fa._results_queue = manager.Queue()  # the proxy keeps the manager (and so its process) alive

@@ -109,6 +109,7 @@ class TrainConfig:
     log_interval: int = 5
     recompute: str = "none"  # none | selective (core attention) | full (whole layers; GPU only)
     exit_after_steps: Optional[int] = None  # stop early (tests, time-boxed jobs); a checkpoint is saved
+    max_skipped_steps: int = 0  # steps with a non-finite loss or grad norm to skip (no update) before stopping
 
 
 @dataclass

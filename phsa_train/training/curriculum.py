@@ -48,6 +48,8 @@ class SparsityState:
         if self.phase == "off":
             return ""
         path = "dense path" if self.dense else f"k={self.train_topk}"
+        if not self.dense and self.eval_topk != self.train_topk:  # validation and eval run at another budget
+            path += f" (eval k={self.eval_topk})"
         return f" | {self.phase}: {path}, sparsity {1 - self.activation_ratio:.1%}"
 
     def attended_tokens(self, seq_len: int) -> Optional[float]:

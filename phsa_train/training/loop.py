@@ -21,6 +21,7 @@ from phsa_train.training import checkpoint as ckpt
 from phsa_train.training.curriculum import build_curriculum
 from phsa_train.training.data import batches, build_data
 from phsa_train.training.distributed import init_distributed, init_model_parallel, prepare_device, shutdown
+from phsa_train.training.errors import TrainingError
 from phsa_train.training.metrics import MetricsLogger, StepReport
 from phsa_train.training.optimizer import build_optimizer, lr_at_step
 from phsa_train.training.phsa_monitor import PHSAMonitor
@@ -37,6 +38,15 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     init_model_parallel(p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.context_parallel_size)
     on_gpu = prepare_device(env, t.seed)
     ckpt_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else run_dir / "checkpoints"
+    if env.is_main:
+        ckpt.check_writable(ckpt_dir)  # now, not at the first save `checkpoint.interval` steps later
+    done = ckpt.latest_step(ckpt_dir) if str(cfg.checkpoint.resume).lower() != "false" else None
+    if done is not None and done >= t.steps:
+        if env.is_main:
+            print(f"[phsa_train] run complete: step {done}/{t.steps} is checkpointed; outputs in {run_dir} "
+                  f"(checkpoints/, metrics.jsonl, loss.png, wandb/); raise train.steps to train on", flush=True)
+        shutdown()
+        return {"step": done, "loss": None, "valid_loss": None, "run_dir": str(run_dir), "preempted": False}
 
     data = build_data(cfg, env, lambda v: padded_vocab_size(v, cfg.model.make_vocab_size_divisible_by,
                                                             p.tensor_model_parallel_size))
@@ -48,7 +58,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     state = ckpt.restore(cfg, ckpt_dir, model, optimizer, tokenizer_vocab=data.tokenizer.vocab_size)
     config_dict = OmegaConf.to_container(cfg, resolve=True)
     logger = MetricsLogger(run_dir, enabled=env.is_main, wandb_cfg=cfg.logging.wandb, config=config_dict,
-                           run_name=cfg.run_name, resume_id=state.wandb_run_id,
+                           run_name=cfg.run_name, resume_id=state.wandb_run_id, first_step=state.step,
                            tags=(cfg.attention.name, cfg.model.name, cfg.curriculum.name))
     state.wandb_run_id = logger.run_id
     if env.is_main:
@@ -61,6 +71,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     report = StepReport(cfg, env.world_size, data.vocab_size, state.step, stop_at, on_gpu)
     phsa_monitor = PHSAMonitor(cfg, model, data, env.device, curriculum, env.is_main)
     valid_loss = loss = None
+    skipped = 0  # steps with a non-finite loss, up to train.max_skipped_steps
 
     def evaluate_now():
         return evaluate(optimizer.model, forward_backward, data, cfg, env.device)
@@ -77,8 +88,11 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         optimizer.set_lr(lr)
         optimizer.zero_grad()
         loss = train_step(optimizer.model, forward_backward, train_iter, cfg, env.device)
-        grad_norm = optimizer.step()
-        _check_finite(loss, grad_norm, state.step + 1, env.rank)
+        # Megatron's bf16 optimizer would apply a NaN gradient (no loss scaler to catch it): no update then.
+        grad_norm = optimizer.step() if _finite_everywhere(loss, env.device) else float("nan")
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            skipped += 1
+            _non_finite(loss, grad_norm, state.step + 1, skipped, t.max_skipped_steps, env.is_main)
         state.step += 1
         state.consumed_samples += t.global_batch_size
 
@@ -102,15 +116,46 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
             break
 
     logger.finish_run(plots=cfg.logging.plots)
+    if env.is_main:
+        print(_summary(cfg, run_dir, ckpt_dir, state.step, loss, valid_loss, report, logger), flush=True)
     shutdown()
     return {"step": state.step, "loss": loss, "valid_loss": valid_loss, "run_dir": str(run_dir),
             "preempted": watcher.stopped}
 
 
-def _check_finite(loss: float, grad_norm: float, step: int, rank: int) -> None:
-    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-        raise FloatingPointError(f"non-finite loss {loss} or grad norm {grad_norm} at step {step} "
-                                 f"(rank {rank}); the optimizer update was skipped and nothing was saved")
+def _finite_everywhere(loss: float, device) -> bool:
+    """Whether the loss is finite on every rank: all of them must take, or skip, the optimizer step together."""
+    flag = torch.tensor([0.0 if math.isfinite(loss) else 1.0], device=device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return flag.item() == 0.0
+
+
+def _non_finite(loss: float, grad_norm: float, step: int, skipped: int, allowed: int, say: bool) -> None:
+    """A step whose loss or gradient norm is NaN/inf: its update was not applied. Skip it while at most
+    ``allowed`` such steps happened in this start, else stop (nothing of it is saved)."""
+    what = f"non-finite loss {loss} or grad norm {grad_norm} at step {step}"
+    if skipped > allowed:
+        raise TrainingError(f"{what}: stopping ({skipped} such steps > train.max_skipped_steps={allowed}); "
+                            "the update was skipped and nothing was saved, the last checkpoint is intact")
+    if say:
+        print(f"[phsa_train] {what}: update skipped ({skipped} of train.max_skipped_steps={allowed})", flush=True)
+
+
+def _summary(cfg, run_dir: Path, ckpt_dir: Path, step: int, loss, valid_loss, report, logger) -> str:
+    """The end of a run: where it got and where everything is."""
+    ended = "done" if step >= cfg.train.steps else "stopped"
+    lines = [f"[phsa_train] {ended} at step {step}/{cfg.train.steps}: train loss "
+             + (f"{loss:.4f}" if loss is not None else "-")
+             + (f", valid loss {valid_loss:.4f} (ppl {math.exp(min(valid_loss, 50)):.1f})" if valid_loss is not None
+                else "") + f", {report.mean_tokens_per_sec(step):,.0f} tok/s",
+             f"  checkpoints  {ckpt_dir}",
+             f"  metrics      {run_dir / 'metrics.jsonl'}" + (f", plots {run_dir / 'loss.png'}" if cfg.logging.plots
+                                                               else "")]
+    if logger.wandb_dir:
+        lines.append(f"  W&B          {logger.wandb_dir} ({cfg.logging.wandb.mode}; `wandb sync` it to upload)"
+                     if cfg.logging.wandb.mode == "offline" else f"  W&B          run {logger.run_id}")
+    lines.append(f"  evaluate     python -m phsa_train.eval eval.checkpoint={ckpt_dir}")
+    return "\n".join(lines)
 
 
 def _banner(cfg, n_params: int, env, precision: str, run_dir: Path, step: int) -> str:

@@ -7,9 +7,11 @@ one run and one curve.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import secrets
+import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -17,15 +19,17 @@ from typing import Any, Optional
 
 class MetricsLogger:
     def __init__(self, run_dir: Path, *, enabled: bool, wandb_cfg, config: dict, run_name: str,
-                 resume_id: Optional[str] = None, tags: tuple[str, ...] = ()):
+                 resume_id: Optional[str] = None, tags: tuple[str, ...] = (), first_step: int = 0):
         self.enabled = enabled
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / "metrics.jsonl"
         self.wandb = None
+        self.wandb_dir: Optional[Path] = None  # this run's folder under <run dir>/wandb
         self.run_id: Optional[str] = resume_id
         if not enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._drop_rows_after(first_step)
         if wandb_cfg.mode != "disabled":
             import wandb
 
@@ -35,10 +39,21 @@ class MetricsLogger:
                 project=wandb_cfg.project, entity=wandb_cfg.entity, group=wandb_cfg.group, name=wandb_cfg.name or run_name,
                 tags=list(tags) + list(wandb_cfg.tags), config=config, mode=wandb_cfg.mode, dir=str(self.run_dir),
                 id=self.run_id, resume="allow")
+            self.wandb_dir = Path(self.wandb.dir).parent
             # Line dense and sparse runs up on tokens, not on steps.
             self.wandb.define_metric("train/tokens_seen")
             for prefix in ("train/*", "valid/*", "perf/*", "phsa/*"):
                 self.wandb.define_metric(prefix, step_metric="train/tokens_seen")
+
+    def _drop_rows_after(self, step: int) -> None:
+        """A start at ``step`` replays what the previous start did after its last checkpoint: keep the log one
+        run's (every step once) by dropping those rows; a fresh start (0) drops them all."""
+        if not self.path.exists():
+            return
+        keep = [line for line in self.path.read_text().splitlines(keepends=True) if step and _step_of(line) <= step]
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(keep))
+        os.replace(tmp, self.path)
 
     def log(self, step: int, metrics: dict[str, Any], console: Optional[str] = None) -> None:
         if not self.enabled:
@@ -47,7 +62,7 @@ class MetricsLogger:
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
         if self.wandb is not None:
-            self.wandb.log(metrics, step=step)
+            self._to_wandb(lambda run: run.log(metrics, step=step))
         if console:
             print(console, flush=True)
 
@@ -61,9 +76,9 @@ class MetricsLogger:
         if not rows or "phsa/sparsity" not in rows[-1]:
             return
         steps = [r["step"] for r in rows]
-        self.wandb.log({"charts/loss_and_sparsity": wandb.plot.line_series(
+        self._to_wandb(lambda run: run.log({"charts/loss_and_sparsity": wandb.plot.line_series(
             xs=steps, ys=[[r["train/loss"] for r in rows], [r.get("phsa/sparsity", 0.0) for r in rows]],
-            keys=["train/loss", "phsa/sparsity"], title="loss and sparsity", xname="step")})
+            keys=["train/loss", "phsa/sparsity"], title="loss and sparsity", xname="step")}))
 
     def finish_run(self, plots: bool) -> None:
         """End of training: PNG plots (``logging.plots``), the W&B summary chart, close W&B."""
@@ -77,8 +92,25 @@ class MetricsLogger:
 
     def finish(self) -> None:
         if self.wandb is not None:
-            self.wandb.finish()
+            self._to_wandb(lambda run: run.finish())
             self.wandb = None
+
+    def _to_wandb(self, call) -> None:
+        """W&B only mirrors metrics.jsonl, so its failure never stops training or a save: one line, then without it.
+        (Slurm's scancel and preemption SIGTERM every process of the job, W&B's service process included.)"""
+        try:
+            call(self.wandb)
+        except Exception as e:  # noqa: BLE001 - whatever the W&B client raises once its service is gone
+            print(f"[phsa_train] W&B stopped ({e.__class__.__name__}: {e}); metrics.jsonl goes on", flush=True)
+            self.wandb = None
+
+
+def _step_of(line: str) -> float:
+    """The step of one metrics.jsonl row; infinity for a blank line or one cut short by a kill mid-write."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 def _plain(v):
@@ -138,6 +170,10 @@ class StepReport:
             m["perf/mfu"] = fpt * m["perf/tokens_per_sec_per_gpu"] / self.peak
         return m
 
+    def mean_tokens_per_sec(self, step: int) -> float:
+        """Tokens per second over this start's steps (set-up excluded up to the first step, evaluation included)."""
+        return self.tokens_per_step * max(0, step - self.first_step) / max(1e-9, time.time() - self.t0)
+
     @staticmethod
     def add_valid(m: dict, valid_loss: float) -> dict:
         import torch
@@ -155,3 +191,29 @@ class StepReport:
                 f"s/step{sparsity.console()}" + (f" | mfu {m['perf/mfu']:.1%}" if "perf/mfu" in m else "")
                 + (f" | valid {m['valid/loss']:.4f} ppl {m['valid/ppl']:.1f}" if "valid/loss" in m else "")
                 + f" | eta {eta:.0f}s")
+
+
+class _Tee:
+    """A text stream that writes to two (the console and the log file), flushing both."""
+
+    def __init__(self, console, log_file):
+        self.console, self.log_file = console, log_file
+
+    def write(self, text: str) -> int:
+        self.log_file.write(text)
+        return self.console.write(text)
+
+    def flush(self) -> None:
+        self.log_file.flush()
+        self.console.flush()
+
+    def __getattr__(self, name):
+        return getattr(self.console, name)
+
+
+def log_console_to(path: Path) -> None:
+    """Copy this process's console output into ``path`` (appended), where Hydra logs too: the run's own log.
+    Matplotlib's font-cache INFO lines stay out of it."""
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout = _Tee(sys.stdout, open(path, "a", buffering=1))

@@ -1,7 +1,7 @@
-"""Graceful stop on SIGUSR1 / SIGTERM or a stop file (Slurm's time-limit warning, preemption, scancel).
+"""Graceful stop on SIGUSR1 / SIGTERM / SIGINT or a stop file (Slurm's time-limit warning, preemption, scancel).
 
 Three ways to ask the ranks to stop:
-  * a signal (SIGUSR1, SIGTERM) to the rank itself; torchrun forwards the ones it handles;
+  * a signal (SIGUSR1, SIGTERM, SIGINT) to the rank itself; torchrun forwards the ones it handles;
   * the file ``$PHSA_STOP_FILE`` appearing: ``launch/pretrain.sh`` creates it when its batch shell gets the
     warning (``#SBATCH --signal=B:USR1@120``). That keeps the signal away from the other processes of the
     job step, which Slurm would otherwise signal all at once (see
@@ -28,7 +28,7 @@ from phsa_train.compat.megatron_core_0_16_1 import shield_checkpoint_writer
 
 
 class PreemptionWatcher:
-    SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+    SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)  # torchrun forwards SIGINT (Ctrl-C) to the ranks
     POLL_S = 1.0  # how often the stop file is looked for (one stat per node)
 
     def __init__(self, stop_file: str | os.PathLike | None = None):

@@ -6,6 +6,8 @@ Every job runs 2 ranks (NPROC=2, one torchrun per node) of the tiny model. What 
     the batch script relays it through a stop file -> every rank saves a checkpoint at the same step -> the
     batch script requeues the job -> the same job id restarts, finds its run dir and resumes exactly at
     that step -> finishes; no step is lost. The same with USR1 sent to the job step's processes instead;
+  * ``scancel`` (SIGTERM to every process of the job, as preemption does) -> every rank saves a verified
+    checkpoint of the step it was in before the job ends;
   * ``scontrol requeue`` of a running job (Slurm kills it) -> it restarts and resumes from its latest
     checkpoint, losing at most ``checkpoint.interval`` steps, and finishes (PHSA_RUN_DIR respected);
   * a 2-job Hydra multirun through hydra-submitit-launcher (``launch/sweep.sh``) completes, each job in its
@@ -23,6 +25,7 @@ from pathlib import Path
 
 import pytest
 
+from phsa_train.training import checkpoint as ckpt
 from phsa_train.training.metrics import read_metrics
 from tests.helpers import REPO, subprocess_env
 
@@ -164,6 +167,25 @@ def test_scontrol_requeue_restarts_from_the_latest_checkpoint(slurm, tmp_path):
     assert killed_at - INTERVAL <= resumed <= killed_at, (killed_at, resumed, steps)
     assert steps[len(steps) - (STEPS - resumed):] == list(range(resumed + 1, STEPS + 1)), steps
     assert_finished(run)
+
+
+def test_scancel_sigterm_to_every_process_of_the_job_saves_a_checkpoint_first(slurm, tmp_path):
+    """scancel (and preemption) send SIGTERM to every process of the job: torchrun, the ranks and their
+    checkpoint-writer helpers alike, then SIGKILL after KillWait. The ranks still save after their step."""
+    run, logs = tmp_path / "run", tmp_path / "logs"
+    job = submit(slurm, logs, "train.steps=500", "checkpoint.interval=1000", env=job_env(slurm, PHSA_RUN_DIR=run))
+    log = logs / f"{JOB_NAME}-{job}.out"
+    wait_for_step(slurm, job, run, 5, log)
+    slurm.run(["scancel", str(job)])
+    slurm.wait(job, {"CANCELLED", "COMPLETED", "FAILED"}, timeout=120)
+    deadline = time.time() + 60  # the job is CANCELLED at once; its processes finish their step and save
+    while time.time() < deadline and not (run / "checkpoints" / ckpt.TRACKER).exists():
+        time.sleep(0.5)
+    out = _read(log)
+    assert out.count("received SIGTERM") >= 2, out[-6000:]  # both ranks
+    last = train_steps(run)[-1]
+    assert ckpt.newest_verified(run / "checkpoints") == (last, []), out[-6000:]
+    assert not list((run / "checkpoints").glob("*.tmp"))
 
 
 def test_hydra_multirun_through_submitit(slurm, tmp_path):

@@ -2,7 +2,8 @@
 import pytest
 
 from phsa_train.config import ConfigError
-from phsa_train.training.curriculum import LossSpikeDetector, Schedule, build_curriculum, sparsity_at_step
+from phsa_train.training.curriculum import (LossSpikeDetector, Schedule, SparsityState, build_curriculum,
+                                            sparsity_at_step)
 from tests.helpers import compose
 
 PAPER_32K = dict(seq_len=32768, block_size=16, n_init=128, local_window=512)
@@ -92,3 +93,9 @@ def test_loss_spike_flagged_only_after_a_phase_change():
     flags = [d.update(i, "dense", 2.0) for i in range(10)]
     flags += [d.update(10, "ramp", 4.0), d.update(11, "ramp", 2.1), d.update(50, "ramp", 9.0)]
     assert flags == [False] * 10 + [True, False, False]
+
+
+def test_console_shows_the_eval_topk_when_it_differs_from_the_training_one():
+    hold = SparsityState("hold", train_topk=2, eval_topk=4, dense=False, activation_ratio=0.25)
+    assert hold.console() == " | hold: k=2 (eval k=4), sparsity 75.0%"
+    assert "eval" not in SparsityState("hold", 4, 4, False, 0.5).console()

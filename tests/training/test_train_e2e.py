@@ -1,11 +1,15 @@
 """End-to-end: the real launcher, real torchrun (2 gloo ranks), real data, W&B offline, checkpoints."""
+import os
+import signal
+import socket
 import subprocess
 import time
 
+import psutil
 import pytest
 
 from phsa_train.training.metrics import read_metrics
-from tests.helpers import REPO, finish, kill_tree, launch
+from tests.helpers import REPO, finish, launch
 
 # One uninterrupted run serves both tests: what a run writes, and the reference a killed + resumed run must match.
 RUN = ["train.steps=60", "train.eval_interval=30", "checkpoint.interval=10"]
@@ -41,8 +45,18 @@ def test_sigkill_then_restart_resumes_and_matches_uninterrupted(tmp_path, cache_
         if steps and steps[-1] >= 25:
             break
         time.sleep(0.2)
-    kill_tree(proc.pid)  # launcher, torchrun and both ranks at once, no chance to clean up: a node crash
+    second = launch(run, *common, cache_dir=cache_dir)  # a second run on the live run dir is refused
+    out = second.communicate(timeout=60)[0]
+    assert second.returncode == 2 and out.strip() == (f"error: run dir {run} is in use by a live run (pid {proc.pid} "
+                                                      f"on {socket.gethostname()}); wait for it, stop it, or choose "
+                                                      "another PHSA_RUN_DIR"), out
+    family = psutil.Process(proc.pid).children(recursive=True)  # ranks, their checkpoint writers, W&B
+    assert len(family) >= 4, family
+    os.kill(proc.pid, signal.SIGKILL)  # the launcher (torchrun) only: its ranks die with it, as in a node crash
     proc.wait()
+    _, alive = psutil.wait_procs(family, timeout=10)
+    assert not alive, [(p.pid, p.cmdline()[:4]) for p in alive]  # no orphan trains on or lingers
+    assert subprocess.run(["flock", "-n", str(run / ".lock"), "true"]).returncode == 0  # its lock died with it
     assert (run / "checkpoints" / "latest_checkpointed_iteration.txt").exists()
     killed_at = [r["step"] for r in read_metrics(run) if "train/loss" in r][-1]
     assert killed_at < 60
@@ -50,6 +64,8 @@ def test_sigkill_then_restart_resumes_and_matches_uninterrupted(tmp_path, cache_
     out = finish(launch(run, *RUN, cache_dir=cache_dir))
     resumed_from = int(out.split("resumed at step ")[1].split()[0].rstrip(","))
     assert killed_at - 10 <= resumed_from <= killed_at and resumed_from % 10 == 0
+    steps = [r["step"] for r in read_metrics(run) if "train/loss" in r]
+    assert steps == list(range(1, 101)), steps  # the replayed steps are logged once: the log reads like one run
     final = {r["step"]: r["train/loss"] for r in read_metrics(run) if "train/loss" in r}
     ref = {r["step"]: r["train/loss"] for r in read_metrics(straight_run[0]) if "train/loss" in r}
     assert max(final) == 60
