@@ -5,10 +5,13 @@ sizes that the README itself says to append on a CPU, and run in a scratch copy 
 relative paths of the recipe (corpus/, data/, runs/) are the ones a user gets.
 """
 import json
+import os
 import re
 import shlex
 import shutil
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -42,6 +45,9 @@ def test_readme_own_data_recipe_runs_verbatim(tmp_path, cache_dir):
     for i, p in enumerate(paragraphs):
         (corpus / f"doc{i:04d}.txt").write_text(p)
     env = subprocess_env(PHSA_CACHE_DIR=cache_dir, NPROC=2)
+    # the README's commands run in the project's venv, as after `source .venv/bin/activate`
+    venv_bin = str(Path(sys.executable).parent)
+    env["PATH"] = venv_bin + os.pathsep + env.get("PATH", "")
 
     def sh(command: str, timeout: int) -> str:
         p = subprocess.run(["bash", "-c", command], cwd=clone, env=env, capture_output=True, text=True,
