@@ -5,6 +5,7 @@ Only the Hydra face; the loop is :func:`phsa_train.training.loop.train`. Nothing
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import hydra
@@ -33,7 +34,8 @@ def main(cfg: DictConfig) -> None:
         train(cfg, run_dir)
     except (ConfigError, ConversionError, FileNotFoundError, TrainingError) as e:  # one clear line, no traceback
         if int(os.environ.get("RANK", 0)) == 0 or isinstance(e, CheckpointError):  # a save fails on its rank
-            print(f"error: {e}", flush=True)
+            sys.stdout.write(f"error: {e}\n")  # one write: two ranks' lines never interleave (unbuffered stdout)
+            sys.stdout.flush()
         raise SystemExit(2)
 
 
