@@ -209,6 +209,15 @@ def ordered(agg: dict) -> list[str]:
     return [v for v in ORDER if v in agg] + sorted(v for v in agg if v not in ORDER)
 
 
+def own_and_lam1_cells(a: dict, ks: list, field: str, digits: int) -> list:
+    """Per k: the retrieval ``field`` with the model's own λ and with λ=1 (same weights), then the dense value."""
+    cells = []
+    for k in ks:
+        cells.append(fmt(a["retrieval_by_topk"].get(k, {}).get(field), digits))
+        cells.append(fmt(a["retrieval_lam1_by_topk"].get(k, {}).get(field), digits))
+    return cells + [fmt(a["retrieval_by_topk"].get("dense", {}).get(field), digits)]
+
+
 def markdown(agg: dict, pairs: list[dict] | None = None, floor: dict | None = None) -> str:
     out = ["| variant | seeds | steps | loss @ train k | loss @ eval k | same weights, λ=1 selection: loss @ eval k "
            "| recall @ eval k (own λ) | recall @ eval k (λ=1, same model) | info-loss reduction "
@@ -234,11 +243,7 @@ def markdown(agg: dict, pairs: list[dict] | None = None, floor: dict | None = No
             "|---|" + "---|" * (2 * len(ks) + 1)]
     for v in ordered(agg):
         a = agg[v]
-        cells = []
-        for k in ks:
-            cells.append(fmt(a["retrieval_by_topk"].get(k, {}).get("beyond_local"), 2))
-            cells.append(fmt(a["retrieval_lam1_by_topk"].get(k, {}).get("beyond_local"), 2))
-        cells.append(fmt(a["retrieval_by_topk"].get("dense", {}).get("beyond_local"), 2))
+        cells = own_and_lam1_cells(a, ks, "beyond_local", 2)
         out.append(f"| {LABEL.get(v, v)} | " + " | ".join(cells) + " |")
     out += ["", "Answer log-probability (mean over the answer tokens, teacher-forced; a soft retrieval signal) vs k, "
             "needle beyond INIT + local window / controls (depth 0 and 1); `λ=1` = same weights, mean-pooled "
@@ -247,11 +252,7 @@ def markdown(agg: dict, pairs: list[dict] | None = None, floor: dict | None = No
             "|---|" + "---|" * (2 * len(ks) + 2)]
     for v in ordered(agg):
         a = agg[v]
-        cells = []
-        for k in ks:
-            cells.append(fmt(a["retrieval_by_topk"].get(k, {}).get("answer_logprob_beyond_local"), 3))
-            cells.append(fmt(a["retrieval_lam1_by_topk"].get(k, {}).get("answer_logprob_beyond_local"), 3))
-        cells.append(fmt(a["retrieval_by_topk"].get("dense", {}).get("answer_logprob_beyond_local"), 3))
+        cells = own_and_lam1_cells(a, ks, "answer_logprob_beyond_local", 3)
         ek = str(a["eval_topk"]) if a["eval_topk"] is not None else "dense"
         cells.append(fmt(a["retrieval_by_topk"].get(ek, {}).get("answer_logprob_controls"), 3))
         out.append(f"| {LABEL.get(v, v)} | " + " | ".join(cells) + " |")
