@@ -32,13 +32,13 @@ reduce-scatter the same; at ~350 GB/s of NVLink that is ~0.4 / 0.8 ms each way a
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
 
 from phsa_train.attention.params import pad_queries_front
-from phsa_train.megatron.local_attention import dense_causal_attention, phsa_local
+from phsa_train.megatron.local_attention import PerBatch, dense_causal_attention, phsa_local
 from phsa_train.megatron.token_info import DOC_START_BIT
 
 
@@ -55,20 +55,6 @@ def _all_gather_ranks(x: torch.Tensor, group, async_op: bool = False):
     else:  # gloo: list form (its all_gather_into_tensor is not implemented on every torch build)
         work = dist.all_gather(list(out.unbind(0)), x.contiguous(), group=group, async_op=async_op)
     return out, work
-
-
-class _GatherSequence(torch.autograd.Function):
-    """[b, s_local, ...] zigzag slice -> [b, s, ...] in natural order; backward sends gradients home."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
-        ctx.group = group
-        parts, _ = _all_gather_ranks(x, group)
-        return zigzag_to_natural(parts, dist.get_world_size(group))
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return _reduce_scatter_home(natural_to_zigzag(grad, dist.get_world_size(ctx.group)), ctx.group), None
 
 
 def _reduce_scatter_home(per_rank: torch.Tensor, group) -> torch.Tensor:
@@ -172,10 +158,6 @@ class _GatherPrefixes(torch.autograd.Function):
         return out[0], out[1], None, None
 
 
-def gather_sequence(x: torch.Tensor, group) -> torch.Tensor:
-    return _GatherSequence.apply(x, group)
-
-
 def local_chunk_positions(s_local: int, cp: int, rank: int) -> list[tuple[int, int]]:
     """Global [start, end) of the two chunks this rank holds."""
     c = s_local // 2
@@ -200,65 +182,96 @@ def _neighbour_rows(q_local: torch.Tensor, n: int, group) -> list[tuple[torch.Te
             for j in (rank, 2 * cp - 1 - rank)]
 
 
-def _attend_chunks(q_local, k_local, v_local, token_info, group, chunk_fn: Callable,
-                   query_context: int = 0) -> torch.Tensor:
-    """Run ``chunk_fn(q_chunk [b, C, ...], k [b, end, ...], v, info [b, end] | None) -> [b, C, ...]`` for both local
-    chunks against their causal prefix [0, end) (the chunk's queries aligned to the end of the prefix).
+class _ChunkPlan(NamedTuple):
+    """What every layer of one batch needs besides q/k/v (computed once per batch, see :class:`PerBatch`)."""
+    info_full: Optional[torch.Tensor]  # [b, L] token_info in position order, or None
+    context: int  # real query rows run on either side of a chunk (packed documents), else 0
+    ends: tuple  # per local chunk: end of its queries (global position)
+    key_ends: tuple  # per local chunk: end of the keys gathered for it (ends + context, within L)
+    infos: tuple  # per local chunk: token_info of the rows it runs (a fixed object: the layers' caches hit)
+    around: tuple  # per local chunk: whether it runs with its neighbours' rows
 
-    ``query_context`` = n > 0 with packed documents: each chunk runs with the n real query rows on either side
-    of it (detached; their outputs are dropped, so they get no gradient) and the prefix reaches n keys further.
-    PHSA needs them when a document-local query group straddles a chunk boundary: the group's selection sums
-    over all its rows, up to query_block - 1 of which lie in the neighbouring chunk; keys past a row never
-    reach its output (causal). Without documents, chunk boundaries are group boundaries.
-    """
+
+def _plan_chunks(token_info, group, s_local: int, query_context: int, documents: bool) -> _ChunkPlan:
     cp, rank = dist.get_world_size(group), dist.get_rank(group)
-    c = q_local.shape[1] // 2
-    L = 2 * cp * c
-    spans = local_chunk_positions(q_local.shape[1], cp, rank)
+    c, L = s_local // 2, cp * s_local
+    spans = local_chunk_positions(s_local, cp, rank)
     info_full = None
     if token_info is not None:  # the punctuation (and document) flags: [b, L] int32, small
         info_full = zigzag_to_natural(_all_gather_ranks(token_info, group)[0], cp)
     n = 0
-    if query_context > 0 and info_full is not None and bool((info_full & DOC_START_BIT).any()):
-        n = min(query_context, c)  # the same decision on every rank: info_full is the same everywhere
+    # the host reads below happen once per batch, and only with packed documents (the same decision on every
+    # rank: info_full is the same everywhere)
+    if documents and query_context > 0 and info_full is not None and bool((info_full & DOC_START_BIT).any()):
+        n = min(query_context, c)
     key_ends = tuple(min(end + n, L) for _, end in spans)
-    prefixes = _GatherPrefixes.apply(k_local, v_local, group, key_ends)
-    around = _neighbour_rows(q_local, n, group) if n else None
+    # a prefix with no document start after position 0 is one document: its groups are aligned to the chunk
+    around = tuple(bool(n) and bool((info_full[:, 1:end] & DOC_START_BIT).any()) for _, end in spans)
+    infos = tuple(None if info_full is None else info_full[:, :(ke if ar else end)]
+                  for (_, end), ke, ar in zip(spans, key_ends, around))
+    return _ChunkPlan(info_full, n, tuple(end for _, end in spans), key_ends, infos, around)
+
+
+_chunk_plan = PerBatch(_plan_chunks)
+_gathered_info = PerBatch(lambda info, group: zigzag_to_natural(_all_gather_ranks(info, group)[0],
+                                                                dist.get_world_size(group)))
+
+
+def _attend_chunks(q_local, k_local, v_local, token_info, group, chunk_fn: Callable,
+                   query_context: int = 0, documents: bool = False) -> torch.Tensor:
+    """Run ``chunk_fn(q_chunk [b, C, ...], k [b, end, ...], v, info [b, end] | None) -> [b, C, ...]`` for both local
+    chunks against their causal prefix [0, end) (the chunk's queries aligned to the end of the prefix).
+
+    ``query_context`` = n > 0 with packed documents (``documents``): each chunk runs with the n real query rows on
+    either side of it (detached; their outputs are dropped, so they get no gradient) and the prefix reaches n keys
+    further. PHSA needs them when a document-local query group straddles a chunk boundary: the group's selection
+    sums over all its rows, up to query_block - 1 of which lie in the neighbouring chunk; keys past a row never
+    reach its output (causal). Without documents, chunk boundaries are group boundaries.
+    The gathered token_info and these decisions are made once per batch (the first layer), not per layer.
+    """
+    c = q_local.shape[1] // 2
+    plan = (_chunk_plan(token_info, group, q_local.shape[1], query_context, documents) if token_info is not None
+            else _plan_chunks(None, group, q_local.shape[1], 0, False))
+    prefixes = _GatherPrefixes.apply(k_local, v_local, group, plan.key_ends)
+    around = _neighbour_rows(q_local, plan.context, group) if any(plan.around) else None
     outs = []
-    for i, (_, end) in enumerate(spans):
+    for i, info in enumerate(plan.infos):
         q_chunk = q_local[:, i * c:(i + 1) * c]
-        k_pre, v_pre = prefixes[i], prefixes[len(spans) + i]
-        # a prefix with no document start after position 0 is one document: its groups are aligned to the chunk
-        if around is not None and bool((info_full[:, 1:end] & DOC_START_BIT).any()):
+        k_pre, v_pre = prefixes[i], prefixes[len(plan.infos) + i]
+        if plan.around[i]:
             before, after = around[i]
-            q_ext = torch.cat((before, q_chunk, after), dim=1)
-            o = chunk_fn(q_ext, k_pre, v_pre, info_full[:, :key_ends[i]])
+            o = chunk_fn(torch.cat((before, q_chunk, after), dim=1), k_pre, v_pre, info)
             outs.append(o[:, before.shape[1]:before.shape[1] + c])
         else:
-            info = None if info_full is None else info_full[:, :end]
+            end = plan.ends[i]
             outs.append(chunk_fn(q_chunk, k_pre[:, :end], v_pre[:, :end], info))
     return torch.cat(outs, dim=1)
 
 
-def cp_phsa_attention(q, k, v, token_info, group, mode: str, phsa_kwargs: dict) -> torch.Tensor:
+def cp_phsa_attention(q, k, v, token_info, group, mode: str, phsa_kwargs: dict, *,
+                      documents: bool = False) -> torch.Tensor:
     """PHSA with context parallelism. q [b, s_local, hq, d], k/v [b, s_local, hk, d] (zigzag slices),
-    token_info [b, s_local] -> [b, s_local, hq, d]."""
+    token_info [b, s_local] -> [b, s_local, hq, d]. ``documents``: token_info carries document starts
+    (``data.reset_attention_mask``), from the configuration."""
+    def local(q_, k_, v_, info_):
+        return phsa_local(q_, k_, v_, info_, phsa_kwargs, documents=documents)
+
     if mode == "ulysses":
-        return ulysses_attention(q, k, v, token_info, group,
-                                 lambda q_, k_, v_, info_: phsa_local(q_, k_, v_, info_, phsa_kwargs))
-    return _attend_chunks(q, k, v, token_info, group,
-                          lambda q_, k_, v_, info_: phsa_local(q_, k_, v_, info_, phsa_kwargs),
-                          query_context=phsa_kwargs.get("query_block", 1) - 1)
+        return ulysses_attention(q, k, v, token_info, group, local)
+    return _attend_chunks(q, k, v, token_info, group, local, query_context=phsa_kwargs.get("query_block", 1) - 1,
+                          documents=documents)
 
 
-def cp_attention(q, k, v, token_info, group, softmax_scale=None) -> torch.Tensor:
+def cp_attention(q, k, v, token_info, group, softmax_scale=None, *, documents: bool = False) -> torch.Tensor:
     """Dense causal attention with all-gather CP (the baseline's CP path, no Transformer Engine).
 
     Each local chunk attends its causal prefix with a bottom-right-aligned causal mask, so SDPA can use its
     fused kernels and no [s, s] mask is materialised (document masking, when on, does build one).
     """
-    return _attend_chunks(q, k, v, token_info, group,
-                          lambda q_, k_, v_, info_: dense_causal_attention(q_, k_, v_, info_, softmax_scale))
+    def local(q_, k_, v_, info_):
+        return dense_causal_attention(q_, k_, v_, info_, softmax_scale, documents=documents)
+
+    return _attend_chunks(q, k, v, token_info, group, local, documents=documents)
 
 
 def ulysses_attention(q, k, v, token_info, group, local_fn) -> torch.Tensor:
@@ -278,8 +291,7 @@ def ulysses_attention(q, k, v, token_info, group, local_fn) -> torch.Tensor:
 
         raise ConfigError(f"parallel.cp_mode=ulysses needs KV heads per TP rank ({hk}) divisible by "
                           f"parallel.context_parallel_size={cp}; use parallel.cp_mode=allgather")
-    with torch.no_grad():
-        info_full = gather_sequence(token_info, group)
+    info_full = _gathered_info(token_info, group)
 
     def natural_order_attention(q_, k_, v_, *args, **kwargs):
         # After the all-to-all the sequence dim holds the ranks' zigzag slices back to back.

@@ -68,7 +68,8 @@ def main():
         info_full[:, s] |= DOC_START_BIT
     cu = document_cu_seqlens(info_full)
     qr, kr, vr = (x.clone().requires_grad_() for x in (q, k, v))
-    o_ref = phsa_local(qr, kr, vr, info_full, kw)  # the single-rank path of the model (documents included)
+    documents = bool(args.doc_starts)  # data.reset_attention_mask, as the model passes it down
+    o_ref = phsa_local(qr, kr, vr, info_full, kw, documents=documents)  # the model's single-rank path
     o_ref.backward(w)
     sel_ref = select_blocks(q, k, punct, cu_seqlens=cu, **kw)
     mine = lambda x: natural_to_zigzag(x, cp)[rank]  # noqa: E731
@@ -97,9 +98,9 @@ def main():
                 lines.append({"mode": mode, "ok": None, "skipped": "deepspeed not installed"})
                 continue
         ql, kl, vl = (mine(x).clone().requires_grad_() for x in (q, k, v))
-        o = cp_phsa_attention(ql, kl, vl, info, group, mode, kw)
+        o = cp_phsa_attention(ql, kl, vl, info, group, mode, kw, documents=documents)
         o.backward(mine(w))
-        sel = cp_select_blocks(mine(q), mine(k), info, group, kw, mode=mode)
+        sel = cp_select_blocks(mine(q), mine(k), info, group, kw, mode=mode, documents=documents)
         sel_mine = mine(sel_ref)
         res = {"o_equal": torch.equal(o, mine(o_ref)), "dq_equal": torch.equal(ql.grad, mine(qr.grad)),
                "selection_equal": torch.equal(sel, sel_mine),

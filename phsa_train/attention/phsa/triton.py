@@ -48,20 +48,27 @@ def _batch_seq_table(b: int, L: int, block_size: int, device: torch.device) -> t
     return torch.tensor([(bi, 0, L, bi * (L // block_size)) for bi in range(b)], dtype=torch.int32, device=device)
 
 
+@functools.lru_cache(maxsize=64)
+def _document_seq_table(docs: tuple, block_size: int, device: torch.device) -> tuple:
+    """(SEQ table, representative rows) of packed documents [(batch, start, length)], built once per layout: every
+    layer of a step has the same documents, and each host-to-device copy would stall the launch queue."""
+    rows, off = [], 0
+    for bi, s, n in docs:
+        rows.append((bi, s, n, off))
+        off += n // block_size
+    return torch.tensor(rows if rows else [(0, 0, 0, 0)], dtype=torch.int32, device=device), off
+
+
 def _seq_table(b: int, L: int, cu_seqlens, block_size: int, device):
     if cu_seqlens is None and L > 0:
         docs = [(bi, 0, L) for bi in range(b)]
         return docs, _batch_seq_table(b, L, block_size, torch.device(device)), b * (L // block_size), L
     if cu_seqlens is None:
         docs = []
-    else:
+    else:  # a host read: free when cu_seqlens lives on the CPU (phsa_train.megatron passes it so)
         cs = [int(x) for x in cu_seqlens.tolist()]
         docs = [(0, s, e - s) for s, e in zip(cs, cs[1:]) if e > s]
-    rows, off = [], 0
-    for bi, s, n in docs:
-        rows.append((bi, s, n, off))
-        off += n // block_size
-    seq = torch.tensor(rows if rows else [(0, 0, 0, 0)], dtype=torch.int32, device=device)
+    seq, off = _document_seq_table(tuple(docs), block_size, torch.device(device))
     max_n = max((n for _, _, n in docs), default=0)
     return docs, seq, off, max_n
 
