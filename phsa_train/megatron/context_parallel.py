@@ -37,9 +37,10 @@ from typing import Callable, NamedTuple, Optional
 import torch
 import torch.distributed as dist
 
-from phsa_train.attention.params import pad_queries_front
+from phsa_train.attention.api import _resolve_backend
+from phsa_train.attention.params import PHSAParams
 from phsa_train.megatron.local_attention import PerBatch, dense_causal_attention, phsa_local
-from phsa_train.megatron.token_info import DOC_START_BIT
+from phsa_train.megatron.token_info import DOC_START_BIT, punct_mask
 
 
 def _is_nccl(group) -> bool:
@@ -100,13 +101,17 @@ class _GatherPrefixes(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, k: torch.Tensor, v: torch.Tensor, group, ends: tuple):
+    def forward(ctx, k: torch.Tensor, v: torch.Tensor, group, ends: tuple, in_flight=None):
         cp = dist.get_world_size(group)
         ctx.group, ctx.ends, ctx.shapes = group, ends, (k.shape, v.shape)
         stacked = k.shape == v.shape and k.dtype == v.dtype
         ctx.stacked = stacked
-        if stacked:
+        if in_flight is not None:  # the gather was started earlier (start_kv_gather): wait for it here
+            parts, work = in_flight
+            work.wait()
+        elif stacked:
             parts, _ = _all_gather_ranks(torch.stack((k, v), dim=1), group)  # [cp, b, 2, s_local, h, d]
+        if stacked:
             full = zigzag_to_natural(parts.flatten(1, 2), cp)  # [b*2, s, h, d]
             full = full.unflatten(0, (k.shape[0], 2))
             k_full, v_full = full[:, 0], full[:, 1]
@@ -146,7 +151,7 @@ class _GatherPrefixes(torch.autograd.Function):
                     fill(buf[r, :, 0, half * c:(half + 1) * c], chunk, dk_parts)
                     fill(buf[r, :, 1, half * c:(half + 1) * c], chunk, dv_parts)
             home = _reduce_scatter_home(buf, group)  # [b, 2, s_local, h, d]
-            return home[:, 0], home[:, 1], None, None
+            return home[:, 0], home[:, 1], None, None, None
         out = []
         for parts, rest in ((dk_parts, rest_k), (dv_parts, rest_v)):
             g0 = next(g for g in parts if g is not None)
@@ -155,7 +160,13 @@ class _GatherPrefixes(torch.autograd.Function):
                 fill(buf[r, :, :c], r, parts)
                 fill(buf[r, :, c:], 2 * cp - 1 - r, parts)
             out.append(_reduce_scatter_home(buf, group))
-        return out[0], out[1], None, None
+        return out[0], out[1], None, None, None
+
+
+def start_kv_gather(k: torch.Tensor, v: torch.Tensor, group):
+    """Launch the all-gather of K and V (same shape and dtype) without waiting: a handle for
+    ``_GatherPrefixes.apply(k, v, group, ends, handle)``, which waits. Work launched in between overlaps it."""
+    return _all_gather_ranks(torch.stack((k.detach(), v.detach()), dim=1), group, async_op=True)
 
 
 def local_chunk_positions(s_local: int, cp: int, rank: int) -> list[tuple[int, int]]:
@@ -248,6 +259,48 @@ def _attend_chunks(q_local, k_local, v_local, token_info, group, chunk_fn: Calla
     return torch.cat(outs, dim=1)
 
 
+def _overlap_kernels(q, k, v, token_info, group, phsa_kwargs: dict, documents: bool):
+    """(the Triton module, PHSAParams) when :func:`_phsa_overlapped` computes exactly what the chunk path does,
+    else None: unpacked sequences, the Triton kernels, block- and group-aligned chunks, no dense fallback."""
+    if documents or token_info is None or k.shape != v.shape or k.dtype != v.dtype:
+        return None
+    params = PHSAParams(**{n: x for n, x in phsa_kwargs.items() if n != "backend"})
+    tri = _resolve_backend(phsa_kwargs.get("backend", "auto"), q, params)
+    if tri == "reference":
+        return None
+    c = q.shape[1] // 2
+    first_end = min(end for _, end in local_chunk_positions(q.shape[1], dist.get_world_size(group),
+                                                            dist.get_rank(group)))
+    if (c % params.block_size or c % params.query_block or params.topk > tri.SELECT_MAX_TOPK
+            or (phsa_kwargs.get("backend", "auto") == "auto" and first_end <= tri.DENSE_FALLBACK_MAX_SEQLEN)):
+        return None
+    return tri, params
+
+
+def _phsa_overlapped(q_local, k_local, v_local, token_info, group, tri, params) -> torch.Tensor:
+    """The all-gather path with the K/V all-gather hidden behind selection (see :func:`_overlap_kernels`).
+
+    1. the representatives of the local blocks (the chunks are block-aligned, so these are the rows the whole
+       sequence gives those blocks), all-gathered: L / block_size rows, 1/16 of K at block 16;
+    2. the K/V all-gather launched without waiting;
+    3. both chunks' selections from the gathered representatives (they need no keys) while K and V travel;
+    4. wait; attention of both chunks against their prefixes, as the chunk path.
+    Selections and outputs are those of the chunk path (and of CP=1): the same kernels on the same inputs.
+    """
+    cp, rank = dist.get_world_size(group), dist.get_rank(group)
+    c = q_local.shape[1] // 2
+    spans = local_chunk_positions(q_local.shape[1], cp, rank)
+    rep = tri.block_reps_of(k_local, punct_mask(token_info), params)  # [b, s_local / m, hk, d]
+    rep_full = zigzag_to_natural(_all_gather_ranks(rep, group)[0], cp)  # [b, L / m, hk, d], position order
+    in_flight = start_kv_gather(k_local, v_local, group)
+    q_chunks = [q_local[:, i * c:(i + 1) * c] for i in range(len(spans))]
+    sels = [tri.select_from_reps(qc, rep_full, params, q_offset=start) for qc, (start, _) in zip(q_chunks, spans)]
+    prefixes = _GatherPrefixes.apply(k_local, v_local, group, tuple(end for _, end in spans), in_flight)
+    outs = [tri.phsa_triton(qc, prefixes[i], prefixes[len(spans) + i], None, params, q_offset=start, selection=sel)
+            for i, (qc, (start, _), sel) in enumerate(zip(q_chunks, spans, sels))]
+    return torch.cat(outs, dim=1)
+
+
 def cp_phsa_attention(q, k, v, token_info, group, mode: str, phsa_kwargs: dict, *,
                       documents: bool = False) -> torch.Tensor:
     """PHSA with context parallelism. q [b, s_local, hq, d], k/v [b, s_local, hk, d] (zigzag slices),
@@ -258,6 +311,9 @@ def cp_phsa_attention(q, k, v, token_info, group, mode: str, phsa_kwargs: dict, 
 
     if mode == "ulysses":
         return ulysses_attention(q, k, v, token_info, group, local)
+    overlap = _overlap_kernels(q, k, v, token_info, group, phsa_kwargs, documents)
+    if overlap is not None:
+        return _phsa_overlapped(q, k, v, token_info, group, *overlap)
     return _attend_chunks(q, k, v, token_info, group, local, query_context=phsa_kwargs.get("query_block", 1) - 1,
                           documents=documents)
 
