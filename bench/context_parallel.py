@@ -1,6 +1,6 @@
 """PHSA layer throughput under context parallelism (run with torchrun, one process per GPU).
 
-    torchrun --nproc-per-node=2 bench/context_parallel.py --seq-lens 65536 131072 --modes allgather ulysses
+    torchrun --nproc-per-node=2 bench/context_parallel.py --seq-lens 65536 131072 --modes allgather allgather_chunks ulysses
     torchrun --nproc-per-node=2 bench/context_parallel.py --cpu --seq-lens 512     # logic check on CPU (gloo)
 
 Times forward+backward of one PHSA attention layer (Qwen3-0.6B shape: hq=16, hk=8, d=128, the shipped
@@ -9,7 +9,9 @@ Times forward+backward of one PHSA attention layer (Qwen3-0.6B shape: hq=16, hk=
     scaling efficiency ``cp1_ms / (cp * cpN_ms)`` compares numbers from one process on one card;
   * the dense layer: cuDNN SDPA at CP=1, and the all-gather CP path at CP=N (its chunks need a bottom-right
     causal mask, which torch's SDPA runs through Flash, not cuDNN: the row says which).
-Per (L, mode) a profile of one forward+backward splits the GPU time by stage (selection, representatives,
+Modes: ``allgather`` (what training runs: selection overlaps the K/V all-gather where it can), ``allgather_chunks``
+(the same maths without that overlap: gather first, then each chunk on its own; to see what the overlap buys),
+``ulysses``. Per (L, mode) a profile of one forward+backward splits the GPU time by stage (selection, representatives,
 attention forward / backward, NCCL, copies and fills, the rest) and reports how much of the wall time no kernel
 covered (host gaps). Bytes each rank moves per layer are computed, not measured. Writes JSON (``--out``).
 """
@@ -41,12 +43,14 @@ def stage_of(kernel: str) -> str:
     return "other"
 
 
-def bytes_per_layer(mode: str, L: int, cp: int, hq: int, hk: int, d: int, elem: int = 2) -> int:
+def bytes_per_layer(mode: str, L: int, cp: int, hq: int, hk: int, d: int, elem: int = 2, block: int = 16) -> int:
     """Bytes one rank receives per layer, forward + backward."""
     if cp == 1:
         return 0
-    if mode == "allgather":  # K and V gathered (fwd); dK and dV reduce-scattered (bwd), in the keys' dtype
-        return 2 * (2 * L * hk * d * elem * (cp - 1) // cp)
+    if mode.startswith("allgather"):  # K and V gathered (fwd); dK and dV reduce-scattered (bwd), keys' dtype
+        kv = 2 * (2 * L * hk * d * elem * (cp - 1) // cp)
+        # the overlapped path also gathers the block representatives (L / block rows of K's width)
+        return kv + (L // block * hk * d * elem * (cp - 1) // cp if mode == "allgather" else 0)
     # ulysses: q, k, v in and o out forward; the same four backward
     return 2 * ((2 * hq + 2 * hk) * d * (L // cp) * elem * (cp - 1) // cp)
 
@@ -182,7 +186,8 @@ def main():
             del qf, kf, vf
         for mode in args.modes:
             if cp > 1:
-                attn = lambda: cp_phsa_attention(ql, kl, vl, il, group, mode, kw)  # noqa: E731
+                attn = lambda: cp_phsa_attention(ql, kl, vl, il, group, mode.removesuffix("_chunks"), kw,  # noqa: E731
+                                                 overlap=mode != "allgather_chunks")
             else:
                 attn = lambda: phsa_local(ql, kl, vl, il, kw)  # noqa: E731
             fwd_bwd = lambda: attn().backward(dol)  # noqa: E731
@@ -193,7 +198,8 @@ def main():
                 ms_fwd = timed(attn, args.reps, cuda)
             row = {"L": L, "cp": cp, "mode": mode, "variant": "phsa", "settings": kw, "fwd_bwd_ms": ms,
                    "fwd_ms": ms_fwd, "tokens_per_s_per_gpu": (L / cp) / (ms / 1e3),
-                   "bytes_per_layer_per_rank": bytes_per_layer(mode, L, cp, hq, hk, d, q.element_size())}
+                   "bytes_per_layer_per_rank": bytes_per_layer(mode, L, cp, hq, hk, d, q.element_size(),
+                                                               kw["block_size"])}
             if cp1_ms is not None:
                 row["scaling_efficiency"] = cp1_ms / (cp * ms)
             if not args.no_profile:

@@ -259,7 +259,7 @@ def _attend_chunks(q_local, k_local, v_local, token_info, group, chunk_fn: Calla
     return torch.cat(outs, dim=1)
 
 
-def _overlap_kernels(q, k, v, token_info, group, phsa_kwargs: dict, documents: bool):
+def overlap_kernels(q, k, v, token_info, group, phsa_kwargs: dict, documents: bool):
     """(the Triton module, PHSAParams) when :func:`_phsa_overlapped` computes exactly what the chunk path does,
     else None: unpacked sequences, the Triton kernels, block- and group-aligned chunks, no dense fallback."""
     if documents or token_info is None or k.shape != v.shape or k.dtype != v.dtype:
@@ -277,8 +277,16 @@ def _overlap_kernels(q, k, v, token_info, group, phsa_kwargs: dict, documents: b
     return tri, params
 
 
+def gathered_reps(k_local, token_info, group, tri, params) -> torch.Tensor:
+    """k_local [b, s_local, hk, d] (zigzag slice), token_info [b, s_local] -> the whole sequence's block
+    representatives [b, L / block_size, hk, d] in position order: each rank computes its own blocks, one
+    all-gather (block-aligned chunks: every block lies in one rank's chunk)."""
+    rep = tri.block_reps_of(k_local, punct_mask(token_info), params)  # [b, s_local / m, hk, d]
+    return zigzag_to_natural(_all_gather_ranks(rep, group)[0], dist.get_world_size(group))
+
+
 def _phsa_overlapped(q_local, k_local, v_local, token_info, group, tri, params) -> torch.Tensor:
-    """The all-gather path with the K/V all-gather hidden behind selection (see :func:`_overlap_kernels`).
+    """The all-gather path with the K/V all-gather hidden behind selection (see :func:`overlap_kernels`).
 
     1. the representatives of the local blocks (the chunks are block-aligned, so these are the rows the whole
        sequence gives those blocks), all-gathered: L / block_size rows, 1/16 of K at block 16;
@@ -287,11 +295,9 @@ def _phsa_overlapped(q_local, k_local, v_local, token_info, group, tri, params) 
     4. wait; attention of both chunks against their prefixes, as the chunk path.
     Selections and outputs are those of the chunk path (and of CP=1): the same kernels on the same inputs.
     """
-    cp, rank = dist.get_world_size(group), dist.get_rank(group)
     c = q_local.shape[1] // 2
-    spans = local_chunk_positions(q_local.shape[1], cp, rank)
-    rep = tri.block_reps_of(k_local, punct_mask(token_info), params)  # [b, s_local / m, hk, d]
-    rep_full = zigzag_to_natural(_all_gather_ranks(rep, group)[0], cp)  # [b, L / m, hk, d], position order
+    spans = local_chunk_positions(q_local.shape[1], dist.get_world_size(group), dist.get_rank(group))
+    rep_full = gathered_reps(k_local, token_info, group, tri, params)
     in_flight = start_kv_gather(k_local, v_local, group)
     q_chunks = [q_local[:, i * c:(i + 1) * c] for i in range(len(spans))]
     sels = [tri.select_from_reps(qc, rep_full, params, q_offset=start) for qc, (start, _) in zip(q_chunks, spans)]
@@ -302,18 +308,19 @@ def _phsa_overlapped(q_local, k_local, v_local, token_info, group, tri, params) 
 
 
 def cp_phsa_attention(q, k, v, token_info, group, mode: str, phsa_kwargs: dict, *,
-                      documents: bool = False) -> torch.Tensor:
+                      documents: bool = False, overlap: bool = True) -> torch.Tensor:
     """PHSA with context parallelism. q [b, s_local, hq, d], k/v [b, s_local, hk, d] (zigzag slices),
     token_info [b, s_local] -> [b, s_local, hq, d]. ``documents``: token_info carries document starts
-    (``data.reset_attention_mask``), from the configuration."""
+    (``data.reset_attention_mask``), from the configuration. ``overlap=False`` keeps allgather on the chunk
+    path even where selection could overlap the K/V all-gather (the same result; for benchmarks)."""
     def local(q_, k_, v_, info_):
         return phsa_local(q_, k_, v_, info_, phsa_kwargs, documents=documents)
 
     if mode == "ulysses":
         return ulysses_attention(q, k, v, token_info, group, local)
-    overlap = _overlap_kernels(q, k, v, token_info, group, phsa_kwargs, documents)
-    if overlap is not None:
-        return _phsa_overlapped(q, k, v, token_info, group, *overlap)
+    kernels = overlap_kernels(q, k, v, token_info, group, phsa_kwargs, documents) if overlap else None
+    if kernels is not None:
+        return _phsa_overlapped(q, k, v, token_info, group, *kernels)
     return _attend_chunks(q, k, v, token_info, group, local, query_context=phsa_kwargs.get("query_block", 1) - 1,
                           documents=documents)
 
