@@ -5,12 +5,16 @@ holds Megatron's load-balanced ("zigzag") slice of every sequence: chunks ``r`` 
 ``2*cp`` equal chunks (``get_batch_on_this_cp_rank``; RoPE is sliced the same way).
 
 ``allgather`` (default)
-    Keep the local queries; all-gather K, V and ``token_info`` (punctuation flags) over the CP group and
-    undo the zigzag so every rank sees the whole causal prefix; run the PHSA operator for each local
-    chunk against its prefix; in backward, dK/dV are reduce-scattered back to their owners (all-reduce +
-    slice on gloo, which has no reduce-scatter). Selection sees exactly the keys and punctuation of the
-    CP=1 run, so the selected blocks are identical. Bytes moved per layer and rank: (cp-1)/cp of K+V
-    forward, the same for dK+dV backward.
+    Keep the local queries; all-gather K and V over the CP group and undo the zigzag so every rank sees the
+    whole causal prefix; run the PHSA operator for each local chunk against its prefix; in backward, dK/dV are
+    reduce-scattered back to their owners (all-reduce + slice on gloo, which has no reduce-scatter). Selection
+    sees exactly the keys and punctuation of the CP=1 run, so the selected blocks are identical. Bytes moved per
+    layer and rank: (cp-1)/cp of K+V forward, the same for dK+dV backward.
+    With the Triton kernels and unpacked sequences the K/V all-gather overlaps selection
+    (:func:`_phsa_overlapped`): each rank computes the representatives of its own key blocks (chunks are
+    block-aligned), those are all-gathered (1/block_size of K), and both chunks select from them while K and V
+    are in flight. Otherwise (the reference backend, packed documents) token_info is gathered once per batch
+    and each chunk runs the whole operator after the gather (:func:`_attend_chunks`).
 ``ulysses``
     Head-parallel all-to-all through DeepSpeed's ``DistributedAttention``: every rank gets the full
     sequence for ``hk/cp`` KV heads (and their ``hq/cp`` query heads), runs the unchanged single-GPU
