@@ -9,11 +9,12 @@ Times forward+backward of one PHSA attention layer (Qwen3-0.6B shape: hq=16, hk=
     scaling efficiency ``cp1_ms / (cp * cpN_ms)`` compares numbers from one process on one card;
   * the dense layer: cuDNN SDPA at CP=1, and the all-gather CP path at CP=N (its chunks need a bottom-right
     causal mask, which torch's SDPA runs through Flash, not cuDNN: the row says which).
-Modes: ``allgather`` (what training runs: selection overlaps the K/V all-gather where it can), ``allgather_chunks``
-(the same maths without that overlap: gather first, then each chunk on its own; to see what the overlap buys),
-``ulysses``. Per (L, mode) a profile of one forward+backward splits the GPU time by stage (selection, representatives,
-attention forward / backward, NCCL, copies and fills, the rest) and reports how much of the wall time no kernel
-covered (host gaps). Bytes each rank moves per layer are computed, not measured. Writes JSON (``--out``).
+Modes: ``allgather`` (what training runs: selection overlaps the K/V all-gather where it can),
+``allgather_chunks`` (the same maths without that overlap: gather first, then each chunk on its own; to see what
+the overlap buys), ``ulysses``. Per (L, mode) a profile of one forward+backward splits the GPU time by stage
+(selection, representatives, attention forward / backward, NCCL, copies and fills, the rest) and reports how much
+of the wall time no kernel covered (host gaps) and how much NCCL time ran with no other kernel beside it
+(``nccl_exposed_ms``). Bytes each rank moves per layer are computed, not measured. Writes JSON (``--out``).
 """
 from __future__ import annotations
 
@@ -103,16 +104,21 @@ def profile_stages(fn, cuda: bool = True) -> dict:
         if cuda:
             torch.cuda.synchronize()
         wall = (time.perf_counter() - t0) * 1e3
-    per_stage, spans = defaultdict(float), []
+    per_stage, spans, compute = defaultdict(float), [], []
     for ev in prof.events():
         if ev.device_type != kind or (not cuda and ev.cpu_parent is not None):
             continue
         s, e = ev.time_range.start / 1e3, ev.time_range.end / 1e3  # us -> ms
-        per_stage[stage_of(ev.name)] += e - s
+        stage = stage_of(ev.name)
+        per_stage[stage] += e - s
         spans.append((s, e))
+        if stage != "nccl":
+            compute.append((s, e))
     span = (max(e for _, e in spans) - min(s for s, _ in spans)) if spans else 0.0
     return {"ms_by_stage": {k: round(v, 3) for k, v in sorted(per_stage.items())}, "wall_ms": round(wall, 3),
-            "kernel_span_ms": round(span, 3), "no_kernel_running_ms": round(span - union_ms(spans), 3)}
+            "kernel_span_ms": round(span, 3), "no_kernel_running_ms": round(span - union_ms(spans), 3),
+            # communication that no other kernel ran alongside (what overlapping it with compute can still hide)
+            "nccl_exposed_ms": round(union_ms(spans) - union_ms(compute), 3)}
 
 
 def shipped_attention(overrides: list[str]) -> dict:
