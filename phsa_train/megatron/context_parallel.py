@@ -11,7 +11,7 @@ holds Megatron's load-balanced ("zigzag") slice of every sequence: chunks ``r`` 
     sees exactly the keys and punctuation of the CP=1 run, so the selected blocks are identical. Bytes moved per
     layer and rank: (cp-1)/cp of K+V forward, the same for dK+dV backward.
     With the Triton kernels and unpacked sequences the K/V all-gather overlaps selection
-    (:func:`_phsa_overlapped`): each rank computes the representatives of its own key blocks (chunks are
+    (:class:`_OverlappedPHSA`): each rank computes the representatives of its own key blocks (chunks are
     block-aligned), those are all-gathered (1/block_size of K), and both chunks select from them while K and V
     are in flight. Otherwise (the reference backend, packed documents) token_info is gathered once per batch
     and each chunk runs the whole operator after the gather (:func:`_attend_chunks`).
@@ -105,17 +105,13 @@ class _GatherPrefixes(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, k: torch.Tensor, v: torch.Tensor, group, ends: tuple, in_flight=None):
+    def forward(ctx, k: torch.Tensor, v: torch.Tensor, group, ends: tuple):
         cp = dist.get_world_size(group)
         ctx.group, ctx.ends, ctx.shapes = group, ends, (k.shape, v.shape)
         stacked = k.shape == v.shape and k.dtype == v.dtype
         ctx.stacked = stacked
-        if in_flight is not None:  # the gather was started earlier (start_kv_gather): wait for it here
-            parts, work = in_flight
-            work.wait()
-        elif stacked:
-            parts, _ = _all_gather_ranks(torch.stack((k, v), dim=1), group)  # [cp, b, 2, s_local, h, d]
         if stacked:
+            parts, _ = _all_gather_ranks(torch.stack((k, v), dim=1), group)  # [cp, b, 2, s_local, h, d]
             full = zigzag_to_natural(parts.flatten(1, 2), cp)  # [b*2, s, h, d]
             full = full.unflatten(0, (k.shape[0], 2))
             k_full, v_full = full[:, 0], full[:, 1]
@@ -155,7 +151,7 @@ class _GatherPrefixes(torch.autograd.Function):
                     fill(buf[r, :, 0, half * c:(half + 1) * c], chunk, dk_parts)
                     fill(buf[r, :, 1, half * c:(half + 1) * c], chunk, dv_parts)
             home = _reduce_scatter_home(buf, group)  # [b, 2, s_local, h, d]
-            return home[:, 0], home[:, 1], None, None, None
+            return home[:, 0], home[:, 1], None, None
         out = []
         for parts, rest in ((dk_parts, rest_k), (dv_parts, rest_v)):
             g0 = next(g for g in parts if g is not None)
@@ -164,12 +160,12 @@ class _GatherPrefixes(torch.autograd.Function):
                 fill(buf[r, :, :c], r, parts)
                 fill(buf[r, :, c:], 2 * cp - 1 - r, parts)
             out.append(_reduce_scatter_home(buf, group))
-        return out[0], out[1], None, None, None
+        return out[0], out[1], None, None
 
 
 def start_kv_gather(k: torch.Tensor, v: torch.Tensor, group):
-    """Launch the all-gather of K and V (same shape and dtype) without waiting: a handle for
-    ``_GatherPrefixes.apply(k, v, group, ends, handle)``, which waits. Work launched in between overlaps it."""
+    """Launch the all-gather of K and V (same shape and dtype) without waiting: ([cp, b, 2, s_local, ...], work);
+    work launched before ``work.wait()`` overlaps it."""
     return _all_gather_ranks(torch.stack((k.detach(), v.detach()), dim=1), group, async_op=True)
 
 
@@ -264,7 +260,7 @@ def _attend_chunks(q_local, k_local, v_local, token_info, group, chunk_fn: Calla
 
 
 def overlap_kernels(q, k, v, token_info, group, phsa_kwargs: dict, documents: bool):
-    """(the Triton module, PHSAParams) when :func:`_phsa_overlapped` computes exactly what the chunk path does,
+    """(the Triton module, PHSAParams) when :class:`_OverlappedPHSA` computes exactly what the chunk path does,
     else None: unpacked sequences, the Triton kernels, block- and group-aligned chunks, no dense fallback."""
     if documents or token_info is None or k.shape != v.shape or k.dtype != v.dtype:
         return None
@@ -289,26 +285,59 @@ def gathered_reps(k_local, token_info, group, tri, params) -> torch.Tensor:
     return zigzag_to_natural(_all_gather_ranks(rep, group)[0], dist.get_world_size(group))
 
 
-def _phsa_overlapped(q_local, k_local, v_local, token_info, group, tri, params) -> torch.Tensor:
+class _OverlappedPHSA(torch.autograd.Function):
     """The all-gather path with the K/V all-gather hidden behind selection (see :func:`overlap_kernels`).
 
+    Forward:
     1. the representatives of the local blocks (the chunks are block-aligned, so these are the rows the whole
        sequence gives those blocks), all-gathered: L / block_size rows, 1/16 of K at block 16;
     2. the K/V all-gather launched without waiting;
     3. both chunks' selections from the gathered representatives (they need no keys) while K and V travel;
-    4. wait; attention of both chunks against their prefixes, as the chunk path.
-    Selections and outputs are those of the chunk path (and of CP=1): the same kernels on the same inputs.
+    4. wait; attention of both chunks against their prefixes of the gathered K/V.
+    Backward: both chunks accumulate dK/dV into one fp32 buffer over the whole sequence (one zero fill, one
+    conversion, straight into the reduce-scatter layout), then one reduce-scatter in the keys' dtype.
+    Selections, outputs and dq are those of the chunk path (and of CP=1): the same kernels on the same inputs.
     """
-    c = q_local.shape[1] // 2
-    spans = local_chunk_positions(q_local.shape[1], dist.get_world_size(group), dist.get_rank(group))
-    rep_full = gathered_reps(k_local, token_info, group, tri, params)
-    in_flight = start_kv_gather(k_local, v_local, group)
-    q_chunks = [q_local[:, i * c:(i + 1) * c] for i in range(len(spans))]
-    sels = [tri.select_from_reps(qc, rep_full, params, q_offset=start) for qc, (start, _) in zip(q_chunks, spans)]
-    prefixes = _GatherPrefixes.apply(k_local, v_local, group, tuple(end for _, end in spans), in_flight)
-    outs = [tri.phsa_triton(qc, prefixes[i], prefixes[len(spans) + i], None, params, q_offset=start, selection=sel)
-            for i, (qc, (start, _), sel) in enumerate(zip(q_chunks, spans, sels))]
-    return torch.cat(outs, dim=1)
+
+    @staticmethod
+    def forward(ctx, q_local, k_local, v_local, token_info, group, tri, params):
+        cp, rank = dist.get_world_size(group), dist.get_rank(group)
+        b, s_local = q_local.shape[:2]
+        c = s_local // 2
+        spans = local_chunk_positions(s_local, cp, rank)
+        rep_full = gathered_reps(k_local, token_info, group, tri, params)
+        parts, work = start_kv_gather(k_local, v_local, group)
+        q_chunks = [q_local[:, i * c:(i + 1) * c] for i in range(2)]
+        sels = [tri.select_from_reps(qc, rep_full, params, q_offset=start) for qc, (start, _) in zip(q_chunks, spans)]
+        work.wait()
+        kv = zigzag_to_natural(parts.flatten(1, 2), cp).unflatten(0, (b, 2))  # [b, 2, L, hk, d]
+        outs = [tri.attend_forward(qc, kv[:, 0, :end], kv[:, 1, :end], params, sel, q_offset=start)
+                for qc, (start, end), sel in zip(q_chunks, spans, sels)]
+        o = torch.cat([o_ for o_, _ in outs], dim=1)
+        ctx.save_for_backward(q_local, kv, o, *(lse for _, lse in outs), *sels)
+        ctx.group, ctx.tri, ctx.params, ctx.spans = group, tri, params, spans
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q_local, kv, o, lse0, lse1, sel0, sel1 = ctx.saved_tensors
+        group, tri, params, spans = ctx.group, ctx.tri, ctx.params, ctx.spans
+        cp = dist.get_world_size(group)
+        c = q_local.shape[1] // 2
+        acc = torch.zeros((kv.shape[0], 2, *kv.shape[2:]), dtype=torch.float32, device=kv.device)  # [b, 2, L, hk, d]
+        dq = torch.empty_like(q_local)
+        for i, ((start, end), lse, sel) in enumerate(zip(spans, (lse0, lse1), (sel0, sel1))):
+            rows = slice(i * c, (i + 1) * c)
+            dq[:, rows] = tri.attend_backward(q_local[:, rows], kv[:, 0, :end], kv[:, 1, :end], o[:, rows],
+                                              do[:, rows], lse, params, sel, start,
+                                              (acc[:, 0, :end], acc[:, 1, :end]))
+        # fp32 sums -> the keys' dtype, in the reduce-scatter layout [cp, b, 2, s_local, hk, d] (one copy each)
+        buf = torch.empty((cp, *acc.shape[:2], 2 * c, *acc.shape[3:]), dtype=kv.dtype, device=kv.device)
+        for r in range(cp):
+            buf[r, :, :, :c].copy_(acc[:, :, r * c:(r + 1) * c])
+            buf[r, :, :, c:].copy_(acc[:, :, (2 * cp - 1 - r) * c:(2 * cp - r) * c])
+        home = _reduce_scatter_home(buf, group)  # [b, 2, s_local, hk, d]
+        return dq, home[:, 0], home[:, 1], None, None, None, None
 
 
 def cp_phsa_attention(q, k, v, token_info, group, mode: str, phsa_kwargs: dict, *,
@@ -324,7 +353,7 @@ def cp_phsa_attention(q, k, v, token_info, group, mode: str, phsa_kwargs: dict, 
         return ulysses_attention(q, k, v, token_info, group, local)
     kernels = overlap_kernels(q, k, v, token_info, group, phsa_kwargs, documents) if overlap else None
     if kernels is not None:
-        return _phsa_overlapped(q, k, v, token_info, group, *kernels)
+        return _OverlappedPHSA.apply(q, k, v, token_info, group, *kernels)
     return _attend_chunks(q, k, v, token_info, group, local, query_context=phsa_kwargs.get("query_block", 1) - 1,
                           documents=documents)
 

@@ -165,16 +165,32 @@ def _no_selection(device) -> torch.Tensor:
     return torch.full((1, 1, 1, 1), -1, dtype=torch.int32, device=device)
 
 
+def attend_forward(q, k, v, params: PHSAParams, selection, q_offset: int = 0):
+    """The attention step alone, no autograd, unpacked sequences: (o [b, Lq, hq, dv], lse) from the
+    :func:`select_from_reps` ``selection`` of the query rows [q_offset, q_offset + Lq) against k, v [b, L, hk, d]
+    (L = Lq + q_offset). For callers that own the autograd (the context-parallel path)."""
+    q, k, v = _contig(q), _contig(k), _contig(v)
+    plan = _Plan(q, params, None, q_offset)
+    return fwd_launch(q, k, v, selection, plan.seq, plan.max_n, params, plan.k_attn, plan.n_init, plan.W,
+                      qoff=plan.qoff)
+
+
+def attend_backward(q, k, v, o, do, lse, params: PHSAParams, selection, q_offset: int, dkv_acc) -> torch.Tensor:
+    """Backward of :func:`attend_forward`: returns dq; dk and dv are added into ``dkv_acc`` (fp32 buffers
+    [b, L, hk, d], shared by calls over one key sequence, zeroed by the caller)."""
+    q, k, v = _contig(q), _contig(k), _contig(v)
+    plan = _Plan(q, params, None, q_offset)
+    return bwd_launch(q, k, v, o, _contig(do), lse, selection, plan.seq, plan.max_n, params, plan.k_attn,
+                      plan.n_init, plan.W, qoff=plan.qoff, dkv_acc=dkv_acc)[0]
+
+
 class _PHSAFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, punct_mask, params, cu_seqlens, q_offset, selection):
+    def forward(ctx, q, k, v, punct_mask, params, cu_seqlens, q_offset):
         q, k, v = _contig(q), _contig(k), _contig(v)
         plan = _Plan(q, params, cu_seqlens, q_offset)
         with torch.no_grad():
-            if selection is not None:
-                sel = selection
-            else:
-                sel = _select_internal(q, k, punct_mask, params, plan) if not plan.dense else _no_selection(q.device)
+            sel = _select_internal(q, k, punct_mask, params, plan) if not plan.dense else _no_selection(q.device)
             o, lse = fwd_launch(q, k, v, sel, plan.seq, plan.max_n, params, plan.k_attn, plan.n_init, plan.W,
                                 qoff=plan.qoff)
         ctx.save_for_backward(q, k, v, o, lse, sel)
@@ -187,7 +203,7 @@ class _PHSAFunction(torch.autograd.Function):
         plan, params = ctx.plan, ctx.params
         dq, dk, dv = bwd_launch(q, k, v, o, _contig(do), lse, sel, plan.seq, plan.max_n, params, plan.k_attn,
                                 plan.n_init, plan.W, qoff=plan.qoff)
-        return dq, dk, dv, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None
 
 
 def dense_sdpa(q, k, v, cu_seqlens=None):
@@ -223,7 +239,7 @@ def use_dense_fallback(q, params: PHSAParams, cu_seqlens=None) -> bool:
 
 
 def phsa_triton(q, k, v, punct_mask, params: PHSAParams, cu_seqlens=None, *, dense_fallback: bool = False,
-                q_offset: int = 0, selection: torch.Tensor | None = None):
+                q_offset: int = 0):
     """PHSA forward (autograd-capable): q [b, L, hq, d], k [b, L, hk, d], v [b, L, hk, dv] -> [b, L, hq, dv].
 
     ``q_offset > 0``: q holds only the query rows [q_offset, L) of the L key positions ([b, L - q_offset, hq, d]
@@ -232,14 +248,12 @@ def phsa_triton(q, k, v, punct_mask, params: PHSAParams, cu_seqlens=None, *, den
 
     Exact against ``phsa_reference`` at the same ``params`` (selection equal up to float near-ties).
     ``dense_fallback=True`` swaps in dense causal SDPA for sequences up to DENSE_FALLBACK_MAX_SEQLEN tokens
-    (faster there, but a different function: every query sees every earlier token).
-    ``selection``: what :func:`select_from_reps` returned for these queries (then punct_mask is unused): the
-    context-parallel path selects while the keys are still being gathered."""
+    (faster there, but a different function: every query sees every earlier token)."""
     _check(q, params)
     check_shapes(q, k, v, punct_mask, cu_seqlens, q_offset=q_offset, query_block=params.query_block)
     if dense_fallback and use_dense_fallback(k, params, cu_seqlens):
         return dense_sdpa(pad_queries_front(q, q_offset), k, v, cu_seqlens)[:, q_offset:]
-    return _PHSAFunction.apply(q, k, v, punct_mask, params, cu_seqlens, q_offset, selection)
+    return _PHSAFunction.apply(q, k, v, punct_mask, params, cu_seqlens, q_offset)
 
 
 def block_reps_of(k, punct_mask, params: PHSAParams) -> torch.Tensor:
@@ -258,7 +272,7 @@ def block_reps_of(k, punct_mask, params: PHSAParams) -> torch.Tensor:
 def select_from_reps(q, rep, params: PHSAParams, q_offset: int = 0) -> torch.Tensor:
     """The selection :func:`phsa_triton` would make for q [b, Lq, hq, d] (query rows [q_offset, q_offset + Lq) of
     a sequence; unpacked), from that sequence's representatives rep [b, nb, hk, d] (:func:`block_reps_of`; nb may
-    cover more than the Lq + q_offset keys: later blocks are never eligible). Pass it as ``selection=``. Needs
+    cover more than the Lq + q_offset keys: later blocks are never eligible), for :func:`attend_forward`. Needs
     no keys, so it can run while they are still in flight."""
     _check(q, params)
     b, nb, hk, d = rep.shape
