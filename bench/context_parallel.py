@@ -196,35 +196,38 @@ def main():
                                                  overlap=mode != "allgather_chunks")
             else:
                 attn = lambda: phsa_local(ql, kl, vl, il, kw)  # noqa: E731
-            fwd_bwd = lambda: attn().backward(dol)  # noqa: E731
-            for _ in range(2):
-                fwd_bwd()
-            ms = timed(fwd_bwd, args.reps, cuda)
-            with torch.no_grad():
-                ms_fwd = timed(attn, args.reps, cuda)
-            row = {"L": L, "cp": cp, "mode": mode, "variant": "phsa", "settings": kw, "fwd_bwd_ms": ms,
-                   "fwd_ms": ms_fwd, "tokens_per_s_per_gpu": (L / cp) / (ms / 1e3),
-                   "bytes_per_layer_per_rank": bytes_per_layer(mode, L, cp, hq, hk, d, q.element_size(),
-                                                               kw["block_size"])}
-            if cp1_ms is not None:
-                row["scaling_efficiency"] = cp1_ms / (cp * ms)
-            if not args.no_profile:
-                row["profile"] = profile_stages(fwd_bwd, cuda)
-            if args.check and cp > 1:
-                ql.grad = kl.grad = vl.grad = None
-                o = attn()
-                o.backward(dol)
-                qr, kr, vr = (x.clone().requires_grad_() for x in (q, k, v))
-                o_ref = phsa_local(qr, kr, vr, info, kw)
-                o_ref.backward(do)
-                err = lambda a, b: ((a.float() - b.float()).norm() / b.float().norm()).item()  # noqa: E731
-                row["check_rel_err"] = {"o": err(o, mine(o_ref)), "dq": err(ql.grad, mine(qr.grad)),
-                                        "dk": err(kl.grad, mine(kr.grad)), "dv": err(vl.grad, mine(vr.grad))}
-            # every rank's time: the step is as slow as the slowest rank
-            times = [None] * cp
-            dist.all_gather_object(times, ms, group=group)
-            row["fwd_bwd_ms_per_rank"] = times
-            emit(row)
+            try:  # a failing mode leaves a row saying why; the other modes still run
+                fwd_bwd = lambda: attn().backward(dol)  # noqa: E731
+                for _ in range(2):
+                    fwd_bwd()
+                ms = timed(fwd_bwd, args.reps, cuda)
+                with torch.no_grad():
+                    ms_fwd = timed(attn, args.reps, cuda)
+                row = {"L": L, "cp": cp, "mode": mode, "variant": "phsa", "settings": kw, "fwd_bwd_ms": ms,
+                       "fwd_ms": ms_fwd, "tokens_per_s_per_gpu": (L / cp) / (ms / 1e3),
+                       "bytes_per_layer_per_rank": bytes_per_layer(mode, L, cp, hq, hk, d, q.element_size(),
+                                                                   kw["block_size"])}
+                if cp1_ms is not None:
+                    row["scaling_efficiency"] = cp1_ms / (cp * ms)
+                if not args.no_profile:
+                    row["profile"] = profile_stages(fwd_bwd, cuda)
+                if args.check and cp > 1:
+                    ql.grad = kl.grad = vl.grad = None
+                    o = attn()
+                    o.backward(dol)
+                    qr, kr, vr = (x.clone().requires_grad_() for x in (q, k, v))
+                    o_ref = phsa_local(qr, kr, vr, info, kw)
+                    o_ref.backward(do)
+                    err = lambda a, b: ((a.float() - b.float()).norm() / b.float().norm()).item()  # noqa: E731
+                    row["check_rel_err"] = {"o": err(o, mine(o_ref)), "dq": err(ql.grad, mine(qr.grad)),
+                                            "dk": err(kl.grad, mine(kr.grad)), "dv": err(vl.grad, mine(vr.grad))}
+                # every rank's time: the step is as slow as the slowest rank
+                times = [None] * cp
+                dist.all_gather_object(times, ms, group=group)
+                row["fwd_bwd_ms_per_rank"] = times
+                emit(row)
+            except Exception as e:  # noqa: BLE001
+                emit({"L": L, "cp": cp, "mode": mode, "variant": "phsa", "error": repr(e)[:400]})
         if not args.no_dense:
             try:
                 if cp > 1:
