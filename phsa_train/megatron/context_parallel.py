@@ -62,15 +62,21 @@ def _all_gather_ranks(x: torch.Tensor, group, async_op: bool = False):
     return out, work
 
 
-def _reduce_scatter_home(per_rank: torch.Tensor, group) -> torch.Tensor:
-    """per_rank [cp, ...] (contiguous; index r = this rank's contribution to rank r's slice) -> the sum over
-    ranks of index ``rank``: one reduce-scatter on NCCL (all-reduce + slice on gloo, which has none)."""
+def _start_reduce_scatter_home(per_rank: torch.Tensor, group):
+    """per_rank [cp, ...] (contiguous; index r = this rank's contribution to rank r's slice) -> (work, out): after
+    ``work.wait()``, out holds the sum over ranks of index ``rank``. One reduce-scatter on NCCL (all-reduce, then
+    this rank's index, on gloo, which has none)."""
     if _is_nccl(group):
         out = torch.empty_like(per_rank[0])
-        dist.reduce_scatter_tensor(out, per_rank, group=group)
-        return out
-    dist.all_reduce(per_rank, group=group)
-    return per_rank[dist.get_rank(group)].clone()
+        return dist.reduce_scatter_tensor(out, per_rank, group=group, async_op=True), out
+    return dist.all_reduce(per_rank, group=group, async_op=True), per_rank[dist.get_rank(group)]
+
+
+def _reduce_scatter_home(per_rank: torch.Tensor, group) -> torch.Tensor:
+    """:func:`_start_reduce_scatter_home`, waited for."""
+    work, out = _start_reduce_scatter_home(per_rank, group)
+    work.wait()
+    return out
 
 
 def zigzag_to_natural(parts: torch.Tensor, cp: int) -> torch.Tensor:
@@ -295,7 +301,9 @@ class _OverlappedPHSA(torch.autograd.Function):
     3. both chunks' selections from the gathered representatives (they need no keys) while K and V travel;
     4. wait; attention of both chunks against their prefixes of the gathered K/V.
     Backward: both chunks accumulate dK/dV into one fp32 buffer over the whole sequence (one zero fill, one
-    conversion, straight into the reduce-scatter layout), then one reduce-scatter in the keys' dtype.
+    conversion, straight into the reduce-scatter layout), sent home in the keys' dtype by two reduce-scatters:
+    the second half of the sequence (natural chunks cp .. 2cp-1) gets nothing from any rank's first chunk, whose
+    prefix ends by L/2, so its reduce-scatter runs while the first chunk's backward computes.
     Selections, outputs and dq are those of the chunk path (and of CP=1): the same kernels on the same inputs.
     """
 
@@ -326,17 +334,29 @@ class _OverlappedPHSA(torch.autograd.Function):
         c = q_local.shape[1] // 2
         acc = torch.zeros((kv.shape[0], 2, *kv.shape[2:]), dtype=torch.float32, device=kv.device)  # [b, 2, L, hk, d]
         dq = torch.empty_like(q_local)
-        for i, ((start, end), lse, sel) in enumerate(zip(spans, (lse0, lse1), (sel0, sel1))):
-            rows = slice(i * c, (i + 1) * c)
+
+        def chunk_backward(i: int, lse, sel) -> None:
+            (start, end), rows = spans[i], slice(i * c, (i + 1) * c)
             dq[:, rows] = tri.attend_backward(q_local[:, rows], kv[:, 0, :end], kv[:, 1, :end], o[:, rows],
                                               do[:, rows], lse, params, sel, start,
                                               (acc[:, 0, :end], acc[:, 1, :end]))
-        # fp32 sums -> the keys' dtype, in the reduce-scatter layout [cp, b, 2, s_local, hk, d] (one copy each)
-        buf = torch.empty((cp, *acc.shape[:2], 2 * c, *acc.shape[3:]), dtype=kv.dtype, device=kv.device)
-        for r in range(cp):
-            buf[r, :, :, :c].copy_(acc[:, :, r * c:(r + 1) * c])
-            buf[r, :, :, c:].copy_(acc[:, :, (2 * cp - 1 - r) * c:(2 * cp - r) * c])
-        home = _reduce_scatter_home(buf, group)  # [b, 2, s_local, hk, d]
+
+        def send_home(half: int):
+            """fp32 sums of every rank's ``half`` (0: chunk r, 1: chunk 2cp-1-r) -> the keys' dtype in the
+            reduce-scatter layout [cp, b, 2, c, hk, d] (one copy), reduce-scatter started: (work, [b, 2, c, hk, d])."""
+            buf = torch.empty((cp, *acc.shape[:2], c, *acc.shape[3:]), dtype=kv.dtype, device=kv.device)
+            for r in range(cp):
+                j = r if half == 0 else 2 * cp - 1 - r
+                buf[r].copy_(acc[:, :, j * c:(j + 1) * c])
+            return _start_reduce_scatter_home(buf, group)
+
+        chunk_backward(1, lse1, sel1)
+        late = send_home(1)  # final: no first chunk reaches past L/2
+        chunk_backward(0, lse0, sel0)
+        early = send_home(0)
+        early[0].wait()
+        late[0].wait()
+        home = torch.cat((early[1], late[1]), dim=2)  # [b, 2, s_local, hk, d]
         return dq, home[:, 0], home[:, 1], None, None, None, None
 
 
