@@ -93,7 +93,7 @@ collect_bench() {  # collect_bench FILE STAGE: the bench's JSON rows, or (cut sh
   fi
 }
 stage_b() {  # layer scaling CP=1 vs CP=2 (same process), both modes, dense baseline, profile
-  run cp_bench_cp2 "$1" 300 bash -c "torchrun_ 2 bench/context_parallel.py ${CPB_ARGS[*]} --modes allgather ulysses --out $TMPD/cpb2.json"
+  run cp_bench_cp2 "$1" 300 bash -c "torchrun_ 2 bench/context_parallel.py ${CPB_ARGS[*]} --modes allgather allgather_chunks ulysses --out $TMPD/cpb2.json"
   collect_bench cpb2 cp_bench_cp2
 }
 train_step() {  # train_step NAME GPUS NPROC LIMIT ARGS...
