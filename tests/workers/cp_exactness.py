@@ -88,7 +88,8 @@ def main():
     documents = bool(args.doc_starts)  # data.reset_attention_mask, as the model passes it down
     o_ref = phsa_local(qr, kr, vr, info_full, kw, documents=documents)  # the model's single-rank path
     o_ref.backward(w)
-    cp1_syncs = host_syncs(lambda: phsa_local(qr, kr, vr, info_full, kw, documents=documents).backward(w)) \
+    fresh = lambda *xs: [x.detach().clone().requires_grad_() for x in xs]  # noqa: E731  (grads of qr/kr/vr stay)
+    cp1_syncs = host_syncs(lambda: phsa_local(*fresh(q, k, v), info_full, kw, documents=documents).backward(w)) \
         if dev.type == "cuda" and not documents else None
     sel_ref = select_blocks(q, k, punct, cu_seqlens=cu, **kw)
     mine = lambda x: natural_to_zigzag(x, cp)[rank]  # noqa: E731
@@ -132,7 +133,7 @@ def main():
             ok = ok or (res["selection_equal"] and max(res["o_rel"], res["dq_rel"]) < 1e-12
                         and max(res["dk_rel"], res["dv_rel"]) < 1e-12)
         if dev.type == "cuda" and not documents:  # unpacked sequences: no host sync on the hot path
-            res["host_syncs"] = host_syncs(lambda: cp_phsa_attention(ql, kl, vl, info, group, mode, kw).backward(
+            res["host_syncs"] = host_syncs(lambda: cp_phsa_attention(*fresh(ql, kl, vl), info, group, mode, kw).backward(
                 mine(w)))
         ok_all &= ok
         if args.doc_starts:
