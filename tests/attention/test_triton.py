@@ -185,3 +185,49 @@ def test_suffix_queries_q_offset(hq, hk, d, m, B, score, q_offset):
     with pytest.raises(ValueError, match="q_offset"):
         phsa_triton(q[:, 8:], k, v, pm, PHSAParams(block_size=m, n_init=m, local_window=2 * m, topk=2,
                                                    query_block=16), q_offset=8)
+
+
+# opt-in variants of the softmax selection (select_launch keywords, bench/tune.py --stages select_variants)
+SELECT_VARIANTS = [
+    dict(lse_mode="offset"),
+    dict(lse_mode="offset_t", lse_block_n=64),
+    dict(transposed=True, block_n=64),
+    dict(transposed=True, topk_prefilter=True, lse_mode="offset_t"),
+    dict(topk_prefilter=True, lse_mode="offset", lse_block_n=16),
+]
+
+
+def _with_select_variant(monkeypatch, variant):
+    import functools
+
+    from phsa_train.attention.phsa import triton as T
+    from phsa_train.attention.phsa.kernels.select import select_launch
+
+    monkeypatch.setattr(T, "select_launch", functools.partial(select_launch, **variant))
+
+
+@pytest.mark.parametrize("variant", SELECT_VARIANTS, ids=lambda v: "-".join(f"{k}={x}" for k, x in v.items()))
+@pytest.mark.parametrize("hq,hk,B,L", [(4, 2, 64, 1024), (4, 2, 4, 640), (4, 1, 128, 768)])
+def test_selection_variants(monkeypatch, variant, hq, hk, B, L):
+    """Every opt-in selection variant gives the reference's selection: one 128-row group per program, many small
+    groups per program, and 512-row groups (chunked, normalisers through the scratch), with unmasked tiles."""
+    _with_select_variant(monkeypatch, variant)
+    p = PHSAParams(block_size=16, n_init=16, local_window=32, topk=4, query_block=B)
+    q, k, _, pm, _ = _inputs(1, L, hq, hk, 64, torch.bfloat16, seed=L + B)
+    assert torch.equal(select_blocks_triton(q, k, pm, p), R.select_blocks_reference(q, k, pm, p))
+
+
+@pytest.mark.parametrize("lse_mode", ["online", "offset", "offset_t"])
+def test_selection_offset_overflow_falls_back(monkeypatch, lse_mode):
+    """A block whose logits exceed the first tile's by more than 2^7 (log2 units) overflows the fixed-offset sum: those
+    programs must redo pass 1 with the online max and still select that block."""
+    _with_select_variant(monkeypatch, dict(lse_mode=lse_mode, block_n=16))
+    L, m = 640, 16
+    g = torch.Generator().manual_seed(1)
+    q = (torch.randn(1, L, 2, 64, generator=g) * 0.1 + 1.0).bfloat16()
+    k = (torch.randn(1, L, 1, 64, generator=g) * 0.1).bfloat16()
+    k[0, 20 * m:21 * m] = 16.0  # block 20 (second tile of 16): logit ~ 64 * 16 / 8 = 128 nats = 185 log2 units
+    p = PHSAParams(block_size=m, n_init=0, local_window=m, topk=1, query_block=64)
+    sel = select_blocks_triton(q, k, None, p)
+    assert torch.equal(sel, R.select_blocks_reference(q, k, None, p))
+    assert (sel[0, 384:, 0] == 20).all()

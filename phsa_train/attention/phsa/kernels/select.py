@@ -45,6 +45,14 @@ def _dot_reps(q, REP, roff, tt, tmask, cols, hk, D: tl.constexpr, PREC: tl.const
 
 
 @triton.jit
+def _dot_reps_t(q_t, REP, roff, tt, tmask, cols, hk, D: tl.constexpr, PREC: tl.constexpr):
+    """[BN, rows] fp32 M . q^T: ``_dot_reps`` transposed, q_t [D, rows] (transposed once, outside the loops)."""
+    moff = ((roff + tt).to(tl.int64) * hk)[:, None] * D + cols[None, :]
+    m = tl.load(REP + moff, mask=tmask[:, None], other=0.0)
+    return tl.dot(m, q_t, input_precision=PREC)
+
+
+@triton.jit
 def _exp2(x, FTZ: tl.constexpr):
     """2^x in fp32. FTZ: the bare MUFU instruction (ex2.approx.ftz), results below 2^-126 flush to 0; tl.exp2
     wraps the same instruction in denormal handling, extra issue slots on the selection's busiest pipe. A term
@@ -107,6 +115,101 @@ def _row_lse2(q, valid, t_hi, REP, roff, cols, hk, t_lo, t_full, t_max, scale2,
 
 
 @triton.jit
+def _row_lse2_offset(q, valid, t_hi, REP, roff, cols, hk, t_lo, t_full, t_max, scale2,
+                     BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr, FTZ: tl.constexpr,
+                     TRANS: tl.constexpr):
+    """``_row_lse2`` with a fixed per-row offset instead of an online max: c = the row's largest logit in its
+    first tile, then every tile only adds exp2(s - c) into an elementwise [tile] accumulator; one reduction at the
+    end, none per tile (no max, no rescale). l >= 1 (the term at c), so nothing underflows that matters; a logit
+    more than ~2^7 (log2 units) above c overflows l to +inf, and then the program recomputes the rows with the
+    online loop (a rare branch: always correct). TRANS: tiles are s^T = M [BN, D] @ q^T [D, BM] (blocks on the
+    wgmma M side, the rows on its N side: a full-width instruction even for BN = 64)."""
+    tt = t_lo + tl.arange(0, BN)
+    tmask = tt <= t_max
+    first = _dot_reps(q, REP, roff, tt, tmask, cols, hk, D, PREC)
+    first = tl.where((tt[None, :] <= t_hi[:, None]) & tmask[None, :], first, float("-inf"))
+    c = tl.max(first, axis=1)
+    cs = tl.where(c == float("-inf"), 0.0, c) * scale2
+    if TRANS:
+        q_t = tl.trans(q)
+        cs_t = cs[None, :]
+        acc_t = tl.zeros([BN, BM], tl.float32)
+        for t0 in range(t_lo, t_full, BN):
+            tt = t0 + tl.arange(0, BN)
+            acc_t += _exp2(tl.fma(_dot_reps_t(q_t, REP, roff, tt, tt >= 0, cols, hk, D, PREC), scale2, -cs_t), FTZ)
+        for t0 in range(t_full, t_max + 1, BN):
+            tt = t0 + tl.arange(0, BN)
+            tmask = tt <= t_max
+            e = _exp2(tl.fma(_dot_reps_t(q_t, REP, roff, tt, tmask, cols, hk, D, PREC), scale2, -cs_t), FTZ)
+            acc_t += tl.where((tt[:, None] <= t_hi[None, :]) & tmask[:, None], e, 0.0)
+        l_i = tl.sum(acc_t, axis=0)
+    else:
+        acc = tl.zeros([BM, BN], tl.float32)
+        for t0 in range(t_lo, t_full, BN):
+            tt = t0 + tl.arange(0, BN)
+            acc += _exp2(tl.fma(_dot_reps(q, REP, roff, tt, tt >= 0, cols, hk, D, PREC), scale2, -cs[:, None]), FTZ)
+        for t0 in range(t_full, t_max + 1, BN):
+            tt = t0 + tl.arange(0, BN)
+            tmask = tt <= t_max
+            e = _exp2(tl.fma(_dot_reps(q, REP, roff, tt, tmask, cols, hk, D, PREC), scale2, -cs[:, None]), FTZ)
+            acc += tl.where((tt[None, :] <= t_hi[:, None]) & tmask[None, :], e, 0.0)
+        l_i = tl.sum(acc, axis=1)
+    lse2 = tl.where(valid, cs + tl.log2(l_i), float("inf"))
+    if tl.max((valid & (l_i == float("inf"))).to(tl.int32), axis=0) > 0:
+        lse2 = _row_lse2(q, valid, t_hi, REP, roff, cols, hk, t_lo, t_full, t_max, scale2, BM, BN, D, PREC, FTZ)
+    return lse2
+
+
+@triton.jit
+def _pass1(q, valid, t_hi, REP, roff, cols, hk, t_lo, t_full, t_max, scale2,
+           BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr, FTZ: tl.constexpr,
+           LSE: tl.constexpr):
+    """Pass 1 as chosen by ``lse_mode``: 0 online (``_row_lse2``), 1 offset, 2 offset with transposed tiles."""
+    if LSE == 0:
+        lse2 = _row_lse2(q, valid, t_hi, REP, roff, cols, hk, t_lo, t_full, t_max, scale2, BM, BN, D, PREC, FTZ)
+    else:
+        lse2 = _row_lse2_offset(q, valid, t_hi, REP, roff, cols, hk, t_lo, t_full, t_max, scale2, BM, BN, D, PREC,
+                                FTZ, LSE == 2)
+    return lse2
+
+
+@triton.jit
+def _maybe_trans(q, TRANS: tl.constexpr):
+    """q^T [D, rows] for the transposed tiles (once per program, outside the tile loop), else q unchanged."""
+    if TRANS:
+        q = tl.trans(q)
+    return q
+
+
+@triton.jit
+def _group_scores(q, q_t, lse2, t_hi, REP, roff, tt, tmask, masked, cols, hk, scale2,
+                  NG: tl.constexpr, RPG: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr,
+                  FTZ: tl.constexpr, TRANS: tl.constexpr):
+    """[NG, BN] sums over each group's rows of p = exp2(scale2 * q . M - lse2) for blocks ``tt`` (0 on rows with
+    lse2 = +inf). Rows layout: s [rows, BN], the group sum runs over axis 0, which the wgmma accumulator spreads
+    over the 4 warps (16-row slabs): a cross-warp reduction through shared memory every tile. TRANS: s^T
+    [BN, rows] = M @ q_t, the sum runs over axis 1 (in-thread adds + quad shuffles) and the blocks take the wgmma
+    M side (64 per warpgroup instruction)."""
+    if TRANS:
+        p = _exp2(tl.fma(_dot_reps_t(q_t, REP, roff, tt, tmask, cols, hk, D, PREC), scale2, -lse2[None, :]), FTZ)
+        if masked:
+            p = tl.where((tt[:, None] <= t_hi[None, :]) & tmask[:, None], p, 0.0)
+        if NG == 1:
+            acc = tl.sum(p, axis=1)[None, :]
+        else:
+            acc = tl.trans(tl.sum(tl.reshape(p, [BN, NG, RPG]), axis=2))
+    else:
+        p = _exp2(tl.fma(_dot_reps(q, REP, roff, tt, tmask, cols, hk, D, PREC), scale2, -lse2[:, None]), FTZ)
+        if masked:
+            p = tl.where((tt[None, :] <= t_hi[:, None]) & tmask[None, :], p, 0.0)
+        if NG == 1:  # every row in one group: a plain column sum, no reshape (layout conversion) needed
+            acc = tl.sum(p, axis=0)[None, :]
+        else:
+            acc = tl.sum(tl.reshape(p, [NG, RPG, BN]), axis=1)
+    return acc
+
+
+@triton.jit
 def _topk_buffer(NG: tl.constexpr, KB: tl.constexpr, BN: tl.constexpr, TOPK):
     """An empty running top-k: buf [NG, KB] int64 keys, its minimum thr [NG], slot = arange(KB), and MIN64, the
     [NG, BN] "no block" key that ``_topk_insert`` gives ineligible blocks."""
@@ -137,6 +240,19 @@ def _topk_insert(acc, tt, gel, buf, thr, MIN64):
 
 
 @triton.jit
+def _topk_insert_prefiltered(acc, tt, gel, buf, thr, MIN64):
+    """``_topk_insert`` behind a cheaper test: the tile's largest fp32 score against the score half of the buffer's
+    threshold key; no int64 keys unless some block of the tile can enter (>= keeps score ties, whose order is
+    then settled by the block index in ``_topk_insert``)."""
+    top = tl.max(tl.where(gel, acc + 0.0, float("-inf")), axis=1)
+    bits = top.to(tl.int32, bitcast=True)
+    top32 = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    if tl.max((top32 >= (thr >> 32).to(tl.int32)).to(tl.int32), axis=0) > 0:
+        buf, thr = _topk_insert(acc, tt, gel, buf, thr, MIN64)
+    return buf, thr
+
+
+@triton.jit
 def _store_selection(buf, slot, TOPK, SEL, base, row_off, gmask):
     """Unpack the running buffer [NG, KB] into ascending block indices (-1 padded) at SEL + base + row_off."""
     hi32 = (buf >> 32).to(tl.int32)
@@ -157,6 +273,7 @@ def _select_kernel(
     PREC: tl.constexpr, FTZ: tl.constexpr,
     G: tl.constexpr, QB: tl.constexpr, GRP: tl.constexpr, BM: tl.constexpr, NCH: tl.constexpr,
     NG: tl.constexpr, BN: tl.constexpr, KB: tl.constexpr, BS: tl.constexpr, D: tl.constexpr,
+    BN1: tl.constexpr, LSE: tl.constexpr, TRANS: tl.constexpr, PREFILTER: tl.constexpr,
 ):
     # programs run longest first (the last query groups see the most blocks): a shorter tail at the end
     pid = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -173,9 +290,12 @@ def _select_kernel(
     j_last = tl.minimum(j_first + NG - 1, n_groups - 1)
     t_lo = n_init // BS
     t_max = (tl.maximum(j_last * QB - W, -BS) + BS) // BS - 1  # -1 when no block is eligible
-    # tiles [t_lo, t_full) are eligible for every row of the program (the first group sees the fewest blocks)
+    # tiles [t_lo, t_full) are eligible for every row of the program (the first group sees the fewest blocks);
+    # pass 1 tiles BN1 blocks, pass 2 BN
     t_hi_first = tl.where(j_first * QB >= W, (j_first * QB - W) // BS, -1)
-    t_full = t_lo + tl.maximum(t_hi_first - t_lo + 1, 0) // BN * BN
+    n_full = tl.maximum(t_hi_first - t_lo + 1, 0)
+    t_full1 = t_lo + n_full // BN1 * BN1
+    t_full = t_lo + n_full // BN * BN
     cols = tl.arange(0, D)
     b64 = batch.to(tl.int64)
     RPG: tl.constexpr = BM // NG  # rows per group inside one chunk
@@ -185,12 +305,14 @@ def _select_kernel(
     if NCH == 1:  # one chunk: q and the normaliser stay in registers for pass 2
         q, valid, t_hi, row, hh = _query_rows(0, j_first, n_groups, n, W, QOFF, start, b64, g, Q, sq_b, sq_l, sq_h,
                                               cols, GRP, G, QB, BM, BS)
-        lse2 = _row_lse2(q, valid, t_hi, REPg, roff, cols, hk, t_lo, t_full, t_max, scale2, BM, BN, D, PREC, FTZ)
+        lse2 = _pass1(q, valid, t_hi, REPg, roff, cols, hk, t_lo, t_full1, t_max, scale2, BM, BN1, D, PREC, FTZ, LSE)
+        q_t = _maybe_trans(q, TRANS)
     else:  # a group of more than BM rows: normalisers go through the LSEBUF scratch
         for c in tl.static_range(NCH):
             q, valid, t_hi, row, hh = _query_rows(c, j_first, n_groups, n, W, QOFF, start, b64, g, Q, sq_b, sq_l,
                                                   sq_h, cols, GRP, G, QB, BM, BS)
-            lse2 = _row_lse2(q, valid, t_hi, REPg, roff, cols, hk, t_lo, t_full, t_max, scale2, BM, BN, D, PREC, FTZ)
+            lse2 = _pass1(q, valid, t_hi, REPg, roff, cols, hk, t_lo, t_full1, t_max, scale2, BM, BN1, D, PREC, FTZ,
+                          LSE)
             tl.store(LSEBUF + (b64 * L + row) * hq + g * G + hh, lse2, mask=valid)
         # pass 2 reads rows that other threads of this program wrote: make those stores visible first
         tl.debug_barrier()
@@ -210,16 +332,14 @@ def _select_kernel(
                 q, valid, t_hi, row, hh = _query_rows(c, j_first, n_groups, n, W, QOFF, start, b64, g, Q, sq_b,
                                                       sq_l, sq_h, cols, GRP, G, QB, BM, BS)
                 lse2 = tl.load(LSEBUF + (b64 * L + row) * hq + g * G + hh, mask=valid, other=float("inf"))
-            raw = _dot_reps(q, REPg, roff, tt, tmask, cols, hk, D, PREC)
-            p = _exp2(tl.fma(raw, scale2, -lse2[:, None]), FTZ)  # 0 on invalid rows (lse2 = +inf)
-            if masked:
-                p = tl.where((tt[None, :] <= t_hi[:, None]) & tmask[None, :], p, 0.0)
-            if NG == 1:  # every row in one group: a plain column sum, no reshape (layout conversion) needed
-                acc += tl.sum(p, axis=0)[None, :]
-            else:
-                acc += tl.sum(tl.reshape(p, [NG, RPG, BN]), axis=1)
+                q_t = _maybe_trans(q, TRANS)
+            acc += _group_scores(q, q_t, lse2, t_hi, REPg, roff, tt, tmask, masked, cols, hk, scale2, NG, RPG, BN, D,
+                                 PREC, FTZ, TRANS)
         gel = (tt[None, :] <= t_hi_g[:, None]) & tmask[None, :]
-        buf, thr = _topk_insert(acc, tt, gel, buf, thr, MIN64)
+        if PREFILTER:
+            buf, thr = _topk_insert_prefiltered(acc, tt, gel, buf, thr, MIN64)
+        else:
+            buf, thr = _topk_insert(acc, tt, gel, buf, thr, MIN64)
     _store_selection(buf, slot, TOPK, SEL, b64 * ss_b, (start + i0g - QOFF).to(tl.int64) * ss_l + g * ss_h,
                      (j_first + gidx) < n_groups)
 
@@ -289,16 +409,32 @@ def _select_dot_kernel(
     _store_selection(buf, slot, TOPK, SEL, b64 * ss_b, (start + i0g - QOFF).to(tl.int64) * ss_l + g * ss_h, gvalid)
 
 
+_LSE_MODES = ("online", "offset", "offset_t")
+
+
 def select_launch(q, rep, seq, max_n, params, topk, sel, lsebuf, *, qoff=0, block_n=32, num_warps=4,
-                  num_stages=3, ftz_exp2=False, dot_groups=16, dot_block_n=128, dot_tensor_cores=True):
+                  num_stages=3, ftz_exp2=False, lse_mode="online", lse_block_n=None, transposed=False,
+                  topk_prefilter=False, dot_groups=16, dot_block_n=128, dot_tensor_cores=True):
     """Fill ``sel`` (int32 [b, L, hk, topk], group-start rows) for every sequence of ``seq``.
 
     Tuning (defaults from the H100 sweeps of ``bench/tune.py`` / ``bench/tune_select_dot.py``, docs/kernels.md):
     softmax score: ``block_n`` blocks per tile, ``num_warps``, ``num_stages``, ``ftz_exp2`` (opt-in, CUDA
-    only, see ``_exp2``; not yet measured on a GPU, hence off); dot score: ``dot_groups`` query groups per program, ``dot_block_n`` blocks per tile,
+    only, see ``_exp2``); opt-in variants that give the same selections up to fp32 summation order (timed
+    against the default by ``bench/tune.py --stages select_variants``):
+    ``lse_mode`` pass 1: "online" (running max), "offset" (fixed per-row offset, elementwise accumulation,
+    ``_row_lse2_offset``), "offset_t" (the same on transposed tiles); ``lse_block_n`` pass 1's tile width
+    (None: ``block_n``); ``transposed`` pass 2 on s^T tiles (``_group_scores``); ``topk_prefilter`` an fp32
+    test before the int64 top-k insertion (``_topk_insert_prefiltered``).
+    Dot score: ``dot_groups`` query groups per program, ``dot_block_n`` blocks per tile,
     ``dot_tensor_cores`` (False: an fp32 FMA dot, same selections, slower)."""
     import torch
 
+    if lse_mode not in _LSE_MODES:
+        raise ValueError(f"select_launch: lse_mode={lse_mode!r}; allowed: {', '.join(_LSE_MODES)}")
+    bn1 = block_n if lse_block_n is None else lse_block_n
+    for name, v in (("block_n", block_n), ("lse_block_n", bn1)):
+        if v < 16 or v & (v - 1):
+            raise ValueError(f"select_launch: {name}={v}; allowed: a power of two >= 16")
     b, L, hq, d = q.shape
     hk = rep.shape[1]
     G = hq // hk
@@ -328,5 +464,6 @@ def select_launch(q, rep, seq, max_n, params, topk, sel, lsebuf, *, qoff=0, bloc
         params.scale(d) * 1.4426950408889634, params.n_init, params.local_window, topk, qoff,
         PREC="tf32" if half else "ieee", FTZ=ftz_exp2 and q.is_cuda,
         G=G, QB=B, GRP=max(grp, 1), BM=BM, NCH=NCH, NG=NG, BN=block_n, KB=KB, BS=params.block_size, D=d,
+        BN1=bn1, LSE=_LSE_MODES.index(lse_mode), TRANS=transposed, PREFILTER=topk_prefilter,
         num_warps=num_warps, num_stages=num_stages,
     )
