@@ -188,12 +188,12 @@ def test_suffix_queries_q_offset(hq, hk, d, m, B, score, q_offset):
 
 
 # opt-in variants of the softmax selection (select_launch keywords, bench/tune.py --stages select_variants)
-SELECT_VARIANTS = [
-    dict(lse_mode="offset"),
-    dict(lse_mode="offset_t", lse_block_n=64),
-    dict(transposed=True, block_n=64),
-    dict(transposed=True, topk_prefilter=True, lse_mode="offset_t"),
-    dict(topk_prefilter=True, lse_mode="offset", lse_block_n=16),
+SELECT_VARIANTS = [  # together they run every code path of the variants (pass 1 x pass 2 x pipelined)
+    dict(lse_mode="offset", topk_prefilter=True, lse_block_n=16),
+    dict(lse_mode="offset_t", lse_block_n=64, transposed=True, block_n=64),
+    dict(pipelined=True),
+    dict(pipelined=True, lse_mode="offset", transposed=True, block_n=64, topk_prefilter=True),
+    dict(pipelined=True, lse_mode="offset_t", lse_block_n=64),
 ]
 
 
@@ -206,22 +206,29 @@ def _with_select_variant(monkeypatch, variant):
     monkeypatch.setattr(T, "select_launch", functools.partial(select_launch, **variant))
 
 
-@pytest.mark.parametrize("variant", SELECT_VARIANTS, ids=lambda v: "-".join(f"{k}={x}" for k, x in v.items()))
-@pytest.mark.parametrize("hq,hk,B,L", [(4, 2, 64, 1024), (4, 2, 4, 640), (4, 1, 128, 768)])
+_SHAPES = [(4, 2, 64, 1024), (4, 2, 4, 640), (4, 1, 128, 768)]  # (hq, hk, query_block, L)
+
+
+@pytest.mark.parametrize(
+    "variant,hq,hk,B,L",
+    [(v, *shape) for v in SELECT_VARIANTS for shape in (_SHAPES[:2] if v.get("pipelined") else _SHAPES)],
+    ids=lambda x: "-".join(f"{k}={y}" for k, y in x.items()) if isinstance(x, dict) else None)
 def test_selection_variants(monkeypatch, variant, hq, hk, B, L):
     """Every opt-in selection variant gives the reference's selection: one 128-row group per program, many small
-    groups per program, and 512-row groups (chunked, normalisers through the scratch), with unmasked tiles."""
+    groups per program, and 512-row groups (chunked, normalisers through the scratch; pipelining applies to
+    one-chunk programs only, so the pipelined variants skip them), with unmasked tiles."""
     _with_select_variant(monkeypatch, variant)
     p = PHSAParams(block_size=16, n_init=16, local_window=32, topk=4, query_block=B)
     q, k, _, pm, _ = _inputs(1, L, hq, hk, 64, torch.bfloat16, seed=L + B)
     assert torch.equal(select_blocks_triton(q, k, pm, p), R.select_blocks_reference(q, k, pm, p))
 
 
+@pytest.mark.parametrize("pipelined", [False, True])
 @pytest.mark.parametrize("lse_mode", ["online", "offset", "offset_t"])
-def test_selection_offset_overflow_falls_back(monkeypatch, lse_mode):
+def test_selection_offset_overflow_falls_back(monkeypatch, lse_mode, pipelined):
     """A block whose logits exceed the first tile's by more than 2^7 (log2 units) overflows the fixed-offset sum: those
     programs must redo pass 1 with the online max and still select that block."""
-    _with_select_variant(monkeypatch, dict(lse_mode=lse_mode, block_n=16))
+    _with_select_variant(monkeypatch, dict(lse_mode=lse_mode, block_n=16, pipelined=pipelined))
     L, m = 640, 16
     g = torch.Generator().manual_seed(1)
     q = (torch.randn(1, L, 2, 64, generator=g) * 0.1 + 1.0).bfloat16()

@@ -161,11 +161,87 @@ def _row_lse2_offset(q, valid, t_hi, REP, roff, cols, hk, t_lo, t_full, t_max, s
 
 
 @triton.jit
+def _lse_tile(s, m_i, l_i, cs, t0, t_hi, t_max, scale2, BN: tl.constexpr, MASKED: tl.constexpr,
+              LSE: tl.constexpr, FTZ: tl.constexpr):
+    """One pass-1 tile of logits s: LSE 0 updates the online (max m_i, sum l_i) per row; 1 / 2 add exp2(s - c)
+    into the elementwise accumulator l_i ([rows, BN] / transposed [BN, rows]; m_i unused)."""
+    tt = t0 + tl.arange(0, BN)
+    if LSE == 0:
+        if MASKED:
+            s = tl.where((tt[None, :] <= t_hi[:, None]) & (tt <= t_max)[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new) if MASKED else m_new
+        l_i = l_i * _exp2((m_i - m_safe) * scale2, FTZ) + tl.sum(
+            _exp2(tl.fma(s, scale2, -(m_safe * scale2)[:, None]), FTZ), axis=1)
+        m_i = m_new
+    elif LSE == 1:
+        e = _exp2(tl.fma(s, scale2, -cs[:, None]), FTZ)
+        if MASKED:
+            e = tl.where((tt[None, :] <= t_hi[:, None]) & (tt <= t_max)[None, :], e, 0.0)
+        l_i += e
+    else:
+        e = _exp2(tl.fma(s, scale2, -cs[None, :]), FTZ)
+        if MASKED:
+            e = tl.where((tt[:, None] <= t_hi[None, :]) & (tt <= t_max)[:, None], e, 0.0)
+        l_i += e
+    return m_i, l_i
+
+
+@triton.jit
+def _row_lse2_pipelined(q, valid, t_hi, REP, roff, cols, hk, t_lo, t_full, t_max, scale2,
+                        BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr, FTZ: tl.constexpr,
+                        LSE: tl.constexpr):
+    """Pass 1 (``lse_mode`` LSE: 0 online, 1 offset, 2 offset on transposed tiles) with the next tile's dot issued
+    before this tile's exponentials: Triton then keeps that wgmma in flight while the exp2 run (the other loops
+    wait for each dot right after issuing it). Needs a loop body without runtime branches before the exponentials
+    (a branch makes Triton wait first), hence one loop for the unmasked tiles and one for the masked ones, the
+    in-flight tile carried from the first to the second; costs a second logits tile in registers and one
+    all-masked dot at the end. Same arithmetic per tile as ``_row_lse2`` / ``_row_lse2_offset``."""
+    s = _tile_dot(q, REP, roff, t_lo, t_max, cols, hk, BN, D, PREC, False)
+    m_i = tl.full([BM], float("-inf"), tl.float32)
+    cs = m_i
+    if LSE == 0:
+        l_i = tl.zeros([BM], tl.float32)
+        q_x = q
+    else:
+        tt = t_lo + tl.arange(0, BN)
+        c = tl.max(tl.where((tt[None, :] <= t_hi[:, None]) & (tt <= t_max)[None, :], s, float("-inf")), axis=1)
+        cs = tl.where(c == float("-inf"), 0.0, c) * scale2
+        if LSE == 2:
+            q_x = tl.trans(q)
+            s = _tile_dot(q_x, REP, roff, t_lo, t_max, cols, hk, BN, D, PREC, True)
+            l_i = tl.zeros([BN, BM], tl.float32)
+        else:
+            q_x = q
+            l_i = tl.zeros([BM, BN], tl.float32)
+    for t0 in range(t_lo, t_full, BN):
+        s_next = _tile_dot(q_x, REP, roff, t0 + BN, t_max, cols, hk, BN, D, PREC, LSE == 2)
+        m_i, l_i = _lse_tile(s, m_i, l_i, cs, t0, t_hi, t_max, scale2, BN, False, LSE, FTZ)
+        s = s_next
+    for t0 in range(t_full, t_max + 1, BN):
+        s_next = _tile_dot(q_x, REP, roff, t0 + BN, t_max, cols, hk, BN, D, PREC, LSE == 2)
+        m_i, l_i = _lse_tile(s, m_i, l_i, cs, t0, t_hi, t_max, scale2, BN, True, LSE, FTZ)
+        s = s_next
+    if LSE == 0:
+        lse2 = tl.where(valid, m_i * scale2 + tl.log2(l_i), float("inf"))
+    else:
+        l_i = tl.sum(l_i, axis=0 if LSE == 2 else 1)
+        lse2 = tl.where(valid, cs + tl.log2(l_i), float("inf"))
+        if tl.max((valid & (l_i == float("inf"))).to(tl.int32), axis=0) > 0:
+            lse2 = _row_lse2(q, valid, t_hi, REP, roff, cols, hk, t_lo, t_full, t_max, scale2, BM, BN, D, PREC, FTZ)
+    return lse2
+
+
+@triton.jit
 def _pass1(q, valid, t_hi, REP, roff, cols, hk, t_lo, t_full, t_max, scale2,
            BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr, FTZ: tl.constexpr,
-           LSE: tl.constexpr):
-    """Pass 1 as chosen by ``lse_mode``: 0 online (``_row_lse2``), 1 offset, 2 offset with transposed tiles."""
-    if LSE == 0:
+           LSE: tl.constexpr, PIPE: tl.constexpr):
+    """Pass 1 as chosen by ``lse_mode``: 0 online (``_row_lse2``), 1 offset, 2 offset with transposed tiles;
+    PIPE: ``_row_lse2_pipelined``."""
+    if PIPE:
+        lse2 = _row_lse2_pipelined(q, valid, t_hi, REP, roff, cols, hk, t_lo, t_full, t_max, scale2, BM, BN, D, PREC,
+                                   FTZ, LSE)
+    elif LSE == 0:
         lse2 = _row_lse2(q, valid, t_hi, REP, roff, cols, hk, t_lo, t_full, t_max, scale2, BM, BN, D, PREC, FTZ)
     else:
         lse2 = _row_lse2_offset(q, valid, t_hi, REP, roff, cols, hk, t_lo, t_full, t_max, scale2, BM, BN, D, PREC,
@@ -182,16 +258,28 @@ def _maybe_trans(q, TRANS: tl.constexpr):
 
 
 @triton.jit
-def _group_scores(q, q_t, lse2, t_hi, REP, roff, tt, tmask, masked, cols, hk, scale2,
-                  NG: tl.constexpr, RPG: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr,
-                  FTZ: tl.constexpr, TRANS: tl.constexpr):
-    """[NG, BN] sums over each group's rows of p = exp2(scale2 * q . M - lse2) for blocks ``tt`` (0 on rows with
-    lse2 = +inf). Rows layout: s [rows, BN], the group sum runs over axis 0, which the wgmma accumulator spreads
-    over the 4 warps (16-row slabs): a cross-warp reduction through shared memory every tile. TRANS: s^T
-    [BN, rows] = M @ q_t, the sum runs over axis 1 (in-thread adds + quad shuffles) and the blocks take the wgmma
+def _tile_dot(q_or_t, REP, roff, t0, t_max, cols, hk, BN: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr,
+              TRANS: tl.constexpr):
+    """Unscaled logits of blocks [t0, t0 + BN) (blocks past t_max read as zeros): [rows, BN] from q, or with TRANS
+    [BN, rows] from q_t."""
+    tt = t0 + tl.arange(0, BN)
+    if TRANS:
+        s = _dot_reps_t(q_or_t, REP, roff, tt, tt <= t_max, cols, hk, D, PREC)
+    else:
+        s = _dot_reps(q_or_t, REP, roff, tt, tt <= t_max, cols, hk, D, PREC)
+    return s
+
+
+@triton.jit
+def _group_sum(s, lse2, t_hi, tt, tmask, masked, scale2, NG: tl.constexpr, RPG: tl.constexpr, BN: tl.constexpr,
+               FTZ: tl.constexpr, TRANS: tl.constexpr):
+    """[NG, BN] sums over each group's rows of p = exp2(scale2 * s - lse2) (0 on rows with lse2 = +inf) for the
+    logits s of blocks ``tt``. Rows layout (s [rows, BN]): the group sum runs over axis 0, which the wgmma
+    accumulator spreads over the 4 warps (16-row slabs): a cross-warp reduction through shared memory every tile.
+    TRANS (s [BN, rows]): the sum runs over axis 1 (in-thread adds + quad shuffles) and the blocks take the wgmma
     M side (64 per warpgroup instruction)."""
     if TRANS:
-        p = _exp2(tl.fma(_dot_reps_t(q_t, REP, roff, tt, tmask, cols, hk, D, PREC), scale2, -lse2[None, :]), FTZ)
+        p = _exp2(tl.fma(s, scale2, -lse2[None, :]), FTZ)
         if masked:
             p = tl.where((tt[:, None] <= t_hi[None, :]) & tmask[:, None], p, 0.0)
         if NG == 1:
@@ -199,7 +287,7 @@ def _group_scores(q, q_t, lse2, t_hi, REP, roff, tt, tmask, masked, cols, hk, sc
         else:
             acc = tl.trans(tl.sum(tl.reshape(p, [BN, NG, RPG]), axis=2))
     else:
-        p = _exp2(tl.fma(_dot_reps(q, REP, roff, tt, tmask, cols, hk, D, PREC), scale2, -lse2[:, None]), FTZ)
+        p = _exp2(tl.fma(s, scale2, -lse2[:, None]), FTZ)
         if masked:
             p = tl.where((tt[None, :] <= t_hi[:, None]) & tmask[None, :], p, 0.0)
         if NG == 1:  # every row in one group: a plain column sum, no reshape (layout conversion) needed
@@ -253,6 +341,17 @@ def _topk_insert_prefiltered(acc, tt, gel, buf, thr, MIN64):
 
 
 @triton.jit
+def _topk_step(acc, tt, t_hi_g, tmask, buf, thr, MIN64, PREFILTER: tl.constexpr):
+    """Merge one tile's [NG, BN] group scores into the running top-k (blocks past a group's t_hi are not eligible)."""
+    gel = (tt[None, :] <= t_hi_g[:, None]) & tmask[None, :]
+    if PREFILTER:
+        buf, thr = _topk_insert_prefiltered(acc, tt, gel, buf, thr, MIN64)
+    else:
+        buf, thr = _topk_insert(acc, tt, gel, buf, thr, MIN64)
+    return buf, thr
+
+
+@triton.jit
 def _store_selection(buf, slot, TOPK, SEL, base, row_off, gmask):
     """Unpack the running buffer [NG, KB] into ascending block indices (-1 padded) at SEL + base + row_off."""
     hi32 = (buf >> 32).to(tl.int32)
@@ -273,7 +372,7 @@ def _select_kernel(
     PREC: tl.constexpr, FTZ: tl.constexpr,
     G: tl.constexpr, QB: tl.constexpr, GRP: tl.constexpr, BM: tl.constexpr, NCH: tl.constexpr,
     NG: tl.constexpr, BN: tl.constexpr, KB: tl.constexpr, BS: tl.constexpr, D: tl.constexpr,
-    BN1: tl.constexpr, LSE: tl.constexpr, TRANS: tl.constexpr, PREFILTER: tl.constexpr,
+    BN1: tl.constexpr, LSE: tl.constexpr, TRANS: tl.constexpr, PREFILTER: tl.constexpr, PIPE: tl.constexpr,
 ):
     # programs run longest first (the last query groups see the most blocks): a shorter tail at the end
     pid = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -305,14 +404,15 @@ def _select_kernel(
     if NCH == 1:  # one chunk: q and the normaliser stay in registers for pass 2
         q, valid, t_hi, row, hh = _query_rows(0, j_first, n_groups, n, W, QOFF, start, b64, g, Q, sq_b, sq_l, sq_h,
                                               cols, GRP, G, QB, BM, BS)
-        lse2 = _pass1(q, valid, t_hi, REPg, roff, cols, hk, t_lo, t_full1, t_max, scale2, BM, BN1, D, PREC, FTZ, LSE)
+        lse2 = _pass1(q, valid, t_hi, REPg, roff, cols, hk, t_lo, t_full1, t_max, scale2, BM, BN1, D, PREC, FTZ, LSE,
+                      PIPE)
         q_t = _maybe_trans(q, TRANS)
     else:  # a group of more than BM rows: normalisers go through the LSEBUF scratch
         for c in tl.static_range(NCH):
             q, valid, t_hi, row, hh = _query_rows(c, j_first, n_groups, n, W, QOFF, start, b64, g, Q, sq_b, sq_l,
                                                   sq_h, cols, GRP, G, QB, BM, BS)
             lse2 = _pass1(q, valid, t_hi, REPg, roff, cols, hk, t_lo, t_full1, t_max, scale2, BM, BN1, D, PREC, FTZ,
-                          LSE)
+                          LSE, False)  # pipelined only with one chunk
             tl.store(LSEBUF + (b64 * L + row) * hq + g * G + hh, lse2, mask=valid)
         # pass 2 reads rows that other threads of this program wrote: make those stores visible first
         tl.debug_barrier()
@@ -322,24 +422,34 @@ def _select_kernel(
     i0g = (j_first + gidx) * QB
     t_hi_g = tl.where((i0g >= W) & (j_first + gidx < n_groups), (i0g - W) // BS, -1)
     buf, thr, slot, MIN64 = _topk_buffer(NG, KB, BN, TOPK)
-    for t0 in range(t_lo, t_max + 1, BN):
-        tt = t0 + tl.arange(0, BN)
-        tmask = tt <= t_max
-        masked = t0 >= t_full
-        acc = tl.zeros([NG, BN], tl.float32)
-        for c in tl.static_range(NCH):
-            if NCH > 1:
-                q, valid, t_hi, row, hh = _query_rows(c, j_first, n_groups, n, W, QOFF, start, b64, g, Q, sq_b,
-                                                      sq_l, sq_h, cols, GRP, G, QB, BM, BS)
-                lse2 = tl.load(LSEBUF + (b64 * L + row) * hq + g * G + hh, mask=valid, other=float("inf"))
-                q_t = _maybe_trans(q, TRANS)
-            acc += _group_scores(q, q_t, lse2, t_hi, REPg, roff, tt, tmask, masked, cols, hk, scale2, NG, RPG, BN, D,
-                                 PREC, FTZ, TRANS)
-        gel = (tt[None, :] <= t_hi_g[:, None]) & tmask[None, :]
-        if PREFILTER:
-            buf, thr = _topk_insert_prefiltered(acc, tt, gel, buf, thr, MIN64)
-        else:
-            buf, thr = _topk_insert(acc, tt, gel, buf, thr, MIN64)
+    if PIPE and NCH == 1:  # the next tile's dot in flight during this tile's exponentials (_row_lse2_pipelined)
+        s = _tile_dot(q_t, REPg, roff, t_lo, t_max, cols, hk, BN, D, PREC, TRANS)
+        for t0 in range(t_lo, t_full, BN):
+            s_next = _tile_dot(q_t, REPg, roff, t0 + BN, t_max, cols, hk, BN, D, PREC, TRANS)
+            tt = t0 + tl.arange(0, BN)
+            acc = _group_sum(s, lse2, t_hi, tt, tt <= t_max, False, scale2, NG, RPG, BN, FTZ, TRANS)
+            buf, thr = _topk_step(acc, tt, t_hi_g, tt <= t_max, buf, thr, MIN64, PREFILTER)
+            s = s_next
+        for t0 in range(t_full, t_max + 1, BN):
+            s_next = _tile_dot(q_t, REPg, roff, t0 + BN, t_max, cols, hk, BN, D, PREC, TRANS)
+            tt = t0 + tl.arange(0, BN)
+            acc = _group_sum(s, lse2, t_hi, tt, tt <= t_max, True, scale2, NG, RPG, BN, FTZ, TRANS)
+            buf, thr = _topk_step(acc, tt, t_hi_g, tt <= t_max, buf, thr, MIN64, PREFILTER)
+            s = s_next
+    else:
+        for t0 in range(t_lo, t_max + 1, BN):
+            tt = t0 + tl.arange(0, BN)
+            tmask = tt <= t_max
+            acc = tl.zeros([NG, BN], tl.float32)
+            for c in tl.static_range(NCH):
+                if NCH > 1:
+                    q, valid, t_hi, row, hh = _query_rows(c, j_first, n_groups, n, W, QOFF, start, b64, g, Q, sq_b,
+                                                          sq_l, sq_h, cols, GRP, G, QB, BM, BS)
+                    lse2 = tl.load(LSEBUF + (b64 * L + row) * hq + g * G + hh, mask=valid, other=float("inf"))
+                    q_t = _maybe_trans(q, TRANS)
+                s = _tile_dot(q_t, REPg, roff, t0, t_max, cols, hk, BN, D, PREC, TRANS)
+                acc += _group_sum(s, lse2, t_hi, tt, tmask, t0 >= t_full, scale2, NG, RPG, BN, FTZ, TRANS)
+            buf, thr = _topk_step(acc, tt, t_hi_g, tmask, buf, thr, MIN64, PREFILTER)
     _store_selection(buf, slot, TOPK, SEL, b64 * ss_b, (start + i0g - QOFF).to(tl.int64) * ss_l + g * ss_h,
                      (j_first + gidx) < n_groups)
 
@@ -414,7 +524,7 @@ _LSE_MODES = ("online", "offset", "offset_t")
 
 def select_launch(q, rep, seq, max_n, params, topk, sel, lsebuf, *, qoff=0, block_n=32, num_warps=4,
                   num_stages=3, ftz_exp2=False, lse_mode="online", lse_block_n=None, transposed=False,
-                  topk_prefilter=False, dot_groups=16, dot_block_n=128, dot_tensor_cores=True):
+                  topk_prefilter=False, pipelined=False, dot_groups=16, dot_block_n=128, dot_tensor_cores=True):
     """Fill ``sel`` (int32 [b, L, hk, topk], group-start rows) for every sequence of ``seq``.
 
     Tuning (defaults from the H100 sweeps of ``bench/tune.py`` / ``bench/tune_select_dot.py``, docs/kernels.md):
@@ -423,8 +533,9 @@ def select_launch(q, rep, seq, max_n, params, topk, sel, lsebuf, *, qoff=0, bloc
     against the default by ``bench/tune.py --stages select_variants``):
     ``lse_mode`` pass 1: "online" (running max), "offset" (fixed per-row offset, elementwise accumulation,
     ``_row_lse2_offset``), "offset_t" (the same on transposed tiles); ``lse_block_n`` pass 1's tile width
-    (None: ``block_n``); ``transposed`` pass 2 on s^T tiles (``_group_scores``); ``topk_prefilter`` an fp32
-    test before the int64 top-k insertion (``_topk_insert_prefiltered``).
+    (None: ``block_n``); ``transposed`` pass 2 on s^T tiles (``_group_sum``); ``topk_prefilter`` an fp32
+    test before the int64 top-k insertion (``_topk_insert_prefiltered``); ``pipelined`` the next tile's dot
+    in flight during this tile's exponentials, both passes (``_row_lse2_pipelined``; groups of <= 128 rows).
     Dot score: ``dot_groups`` query groups per program, ``dot_block_n`` blocks per tile,
     ``dot_tensor_cores`` (False: an fp32 FMA dot, same selections, slower)."""
     import torch
@@ -464,6 +575,6 @@ def select_launch(q, rep, seq, max_n, params, topk, sel, lsebuf, *, qoff=0, bloc
         params.scale(d) * 1.4426950408889634, params.n_init, params.local_window, topk, qoff,
         PREC="tf32" if half else "ieee", FTZ=ftz_exp2 and q.is_cuda,
         G=G, QB=B, GRP=max(grp, 1), BM=BM, NCH=NCH, NG=NG, BN=block_n, KB=KB, BS=params.block_size, D=d,
-        BN1=bn1, LSE=_LSE_MODES.index(lse_mode), TRANS=transposed, PREFILTER=topk_prefilter,
+        BN1=bn1, LSE=_LSE_MODES.index(lse_mode), TRANS=transposed, PREFILTER=topk_prefilter, PIPE=pipelined,
         num_warps=num_warps, num_stages=num_stages,
     )
