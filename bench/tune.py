@@ -59,6 +59,11 @@ SELECT_VARIANTS = [
     dict(pipelined=True, lse_mode="offset", topk_prefilter=True, num_stages=2),
     dict(pipelined=True, lse_mode="offset", topk_prefilter=True, num_stages=4),
     dict(pipelined=True, lse_mode="offset", topk_prefilter=True, ftz_exp2=True),
+    dict(pipelined=True, max_registers=168),  # 3 programs per SM instead of 2
+    dict(pipelined=True, lse_mode="offset", topk_prefilter=True, max_registers=168),
+    dict(_T64, pipelined=True, lse_mode="offset", topk_prefilter=True, max_registers=168),
+    dict(pipelined=True, lse_mode="offset", topk_prefilter=True, num_warps=8, max_registers=128),
+    dict(lse_mode="offset", lse_block_n=64, max_registers=168),
 ]
 FWD = [(64, 8, 3), (64, 8, 2)]
 BWD = [(64, 8, 2), (64, 8, 1)]

@@ -524,7 +524,7 @@ _LSE_MODES = ("online", "offset", "offset_t")
 
 def select_launch(q, rep, seq, max_n, params, topk, sel, lsebuf, *, qoff=0, block_n=32, num_warps=4,
                   num_stages=3, ftz_exp2=False, lse_mode="online", lse_block_n=None, transposed=False,
-                  topk_prefilter=False, pipelined=False, dot_groups=16, dot_block_n=128, dot_tensor_cores=True):
+                  topk_prefilter=False, pipelined=False, max_registers=None, dot_groups=16, dot_block_n=128, dot_tensor_cores=True):
     """Fill ``sel`` (int32 [b, L, hk, topk], group-start rows) for every sequence of ``seq``.
 
     Tuning (defaults from the H100 sweeps of ``bench/tune.py`` / ``bench/tune_select_dot.py``, docs/kernels.md):
@@ -535,7 +535,9 @@ def select_launch(q, rep, seq, max_n, params, topk, sel, lsebuf, *, qoff=0, bloc
     ``_row_lse2_offset``), "offset_t" (the same on transposed tiles); ``lse_block_n`` pass 1's tile width
     (None: ``block_n``); ``transposed`` pass 2 on s^T tiles (``_group_sum``); ``topk_prefilter`` an fp32
     test before the int64 top-k insertion (``_topk_insert_prefiltered``); ``pipelined`` the next tile's dot
-    in flight during this tile's exponentials, both passes (``_row_lse2_pipelined``; groups of <= 128 rows).
+    in flight during this tile's exponentials, both passes (``_row_lse2_pipelined``; groups of <= 128 rows);
+    ``max_registers`` caps the registers per thread (Triton's ``maxnreg``, CUDA only): 168 fits 3 programs of 4
+    warps per SM, which the pipelined loops (~195-225 registers) otherwise drop to 2.
     Dot score: ``dot_groups`` query groups per program, ``dot_block_n`` blocks per tile,
     ``dot_tensor_cores`` (False: an fp32 FMA dot, same selections, slower)."""
     import torch
@@ -568,6 +570,7 @@ def select_launch(q, rep, seq, max_n, params, topk, sel, lsebuf, *, qoff=0, bloc
             D=d, num_warps=4,
         )
         return
+    launch_opts = {"maxnreg": max_registers} if max_registers and q.is_cuda else {}
     grid = (triton.cdiv(n_groups_max, NG), seq.shape[0], hk)
     _select_kernel[grid](
         q, rep, seq, lsebuf, sel,
@@ -576,5 +579,5 @@ def select_launch(q, rep, seq, max_n, params, topk, sel, lsebuf, *, qoff=0, bloc
         PREC="tf32" if half else "ieee", FTZ=ftz_exp2 and q.is_cuda,
         G=G, QB=B, GRP=max(grp, 1), BM=BM, NCH=NCH, NG=NG, BN=block_n, KB=KB, BS=params.block_size, D=d,
         BN1=bn1, LSE=_LSE_MODES.index(lse_mode), TRANS=transposed, PREFILTER=topk_prefilter, PIPE=pipelined,
-        num_warps=num_warps, num_stages=num_stages,
+        num_warps=num_warps, num_stages=num_stages, **launch_opts,
     )
