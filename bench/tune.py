@@ -8,7 +8,8 @@ Prints (and writes) one JSON line per measurement:
                    the selection equals the first variant's
     stage=select_variants  the opt-in softmax-selection variants (SELECT_VARIANTS: select_launch keywords) against
                    the default, timed in the same run (the default again at the end: drift); ms, same_selection
-                   and groups_differing (query groups x KV heads whose selection differs from the default's)
+                   groups_differing (query groups x KV heads whose selection differs from the default's) and
+                   max_rel_score_gap (``selection_gap``: near-ties or not)
     stage=fwd/bwd  sparse attention: block_n, num_warps, num_stages; ms
     stage=reps_bits  kernel M (reps.py) against the reference's score_representatives, bit for bit
     stage=lse_precision  how many group selections change when every row's normaliser (pass 1) carries a relative
@@ -90,7 +91,26 @@ def select_variants(q, rep, plan, p, L, cfg, lb, rows, emit):
         ref_sel = s if ref_sel is None else ref_sel
         differ = (s != ref_sel).any(-1)
         emit(stage="select_variants", T=L, **knob, ms=ms, same_selection=not bool(differ.any()),
-             groups_differing=int(differ.sum()), groups=differ.numel())
+             groups_differing=int(differ.sum()), groups=differ.numel(),
+             max_rel_score_gap=selection_gap(q, rep, plan, p, s, ref_sel, differ))
+
+
+def selection_gap(q, rep, plan, p, sel_a, sel_b, differ, max_groups=256):
+    """Largest relative difference between the total scores (torch, fp32, the kernel's M) of two selections
+    [groups, hk, k], over (query group, KV head) pairs where they differ (at most max_groups of them): ~1e-6
+    means fp32 near-ties (summation order), larger means a real difference. 0.0 when none differ."""
+    L, d = q.shape[1], q.shape[3]
+    G, B = q.shape[2] // rep.shape[1], p.query_block
+    elig = R.eligible_blocks(L, p).to(q.device)
+    roff = int(plan.seq[0, 3])
+    worst = 0.0
+    for j, g in differ.nonzero().tolist()[:max_groups]:
+        rows = q[0, j * B:(j + 1) * B, g * G:(g + 1) * G].float().reshape(-1, d)
+        logits = (rows @ rep[roff:roff + elig.shape[1], g].float().T) * p.scale(d)
+        score = torch.softmax(logits.masked_fill(~elig[j], float("-inf")), -1).sum(0)
+        a, b = (score[x[x >= 0].long()].sum().item() for x in (sel_a[j, g], sel_b[j, g]))
+        worst = max(worst, abs(a - b) / max(a, b))
+    return worst
 
 
 def lse_precision(q, k, pm, p, out, n_rows=4096):
