@@ -22,6 +22,13 @@ group(s). Programs run longest first (the last groups see the most blocks).
         the tile's largest key beats the buffer's smallest, it replaces it (two reductions per insertion; most
         tiles need none once the buffer is good). At the end the buffer, sorted, is the selection.
     Tiles that every row of the program may select (all but the last one or two) run without eligibility masks.
+Opt-in variants (``select_launch`` keywords, same function up to fp32 summation order, docs/kernels.md):
+    pipelined   the next tile's dot is issued before this tile's exponentials (``_row_lse2_pipelined`` and
+                pass 2's pipelined loops), so the wgmma runs while the exp2 do;
+    lse_mode    pass 1 with a fixed per-row offset and an elementwise accumulator (``_row_lse2_offset``),
+                "offset_t" on transposed tiles;
+    transposed  pass 2 on s^T [BN, rows] = M @ q^T: the group sum is in-thread + quad shuffles (``_group_sum``);
+    topk_prefilter  an fp32 test before the int64 insertion (``_topk_insert_prefiltered``).
 ``score=dot_group_sum`` runs ``_select_dot_kernel`` instead: the score is linear in q, so each group's rows are
 summed first and one pass streams the representatives with one row per group (docstring there).
 Precision (the score's definition, shared with the reference): the logits are q . M with q and M in the input
