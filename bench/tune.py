@@ -62,6 +62,12 @@ SELECT_VARIANTS = [
     dict(_T64, pipelined=True),
     dict(_T64, pipelined=True, lse_mode="offset", topk_prefilter=True),
     dict(_T64, pipelined=True, lse_mode="offset", topk_prefilter=True, num_warps=8, max_registers=128),
+    # two query groups per program: the representatives streamed once for both (half the L2 traffic)
+    dict(max_rows=256, num_warps=8),
+    dict(max_rows=256, num_warps=8, pipelined=True),
+    dict(max_rows=256, num_warps=8, pipelined=True, lse_mode="offset", topk_prefilter=True),
+    dict(max_rows=256, num_warps=8, pipelined=True, max_registers=128),
+    dict(max_rows=256, num_warps=4),
 ]
 FWD = [(64, 8, 3), (64, 8, 2)]
 BWD = [(64, 8, 2), (64, 8, 1)]

@@ -194,6 +194,7 @@ SELECT_VARIANTS = [  # together they run every code path of the variants (pass 1
     dict(pipelined=True),
     dict(pipelined=True, lse_mode="offset", transposed=True, block_n=64, topk_prefilter=True),
     dict(pipelined=True, lse_mode="offset_t", lse_block_n=64),
+    dict(max_rows=256, pipelined=True, transposed=True, block_n=64),  # two 128-row groups per program
 ]
 
 

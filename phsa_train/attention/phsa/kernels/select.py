@@ -529,9 +529,41 @@ def _select_dot_kernel(
 _LSE_MODES = ("online", "offset", "offset_t")
 
 
+def softmax_select_meta(G, B, d, topk, block_size, half, cuda, *, block_n=32, num_warps=4, num_stages=3,
+                        ftz_exp2=False, lse_mode="online", lse_block_n=None, transposed=False, topk_prefilter=False,
+                        pipelined=False, max_registers=None, max_rows=128):
+    """(constexprs, launch options) of ``_select_kernel`` for G query heads per KV head, query_block B, head dim
+    d, ``topk`` and the tuning keywords of ``select_launch`` (docstring there); ``half``: bf16 / fp16 inputs,
+    ``cuda``: options that only the GPU compiler has. Also compiles the kernel offline
+    (``bench/select_registers.py``)."""
+    if lse_mode not in _LSE_MODES:
+        raise ValueError(f"select_launch: lse_mode={lse_mode!r}; allowed: {', '.join(_LSE_MODES)}")
+    bn1 = block_n if lse_block_n is None else lse_block_n
+    for name, v in (("block_n", block_n), ("lse_block_n", bn1)):
+        if v < 16 or v & (v - 1):
+            raise ValueError(f"select_launch: {name}={v}; allowed: a power of two >= 16")
+    if max_rows < 128 or max_rows & (max_rows - 1):
+        # fewer rows would split 128-row groups into chunks, whose normalisers need the LSEBUF scratch that
+        # the caller sizes for groups of more than 128 rows only
+        raise ValueError(f"select_launch: max_rows={max_rows}; allowed: a power of two >= 128")
+    grp = triton.next_power_of_2(B * G)
+    BM = max(16, min(grp, max_rows))
+    constexprs = dict(
+        PREC="tf32" if half else "ieee", FTZ=ftz_exp2 and cuda, G=G, QB=B, GRP=max(grp, 1), BM=BM,
+        NCH=max(1, grp // BM), NG=max(1, BM // grp), BN=block_n, KB=triton.next_power_of_2(max(topk, 1)),
+        BS=block_size, D=d, BN1=bn1, LSE=_LSE_MODES.index(lse_mode), TRANS=transposed, PREFILTER=topk_prefilter,
+        PIPE=pipelined,
+    )
+    options = dict(num_warps=num_warps, num_stages=num_stages)
+    if max_registers and cuda:
+        options["maxnreg"] = max_registers
+    return constexprs, options
+
+
 def select_launch(q, rep, seq, max_n, params, topk, sel, lsebuf, *, qoff=0, block_n=32, num_warps=4,
                   num_stages=3, ftz_exp2=False, lse_mode="online", lse_block_n=None, transposed=False,
-                  topk_prefilter=False, pipelined=False, max_registers=None, dot_groups=16, dot_block_n=128, dot_tensor_cores=True):
+                  topk_prefilter=False, pipelined=False, max_registers=None, max_rows=128, dot_groups=16,
+                  dot_block_n=128, dot_tensor_cores=True):
     """Fill ``sel`` (int32 [b, L, hk, topk], group-start rows) for every sequence of ``seq``.
 
     Tuning (defaults from the H100 sweeps of ``bench/tune.py`` / ``bench/tune_select_dot.py``, docs/kernels.md):
@@ -544,26 +576,17 @@ def select_launch(q, rep, seq, max_n, params, topk, sel, lsebuf, *, qoff=0, bloc
     test before the int64 top-k insertion (``_topk_insert_prefiltered``); ``pipelined`` the next tile's dot
     in flight during this tile's exponentials, both passes (``_row_lse2_pipelined``; groups of <= 128 rows);
     ``max_registers`` caps the registers per thread (Triton's ``maxnreg``, CUDA only): 168 fits 3 programs of 4
-    warps per SM, which the pipelined loops (~195-225 registers) otherwise drop to 2.
+    warps per SM, which the pipelined loops (~195-225 registers) otherwise drop to 2; ``max_rows`` rows per
+    program (128: one group of config (a); 256 puts two query groups in a program, which then streams the
+    representatives once for both: half the L2 traffic).
     Dot score: ``dot_groups`` query groups per program, ``dot_block_n`` blocks per tile,
     ``dot_tensor_cores`` (False: an fp32 FMA dot, same selections, slower)."""
     import torch
 
-    if lse_mode not in _LSE_MODES:
-        raise ValueError(f"select_launch: lse_mode={lse_mode!r}; allowed: {', '.join(_LSE_MODES)}")
-    bn1 = block_n if lse_block_n is None else lse_block_n
-    for name, v in (("block_n", block_n), ("lse_block_n", bn1)):
-        if v < 16 or v & (v - 1):
-            raise ValueError(f"select_launch: {name}={v}; allowed: a power of two >= 16")
     b, L, hq, d = q.shape
     hk = rep.shape[1]
     G = hq // hk
     B = params.query_block
-    grp = triton.next_power_of_2(B * G)
-    BM = max(16, min(grp, 128))
-    NCH = max(1, grp // BM)
-    NG = max(1, BM // grp)
-    KB = triton.next_power_of_2(max(topk, 1))
     n_groups_max = -(-(max_n - qoff) // B)
     half = q.dtype in (torch.bfloat16, torch.float16)
     if params.score == "dot_group_sum":
@@ -573,18 +596,16 @@ def select_launch(q, rep, seq, max_n, params, topk, sel, lsebuf, *, qoff=0, bloc
             q, rep, seq, sel,
             q.stride(0), q.stride(1), q.stride(2), sel.stride(0), sel.stride(1), sel.stride(2), hk,
             params.scale(d), params.n_init, params.local_window, topk, qoff,
-            TC=half and dot_tensor_cores, G=G, QB=B, NG=ng, BR=br, BN=dot_block_n, KB=KB, BS=params.block_size,
-            D=d, num_warps=4,
+            TC=half and dot_tensor_cores, G=G, QB=B, NG=ng, BR=br, BN=dot_block_n,
+            KB=triton.next_power_of_2(max(topk, 1)), BS=params.block_size, D=d, num_warps=4,
         )
         return
-    launch_opts = {"maxnreg": max_registers} if max_registers and q.is_cuda else {}
-    grid = (triton.cdiv(n_groups_max, NG), seq.shape[0], hk)
-    _select_kernel[grid](
+    meta, options = softmax_select_meta(
+        G, B, d, topk, params.block_size, half, q.is_cuda, block_n=block_n, num_warps=num_warps,
+        num_stages=num_stages, ftz_exp2=ftz_exp2, lse_mode=lse_mode, lse_block_n=lse_block_n, transposed=transposed,
+        topk_prefilter=topk_prefilter, pipelined=pipelined, max_registers=max_registers, max_rows=max_rows)
+    _select_kernel[(triton.cdiv(n_groups_max, meta["NG"]), seq.shape[0], hk)](
         q, rep, seq, lsebuf, sel,
         q.stride(0), q.stride(1), q.stride(2), sel.stride(0), sel.stride(1), sel.stride(2), L, hq, hk,
-        params.scale(d) * 1.4426950408889634, params.n_init, params.local_window, topk, qoff,
-        PREC="tf32" if half else "ieee", FTZ=ftz_exp2 and q.is_cuda,
-        G=G, QB=B, GRP=max(grp, 1), BM=BM, NCH=NCH, NG=NG, BN=block_n, KB=KB, BS=params.block_size, D=d,
-        BN1=bn1, LSE=_LSE_MODES.index(lse_mode), TRANS=transposed, PREFILTER=topk_prefilter, PIPE=pipelined,
-        num_warps=num_warps, num_stages=num_stages, **launch_opts,
+        params.scale(d) * 1.4426950408889634, params.n_init, params.local_window, topk, qoff, **meta, **options,
     )
