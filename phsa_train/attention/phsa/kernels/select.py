@@ -28,7 +28,9 @@ Opt-in variants (``select_launch`` keywords, same function up to fp32 summation 
     lse_mode    pass 1 with a fixed per-row offset and an elementwise accumulator (``_row_lse2_offset``),
                 "offset_t" on transposed tiles;
     transposed  pass 2 on s^T [BN, rows] = M @ q^T: the group sum is in-thread + quad shuffles (``_group_sum``);
-    topk_prefilter  an fp32 test before the int64 insertion (``_topk_insert_prefiltered``).
+    topk_prefilter  an fp32 test before the int64 insertion (``_topk_insert_prefiltered``);
+    max_rows    rows per program: 256 puts two 128-row groups in one program (NG = 2), which streams the
+                representatives once for both.
 ``score=dot_group_sum`` runs ``_select_dot_kernel`` instead: the score is linear in q, so each group's rows are
 summed first and one pass streams the representatives with one row per group (docstring there).
 Precision (the score's definition, shared with the reference): the logits are q . M with q and M in the input
