@@ -41,14 +41,16 @@ from phsa_train.attention.phsa.kernels.reps import block_reps  # noqa: E402
 
 SHIPPED = PHSAParams()  # the knobs `attention=phsa` ships with (PHSAParams; conf/attention/phsa.yaml mirrors it)
 # Config (a): the paper's 0.6B shape with the shipped knobs (896 tokens per query at 32k) and query_block 64, the
-# fast path; (b): a wide-GQA shape. The "_dot" variants are the opt-in score=dot_group_sum. Every record names
-# all knobs and, under "vs_shipped", those that differ from the shipped defaults.
+# fast path; (b): a wide-GQA shape. "_softmax" / "_dot" fix the score (softmax_group_sum is opt-in, dot_group_sum
+# the shipped one). Every record names all knobs and, under "vs_shipped", those that differ from the shipped defaults.
 CONFIGS = {
     "a": dict(hq=16, hk=8, d=128, params=dataclasses.replace(SHIPPED, query_block=64)),
     "b": dict(hq=64, hk=4, d=128, params=dataclasses.replace(SHIPPED, block_size=64, query_block=8)),
 }
 for _n in ("a", "b"):
-    CONFIGS[_n + "_dot"] = dict(CONFIGS[_n], params=dataclasses.replace(CONFIGS[_n]["params"], score="dot_group_sum"))
+    for _score in ("softmax_group_sum", "dot_group_sum"):
+        CONFIGS[f"{_n}_{_score.split('_')[0]}"] = dict(
+            CONFIGS[_n], params=dataclasses.replace(CONFIGS[_n]["params"], score=_score))
 
 
 def knobs(p: PHSAParams) -> dict:

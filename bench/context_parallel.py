@@ -1,6 +1,6 @@
 """PHSA layer throughput under context parallelism (run with torchrun, one process per GPU).
 
-    torchrun --nproc-per-node=2 bench/context_parallel.py --seq-lens 65536 131072 --modes allgather ulysses
+    torchrun --nproc-per-node=2 bench/context_parallel.py --seq-lens 65536 131072 --modes allgather allgather_chunks ulysses
     torchrun --nproc-per-node=2 bench/context_parallel.py --cpu --seq-lens 512     # logic check on CPU (gloo)
 
 Times forward+backward of one PHSA attention layer (Qwen3-0.6B shape: hq=16, hk=8, d=128, the shipped
@@ -9,9 +9,12 @@ Times forward+backward of one PHSA attention layer (Qwen3-0.6B shape: hq=16, hk=
     scaling efficiency ``cp1_ms / (cp * cpN_ms)`` compares numbers from one process on one card;
   * the dense layer: cuDNN SDPA at CP=1, and the all-gather CP path at CP=N (its chunks need a bottom-right
     causal mask, which torch's SDPA runs through Flash, not cuDNN: the row says which).
-Per (L, mode) a profile of one forward+backward splits the GPU time by stage (selection, representatives,
-attention forward / backward, NCCL, copies and fills, the rest) and reports how much of the wall time no kernel
-covered (host gaps). Bytes each rank moves per layer are computed, not measured. Writes JSON (``--out``).
+Modes: ``allgather`` (what training runs: selection overlaps the K/V all-gather where it can),
+``allgather_chunks`` (the chunk path, the same results: gather first, then each chunk its own operator and dK/dV
+buffer; to see what the overlap buys), ``ulysses``. Per (L, mode) a profile of one forward+backward splits the GPU time by stage
+(selection, representatives, attention forward / backward, NCCL, copies and fills, the rest) and reports how much
+of the wall time no kernel covered (host gaps) and how much NCCL time ran with no other kernel beside it
+(``nccl_exposed_ms``). Bytes each rank moves per layer are computed, not measured. Writes JSON (``--out``).
 """
 from __future__ import annotations
 
@@ -41,12 +44,14 @@ def stage_of(kernel: str) -> str:
     return "other"
 
 
-def bytes_per_layer(mode: str, L: int, cp: int, hq: int, hk: int, d: int, elem: int = 2) -> int:
+def bytes_per_layer(mode: str, L: int, cp: int, hq: int, hk: int, d: int, elem: int = 2, block: int = 16) -> int:
     """Bytes one rank receives per layer, forward + backward."""
     if cp == 1:
         return 0
-    if mode == "allgather":  # K and V gathered (fwd); dK and dV reduce-scattered (bwd), in the keys' dtype
-        return 2 * (2 * L * hk * d * elem * (cp - 1) // cp)
+    if mode.startswith("allgather"):  # K and V gathered (fwd); dK and dV reduce-scattered (bwd), keys' dtype
+        kv = 2 * (2 * L * hk * d * elem * (cp - 1) // cp)
+        # the overlapped path also gathers the block representatives (L / block rows of K's width)
+        return kv + (L // block * hk * d * elem * (cp - 1) // cp if mode == "allgather" else 0)
     # ulysses: q, k, v in and o out forward; the same four backward
     return 2 * ((2 * hq + 2 * hk) * d * (L // cp) * elem * (cp - 1) // cp)
 
@@ -99,16 +104,21 @@ def profile_stages(fn, cuda: bool = True) -> dict:
         if cuda:
             torch.cuda.synchronize()
         wall = (time.perf_counter() - t0) * 1e3
-    per_stage, spans = defaultdict(float), []
+    per_stage, spans, compute = defaultdict(float), [], []
     for ev in prof.events():
         if ev.device_type != kind or (not cuda and ev.cpu_parent is not None):
             continue
         s, e = ev.time_range.start / 1e3, ev.time_range.end / 1e3  # us -> ms
-        per_stage[stage_of(ev.name)] += e - s
+        stage = stage_of(ev.name)
+        per_stage[stage] += e - s
         spans.append((s, e))
+        if stage != "nccl":
+            compute.append((s, e))
     span = (max(e for _, e in spans) - min(s for s, _ in spans)) if spans else 0.0
     return {"ms_by_stage": {k: round(v, 3) for k, v in sorted(per_stage.items())}, "wall_ms": round(wall, 3),
-            "kernel_span_ms": round(span, 3), "no_kernel_running_ms": round(span - union_ms(spans), 3)}
+            "kernel_span_ms": round(span, 3), "no_kernel_running_ms": round(span - union_ms(spans), 3),
+            # communication that no other kernel ran alongside (what overlapping it with compute can still hide)
+            "nccl_exposed_ms": round(union_ms(spans) - union_ms(compute), 3)}
 
 
 def shipped_attention(overrides: list[str]) -> dict:
@@ -182,37 +192,42 @@ def main():
             del qf, kf, vf
         for mode in args.modes:
             if cp > 1:
-                attn = lambda: cp_phsa_attention(ql, kl, vl, il, group, mode, kw)  # noqa: E731
+                attn = lambda: cp_phsa_attention(ql, kl, vl, il, group, mode.removesuffix("_chunks"), kw,  # noqa: E731
+                                                 overlap=mode != "allgather_chunks")
             else:
                 attn = lambda: phsa_local(ql, kl, vl, il, kw)  # noqa: E731
-            fwd_bwd = lambda: attn().backward(dol)  # noqa: E731
-            for _ in range(2):
-                fwd_bwd()
-            ms = timed(fwd_bwd, args.reps, cuda)
-            with torch.no_grad():
-                ms_fwd = timed(attn, args.reps, cuda)
-            row = {"L": L, "cp": cp, "mode": mode, "variant": "phsa", "settings": kw, "fwd_bwd_ms": ms,
-                   "fwd_ms": ms_fwd, "tokens_per_s_per_gpu": (L / cp) / (ms / 1e3),
-                   "bytes_per_layer_per_rank": bytes_per_layer(mode, L, cp, hq, hk, d, q.element_size())}
-            if cp1_ms is not None:
-                row["scaling_efficiency"] = cp1_ms / (cp * ms)
-            if not args.no_profile:
-                row["profile"] = profile_stages(fwd_bwd, cuda)
-            if args.check and cp > 1:
-                ql.grad = kl.grad = vl.grad = None
-                o = attn()
-                o.backward(dol)
-                qr, kr, vr = (x.clone().requires_grad_() for x in (q, k, v))
-                o_ref = phsa_local(qr, kr, vr, info, kw)
-                o_ref.backward(do)
-                err = lambda a, b: ((a.float() - b.float()).norm() / b.float().norm()).item()  # noqa: E731
-                row["check_rel_err"] = {"o": err(o, mine(o_ref)), "dq": err(ql.grad, mine(qr.grad)),
-                                        "dk": err(kl.grad, mine(kr.grad)), "dv": err(vl.grad, mine(vr.grad))}
-            # every rank's time: the step is as slow as the slowest rank
-            times = [None] * cp
-            dist.all_gather_object(times, ms, group=group)
-            row["fwd_bwd_ms_per_rank"] = times
-            emit(row)
+            try:  # a failing mode leaves a row saying why; the other modes still run
+                fwd_bwd = lambda: attn().backward(dol)  # noqa: E731
+                for _ in range(2):
+                    fwd_bwd()
+                ms = timed(fwd_bwd, args.reps, cuda)
+                with torch.no_grad():
+                    ms_fwd = timed(attn, args.reps, cuda)
+                row = {"L": L, "cp": cp, "mode": mode, "variant": "phsa", "settings": kw, "fwd_bwd_ms": ms,
+                       "fwd_ms": ms_fwd, "tokens_per_s_per_gpu": (L / cp) / (ms / 1e3),
+                       "bytes_per_layer_per_rank": bytes_per_layer(mode, L, cp, hq, hk, d, q.element_size(),
+                                                                   kw["block_size"])}
+                if cp1_ms is not None:
+                    row["scaling_efficiency"] = cp1_ms / (cp * ms)
+                if not args.no_profile:
+                    row["profile"] = profile_stages(fwd_bwd, cuda)
+                if args.check and cp > 1:
+                    ql.grad = kl.grad = vl.grad = None
+                    o = attn()
+                    o.backward(dol)
+                    qr, kr, vr = (x.clone().requires_grad_() for x in (q, k, v))
+                    o_ref = phsa_local(qr, kr, vr, info, kw)
+                    o_ref.backward(do)
+                    err = lambda a, b: ((a.float() - b.float()).norm() / b.float().norm()).item()  # noqa: E731
+                    row["check_rel_err"] = {"o": err(o, mine(o_ref)), "dq": err(ql.grad, mine(qr.grad)),
+                                            "dk": err(kl.grad, mine(kr.grad)), "dv": err(vl.grad, mine(vr.grad))}
+                # every rank's time: the step is as slow as the slowest rank
+                times = [None] * cp
+                dist.all_gather_object(times, ms, group=group)
+                row["fwd_bwd_ms_per_rank"] = times
+                emit(row)
+            except Exception as e:  # noqa: BLE001
+                emit({"L": L, "cp": cp, "mode": mode, "variant": "phsa", "error": repr(e)[:400]})
         if not args.no_dense:
             try:
                 if cp > 1:

@@ -10,7 +10,7 @@
 #                            (f) short ulysses and packed-document (data.reset_attention_mask=true) runs
 #   max_seq.jsonl            (e) longest sequence that trains (only with STAGES containing e)
 #   gpu.txt                  nvidia-smi
-# STAGES (default "abcd") picks stages; e (longest sequence) takes ~5 min on its own: run it in a second call.
+# TS_LENS="65536 131072" (default) sets the lengths of stage c. STAGES (default "abcd") picks stages; e (longest sequence) takes ~5 min on its own: run it in a second call.
 # With >= 4 GPUs, stages run as two 2-GPU groups side by side (GPUs 0,1: b then c; GPUs 2,3: a then d), then the
 # 4-GPU parts. CPU logic check (gloo, tiny shapes): CP_GPU_RUN_CPU=1 OUT=/tmp/x bash bench/cp_gpu_run.sh
 set -u
@@ -64,7 +64,7 @@ if [ "$CPU" = 1 ]; then
 else
   QB_OVR=(); [ "$QB" != "$SHIPPED_QB" ] && QB_OVR=(attention.query_block=$QB)
   EX_ARGS=(--seq-len 32768 --query-block "$QB"); CPB_ARGS=(--seq-lens 65536 131072 --reps 5 --attention "${QB_OVR[@]}")
-  TS_LENS=(65536 131072); TS_ARGS=(--model qwen3_0.6b --recompute full --steps 2 --warmup 1); TS_PHSA=("${QB_OVR[@]}")
+  read -r -a TS_LENS <<< "${TS_LENS:-65536 131072}"; TS_ARGS=(--model qwen3_0.6b --recompute full --steps 2 --warmup 1); TS_PHSA=("${QB_OVR[@]}")
   PRE=(model=qwen3_0.6b data.seq_len=65536 train.recompute=full train.micro_batch_size=1 train.global_batch_size=1
        "${QB_OVR[@]}")
   TS_BIG=131072
@@ -93,7 +93,7 @@ collect_bench() {  # collect_bench FILE STAGE: the bench's JSON rows, or (cut sh
   fi
 }
 stage_b() {  # layer scaling CP=1 vs CP=2 (same process), both modes, dense baseline, profile
-  run cp_bench_cp2 "$1" 300 bash -c "torchrun_ 2 bench/context_parallel.py ${CPB_ARGS[*]} --modes allgather ulysses --out $TMPD/cpb2.json"
+  run cp_bench_cp2 "$1" 300 bash -c "torchrun_ 2 bench/context_parallel.py ${CPB_ARGS[*]} --modes allgather allgather_chunks ulysses --out $TMPD/cpb2.json"
   collect_bench cpb2 cp_bench_cp2
 }
 train_step() {  # train_step NAME GPUS NPROC LIMIT ARGS...

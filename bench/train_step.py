@@ -130,7 +130,7 @@ def main():
     ap.add_argument("--recompute", default="full", help="none | selective | full (0.6B at 32k needs full on 80 GB)")
     ap.add_argument("--phsa", nargs="*", default=[], help="extra Hydra overrides for the PHSA variant")
     ap.add_argument("--variants", default="dense,phsa",
-                    help="comma list of dense, phsa, phsa_dot (phsa with attention.score=dot_group_sum), "
+                    help="comma list of dense, phsa, phsa_softmax (phsa with attention.score=softmax_group_sum), "
                          "phsa_qb64 (phsa with attention.query_block=64)")
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--cp", type=int, default=1)
@@ -149,7 +149,7 @@ def main():
         args.cpu = True
         prepare_device(env, 0)  # Megatron's CPU shims
     variants = {"dense": ["attention=dense"], "phsa": ["attention=phsa", *args.phsa],
-                "phsa_dot": ["attention=phsa", *args.phsa, "attention.score=dot_group_sum"],
+                "phsa_softmax": ["attention=phsa", *args.phsa, "attention.score=softmax_group_sum"],
                 "phsa_qb64": ["attention=phsa", *args.phsa, "attention.query_block=64"]}
     results = {}
     for name in args.variants.split(","):
@@ -169,7 +169,7 @@ def main():
             print(json.dumps(results[name]), flush=True)
     device = "cpu" if args.cpu else torch.cuda.get_device_name()
     summary = {"device": device, "date": datetime.date.today().isoformat(), "results": list(results.values())}
-    for name in ("phsa", "phsa_dot", "phsa_qb64"):
+    for name in ("phsa", "phsa_softmax", "phsa_qb64"):
         if "tokens_per_s" in results.get("dense", {}) and "tokens_per_s" in results.get(name, {}):
             summary[f"{name}_over_dense_tokens_per_s"] = (results[name]["tokens_per_s"]
                                                           / results["dense"]["tokens_per_s"])

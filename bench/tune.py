@@ -1,7 +1,7 @@
 """Tile sweep of the PHSA kernels on one GPU (config (a) of bench/attention.py), plus two precision checks.
 
-    PYTHONPATH=. python bench/tune.py [--T 32768,65536] [--config a] [--stages select,fwd,bwd,precision] [--out f]
-    (stages: select, select_variants, fwd, bwd, precision; comma-separated)
+    PYTHONPATH=. python bench/tune.py [--T 32768,65536] [--config a_softmax] [--stages select,fwd,bwd,precision]
+        [--out f]    (stages: select, select_variants, fwd, bwd, precision; comma-separated)
 
 Prints (and writes) one JSON line per measurement:
     stage=select   softmax selection (representatives excluded): block_n, num_warps, num_stages; ms and whether
@@ -147,7 +147,7 @@ def lse_precision(q, k, pm, p, out, n_rows=4096):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--T", default="32768,65536")
-    ap.add_argument("--config", default="a")
+    ap.add_argument("--config", default="a_softmax")  # the sweeps tune the softmax-score kernel
     ap.add_argument("--stages", default="select,fwd,bwd,precision")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -157,6 +157,9 @@ def main():
         ap.error(f"--stages: unknown {sorted(unknown)}; allowed: select, select_variants, fwd, bwd, precision")
     cfg = CONFIGS[args.config]
     p = cfg["params"]
+    if stages & {"select", "select_variants"} and p.score != "softmax_group_sum":
+        ap.error(f"--stages select / select_variants time the softmax score's kernel; --config {args.config} has "
+                 f"score={p.score}: use a_softmax or b_softmax")
     out = []
 
     def emit(**rec):

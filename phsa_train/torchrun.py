@@ -15,14 +15,36 @@ import sys
 
 from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.run import get_args_parser
 from torch.distributed.run import main as torchrun_main
 
 ONE_LINE_EXIT = 2  # phsa_train.train: the rank printed the reason itself
 
 
+def supported_arguments(argv: list[str]) -> list[str]:
+    """argv without the ``--shutdown-timeout`` option when this torch's torchrun lacks it (added after 2.11, the
+    GPU image's torch): the launcher passes it so that ranks get time to checkpoint on SIGTERM; older torchruns
+    use their fixed grace period instead of refusing to start."""
+    known = {s for a in get_args_parser()._actions for s in a.option_strings}
+    out, skip = [], False
+    for i, a in enumerate(argv):
+        if a == "-m":  # the training module and its arguments follow: not torchrun's
+            return out + argv[i:]
+        if skip:
+            skip = False
+            continue
+        if a == "--shutdown-timeout" and a not in known:
+            skip = True
+            continue
+        if a.startswith("--shutdown-timeout=") and "--shutdown-timeout" not in known:
+            continue
+        out.append(a)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
-        torchrun_main(argv)
+        torchrun_main(supported_arguments(sys.argv[1:] if argv is None else argv))
     except SignalException as e:
         name = signal.Signals(e.sigval).name
         print(f"[torchrun] stopped by {name}; the ranks checkpointed first (see above)", file=sys.stderr, flush=True)

@@ -28,7 +28,8 @@ PY="${PYTHON:-python3}"
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
 mkdir -p "$W/runs"
 
-# gpu  name  seed  overrides (qb = attention.query_block; the shipped score softmax_group_sum everywhere).
+# gpu  name  seed  overrides (qb = attention.query_block). Studies 2 and 3 ran when softmax_group_sum was the shipped
+# score; to repeat them, add attention.score=softmax_group_sum to the phsa / meanpool rows.
 # Two runs share a GPU; GPU 2 adds the lam=0.25 run beside the (cheaper) dense ones and GPU 3 the lam=0 run beside
 # query_block 1 (the slowest): those two are best effort, the deadline may cut them (their step count shows it).
 DEFAULT_PLAN="

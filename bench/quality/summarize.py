@@ -177,7 +177,7 @@ def paired(runs: list[dict], a: str, b: str) -> dict:
 
 
 PAIRS = (("phsa-qb64", "meanpool-qb64"), ("phsa-qb1", "phsa-qb64"), ("lam0.25-qb64", "phsa-qb64"),
-         ("lam0-qb64", "phsa-qb64"))
+         ("lam0-qb64", "phsa-qb64"), ("dot-qb64", "phsa-qb64"), ("dot-qb64", "meanpool-qb64"))
 
 
 def warmup_noise_floor(runs: list[dict]) -> dict:
@@ -200,9 +200,10 @@ def warmup_noise_floor(runs: list[dict]) -> dict:
     return out
 
 
-ORDER = ["dense", "phsa-qb64", "meanpool-qb64", "lam0.25-qb64", "lam0-qb64", "phsa-qb1"]
+ORDER = ["dense", "phsa-qb64", "meanpool-qb64", "dot-qb64", "lam0.25-qb64", "lam0-qb64", "phsa-qb1"]
 LABEL = {"dense": "dense", "phsa-qb64": "PHSA λ=0.5", "meanpool-qb64": "mean-pool λ=1", "lam0.25-qb64": "λ=0.25",
-         "lam0-qb64": "λ=0 (punctuation only)", "phsa-qb1": "PHSA λ=0.5, query_block 1"}
+         "lam0-qb64": "λ=0 (punctuation only)", "phsa-qb1": "PHSA λ=0.5, query_block 1",
+         "dot-qb64": "PHSA λ=0.5, dot score"}
 
 
 def ordered(agg: dict) -> list[str]:

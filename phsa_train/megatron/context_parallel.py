@@ -5,12 +5,16 @@ holds Megatron's load-balanced ("zigzag") slice of every sequence: chunks ``r`` 
 ``2*cp`` equal chunks (``get_batch_on_this_cp_rank``; RoPE is sliced the same way).
 
 ``allgather`` (default)
-    Keep the local queries; all-gather K, V and ``token_info`` (punctuation flags) over the CP group and
-    undo the zigzag so every rank sees the whole causal prefix; run the PHSA operator for each local
-    chunk against its prefix; in backward, dK/dV are reduce-scattered back to their owners (all-reduce +
-    slice on gloo, which has no reduce-scatter). Selection sees exactly the keys and punctuation of the
-    CP=1 run, so the selected blocks are identical. Bytes moved per layer and rank: (cp-1)/cp of K+V
-    forward, the same for dK+dV backward.
+    Keep the local queries; all-gather K and V over the CP group and undo the zigzag so every rank sees the
+    whole causal prefix; run the PHSA operator for each local chunk against its prefix; in backward, dK/dV are
+    reduce-scattered back to their owners (all-reduce + slice on gloo, which has no reduce-scatter). Selection
+    sees exactly the keys and punctuation of the CP=1 run, so the selected blocks are identical. Bytes moved per
+    layer and rank: (cp-1)/cp of K+V forward, the same for dK+dV backward.
+    With the Triton kernels and unpacked sequences the K/V all-gather overlaps selection
+    (:class:`_OverlappedPHSA`): each rank computes the representatives of its own key blocks (chunks are
+    block-aligned), those are all-gathered (1/block_size of K), and both chunks select from them while K and V
+    are in flight. Otherwise (the reference backend, packed documents) token_info is gathered once per batch
+    and each chunk runs the whole operator after the gather (:func:`_attend_chunks`).
 ``ulysses``
     Head-parallel all-to-all through DeepSpeed's ``DistributedAttention``: every rank gets the full
     sequence for ``hk/cp`` KV heads (and their ``hq/cp`` query heads), runs the unchanged single-GPU
@@ -32,14 +36,15 @@ reduce-scatter the same; at ~350 GB/s of NVLink that is ~0.4 / 0.8 ms each way a
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
 
-from phsa_train.attention.params import pad_queries_front
-from phsa_train.megatron.local_attention import dense_causal_attention, phsa_local
-from phsa_train.megatron.token_info import DOC_START_BIT
+from phsa_train.attention.api import _resolve_backend
+from phsa_train.attention.params import PHSAParams
+from phsa_train.megatron.local_attention import PerBatch, dense_causal_attention, phsa_local
+from phsa_train.megatron.token_info import DOC_START_BIT, punct_mask
 
 
 def _is_nccl(group) -> bool:
@@ -57,29 +62,21 @@ def _all_gather_ranks(x: torch.Tensor, group, async_op: bool = False):
     return out, work
 
 
-class _GatherSequence(torch.autograd.Function):
-    """[b, s_local, ...] zigzag slice -> [b, s, ...] in natural order; backward sends gradients home."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
-        ctx.group = group
-        parts, _ = _all_gather_ranks(x, group)
-        return zigzag_to_natural(parts, dist.get_world_size(group))
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return _reduce_scatter_home(natural_to_zigzag(grad, dist.get_world_size(ctx.group)), ctx.group), None
+def _start_reduce_scatter_home(per_rank: torch.Tensor, group):
+    """per_rank [cp, ...] (contiguous; index r = this rank's contribution to rank r's slice) -> (work, out): after
+    ``work.wait()``, out holds the sum over ranks of index ``rank``. One reduce-scatter on NCCL (all-reduce, then
+    this rank's index, on gloo, which has none)."""
+    if _is_nccl(group):
+        out = torch.empty_like(per_rank[0])
+        return dist.reduce_scatter_tensor(out, per_rank, group=group, async_op=True), out
+    return dist.all_reduce(per_rank, group=group, async_op=True), per_rank[dist.get_rank(group)]
 
 
 def _reduce_scatter_home(per_rank: torch.Tensor, group) -> torch.Tensor:
-    """per_rank [cp, ...] (contiguous; index r = this rank's contribution to rank r's slice) -> the sum over
-    ranks of index ``rank``: one reduce-scatter on NCCL (all-reduce + slice on gloo, which has none)."""
-    if _is_nccl(group):
-        out = torch.empty_like(per_rank[0])
-        dist.reduce_scatter_tensor(out, per_rank, group=group)
-        return out
-    dist.all_reduce(per_rank, group=group)
-    return per_rank[dist.get_rank(group)].clone()
+    """:func:`_start_reduce_scatter_home`, waited for."""
+    work, out = _start_reduce_scatter_home(per_rank, group)
+    work.wait()
+    return out
 
 
 def zigzag_to_natural(parts: torch.Tensor, cp: int) -> torch.Tensor:
@@ -172,8 +169,10 @@ class _GatherPrefixes(torch.autograd.Function):
         return out[0], out[1], None, None
 
 
-def gather_sequence(x: torch.Tensor, group) -> torch.Tensor:
-    return _GatherSequence.apply(x, group)
+def start_kv_gather(k: torch.Tensor, v: torch.Tensor, group):
+    """Launch the all-gather of K and V (same shape and dtype) without waiting: ([cp, b, 2, s_local, ...], work);
+    work launched before ``work.wait()`` overlaps it."""
+    return _all_gather_ranks(torch.stack((k.detach(), v.detach()), dim=1), group, async_op=True)
 
 
 def local_chunk_positions(s_local: int, cp: int, rank: int) -> list[tuple[int, int]]:
@@ -200,65 +199,195 @@ def _neighbour_rows(q_local: torch.Tensor, n: int, group) -> list[tuple[torch.Te
             for j in (rank, 2 * cp - 1 - rank)]
 
 
-def _attend_chunks(q_local, k_local, v_local, token_info, group, chunk_fn: Callable,
-                   query_context: int = 0) -> torch.Tensor:
-    """Run ``chunk_fn(q_chunk [b, C, ...], k [b, end, ...], v, info [b, end] | None) -> [b, C, ...]`` for both local
-    chunks against their causal prefix [0, end) (the chunk's queries aligned to the end of the prefix).
+class _ChunkPlan(NamedTuple):
+    """What every layer of one batch needs besides q/k/v (computed once per batch, see :class:`PerBatch`)."""
+    info_full: Optional[torch.Tensor]  # [b, L] token_info in position order, or None
+    context: int  # real query rows run on either side of a chunk (packed documents), else 0
+    ends: tuple  # per local chunk: end of its queries (global position)
+    key_ends: tuple  # per local chunk: end of the keys gathered for it (ends + context, within L)
+    infos: tuple  # per local chunk: token_info of the rows it runs (a fixed object: the layers' caches hit)
+    around: tuple  # per local chunk: whether it runs with its neighbours' rows
 
-    ``query_context`` = n > 0 with packed documents: each chunk runs with the n real query rows on either side
-    of it (detached; their outputs are dropped, so they get no gradient) and the prefix reaches n keys further.
-    PHSA needs them when a document-local query group straddles a chunk boundary: the group's selection sums
-    over all its rows, up to query_block - 1 of which lie in the neighbouring chunk; keys past a row never
-    reach its output (causal). Without documents, chunk boundaries are group boundaries.
-    """
+
+def _plan_chunks(token_info, group, s_local: int, query_context: int, documents: bool) -> _ChunkPlan:
     cp, rank = dist.get_world_size(group), dist.get_rank(group)
-    c = q_local.shape[1] // 2
-    L = 2 * cp * c
-    spans = local_chunk_positions(q_local.shape[1], cp, rank)
+    c, L = s_local // 2, cp * s_local
+    spans = local_chunk_positions(s_local, cp, rank)
     info_full = None
     if token_info is not None:  # the punctuation (and document) flags: [b, L] int32, small
         info_full = zigzag_to_natural(_all_gather_ranks(token_info, group)[0], cp)
     n = 0
-    if query_context > 0 and info_full is not None and bool((info_full & DOC_START_BIT).any()):
-        n = min(query_context, c)  # the same decision on every rank: info_full is the same everywhere
+    # the host reads below happen once per batch, and only with packed documents (the same decision on every
+    # rank: info_full is the same everywhere)
+    if documents and query_context > 0 and info_full is not None and bool((info_full & DOC_START_BIT).any()):
+        n = min(query_context, c)
     key_ends = tuple(min(end + n, L) for _, end in spans)
-    prefixes = _GatherPrefixes.apply(k_local, v_local, group, key_ends)
-    around = _neighbour_rows(q_local, n, group) if n else None
+    # a prefix with no document start after position 0 is one document: its groups are aligned to the chunk
+    around = tuple(bool(n) and bool((info_full[:, 1:end] & DOC_START_BIT).any()) for _, end in spans)
+    infos = tuple(None if info_full is None else info_full[:, :(ke if ar else end)]
+                  for (_, end), ke, ar in zip(spans, key_ends, around))
+    return _ChunkPlan(info_full, n, tuple(end for _, end in spans), key_ends, infos, around)
+
+
+_chunk_plan = PerBatch(_plan_chunks)
+_gathered_info = PerBatch(lambda info, group: zigzag_to_natural(_all_gather_ranks(info, group)[0],
+                                                                dist.get_world_size(group)))
+
+
+def _attend_chunks(q_local, k_local, v_local, token_info, group, chunk_fn: Callable,
+                   query_context: int = 0, documents: bool = False) -> torch.Tensor:
+    """Run ``chunk_fn(q_chunk [b, C, ...], k [b, end, ...], v, info [b, end] | None) -> [b, C, ...]`` for both local
+    chunks against their causal prefix [0, end) (the chunk's queries aligned to the end of the prefix).
+
+    ``query_context`` = n > 0 with packed documents (``documents``): each chunk runs with the n real query rows on
+    either side of it (detached; their outputs are dropped, so they get no gradient) and the prefix reaches n keys
+    further. PHSA needs them when a document-local query group straddles a chunk boundary: the group's selection
+    sums over all its rows, up to query_block - 1 of which lie in the neighbouring chunk; keys past a row never
+    reach its output (causal). Without documents, chunk boundaries are group boundaries.
+    The gathered token_info and these decisions are made once per batch (the first layer), not per layer.
+    """
+    c = q_local.shape[1] // 2
+    plan = (_chunk_plan(token_info, group, q_local.shape[1], query_context, documents) if token_info is not None
+            else _plan_chunks(None, group, q_local.shape[1], 0, False))
+    prefixes = _GatherPrefixes.apply(k_local, v_local, group, plan.key_ends)
+    around = _neighbour_rows(q_local, plan.context, group) if any(plan.around) else None
     outs = []
-    for i, (_, end) in enumerate(spans):
+    for i, info in enumerate(plan.infos):
         q_chunk = q_local[:, i * c:(i + 1) * c]
-        k_pre, v_pre = prefixes[i], prefixes[len(spans) + i]
-        # a prefix with no document start after position 0 is one document: its groups are aligned to the chunk
-        if around is not None and bool((info_full[:, 1:end] & DOC_START_BIT).any()):
+        k_pre, v_pre = prefixes[i], prefixes[len(plan.infos) + i]
+        if plan.around[i]:
             before, after = around[i]
-            q_ext = torch.cat((before, q_chunk, after), dim=1)
-            o = chunk_fn(q_ext, k_pre, v_pre, info_full[:, :key_ends[i]])
+            o = chunk_fn(torch.cat((before, q_chunk, after), dim=1), k_pre, v_pre, info)
             outs.append(o[:, before.shape[1]:before.shape[1] + c])
         else:
-            info = None if info_full is None else info_full[:, :end]
+            end = plan.ends[i]
             outs.append(chunk_fn(q_chunk, k_pre[:, :end], v_pre[:, :end], info))
     return torch.cat(outs, dim=1)
 
 
-def cp_phsa_attention(q, k, v, token_info, group, mode: str, phsa_kwargs: dict) -> torch.Tensor:
+def overlap_kernels(q, k, v, token_info, group, phsa_kwargs: dict, documents: bool):
+    """(the Triton module, PHSAParams) when :class:`_OverlappedPHSA` computes exactly what the chunk path does,
+    else None: unpacked sequences, the Triton kernels, block- and group-aligned chunks, no dense fallback."""
+    if documents or token_info is None or k.shape != v.shape or k.dtype != v.dtype:
+        return None
+    params = PHSAParams(**{n: x for n, x in phsa_kwargs.items() if n != "backend"})
+    tri = _resolve_backend(phsa_kwargs.get("backend", "auto"), q, params)
+    if tri == "reference":
+        return None
+    c = q.shape[1] // 2
+    first_end = min(end for _, end in local_chunk_positions(q.shape[1], dist.get_world_size(group),
+                                                            dist.get_rank(group)))
+    if (c % params.block_size or c % params.query_block or params.topk > tri.SELECT_MAX_TOPK
+            or (phsa_kwargs.get("backend", "auto") == "auto" and first_end <= tri.DENSE_FALLBACK_MAX_SEQLEN)):
+        return None
+    return tri, params
+
+
+def gathered_reps(k_local, token_info, group, tri, params) -> torch.Tensor:
+    """k_local [b, s_local, hk, d] (zigzag slice), token_info [b, s_local] -> the whole sequence's block
+    representatives [b, L / block_size, hk, d] in position order: each rank computes its own blocks, one
+    all-gather (block-aligned chunks: every block lies in one rank's chunk)."""
+    rep = tri.block_reps_of(k_local, punct_mask(token_info), params)  # [b, s_local / m, hk, d]
+    return zigzag_to_natural(_all_gather_ranks(rep, group)[0], dist.get_world_size(group))
+
+
+class _OverlappedPHSA(torch.autograd.Function):
+    """The all-gather path with the K/V all-gather hidden behind selection (see :func:`overlap_kernels`).
+
+    Forward:
+    1. the representatives of the local blocks (the chunks are block-aligned, so these are the rows the whole
+       sequence gives those blocks), all-gathered: L / block_size rows, 1/16 of K at block 16;
+    2. the K/V all-gather launched without waiting;
+    3. both chunks' selections from the gathered representatives (they need no keys) while K and V travel;
+    4. wait; attention of both chunks against their prefixes of the gathered K/V.
+    Backward: both chunks accumulate dK/dV into one fp32 buffer over the whole sequence (one zero fill, one
+    conversion, straight into the reduce-scatter layout), sent home in the keys' dtype by two reduce-scatters:
+    the second half of the sequence (natural chunks cp .. 2cp-1) gets nothing from any rank's first chunk, whose
+    prefix ends by L/2, so its reduce-scatter runs while the first chunk's backward computes.
+    Selections, outputs and dq are those of the chunk path (and of CP=1): the same kernels on the same inputs.
+    """
+
+    @staticmethod
+    def forward(ctx, q_local, k_local, v_local, token_info, group, tri, params):
+        cp, rank = dist.get_world_size(group), dist.get_rank(group)
+        b, s_local = q_local.shape[:2]
+        c = s_local // 2
+        spans = local_chunk_positions(s_local, cp, rank)
+        rep_full = gathered_reps(k_local, token_info, group, tri, params)
+        parts, work = start_kv_gather(k_local, v_local, group)
+        q_chunks = [q_local[:, i * c:(i + 1) * c] for i in range(2)]
+        sels = [tri.select_from_reps(qc, rep_full, params, q_offset=start) for qc, (start, _) in zip(q_chunks, spans)]
+        work.wait()
+        kv = zigzag_to_natural(parts.flatten(1, 2), cp).unflatten(0, (b, 2))  # [b, 2, L, hk, d]
+        outs = [tri.attend_forward(qc, kv[:, 0, :end], kv[:, 1, :end], params, sel, q_offset=start)
+                for qc, (start, end), sel in zip(q_chunks, spans, sels)]
+        o = torch.cat([o_ for o_, _ in outs], dim=1)
+        ctx.save_for_backward(q_local, kv, o, *(lse for _, lse in outs), *sels)
+        ctx.group, ctx.tri, ctx.params, ctx.spans = group, tri, params, spans
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q_local, kv, o, lse0, lse1, sel0, sel1 = ctx.saved_tensors
+        group, tri, params, spans = ctx.group, ctx.tri, ctx.params, ctx.spans
+        cp = dist.get_world_size(group)
+        c = q_local.shape[1] // 2
+        acc = torch.zeros((kv.shape[0], 2, *kv.shape[2:]), dtype=torch.float32, device=kv.device)  # [b, 2, L, hk, d]
+        dq = torch.empty_like(q_local)
+
+        def chunk_backward(i: int, lse, sel) -> None:
+            (start, end), rows = spans[i], slice(i * c, (i + 1) * c)
+            dq[:, rows] = tri.attend_backward(q_local[:, rows], kv[:, 0, :end], kv[:, 1, :end], o[:, rows],
+                                              do[:, rows], lse, params, sel, start,
+                                              (acc[:, 0, :end], acc[:, 1, :end]))
+
+        def send_home(half: int):
+            """fp32 sums of every rank's ``half`` (0: chunk r, 1: chunk 2cp-1-r) -> the keys' dtype in the
+            reduce-scatter layout [cp, b, 2, c, hk, d] (one copy), reduce-scatter started: (work, [b, 2, c, hk, d])."""
+            buf = torch.empty((cp, *acc.shape[:2], c, *acc.shape[3:]), dtype=kv.dtype, device=kv.device)
+            for r in range(cp):
+                j = r if half == 0 else 2 * cp - 1 - r
+                buf[r].copy_(acc[:, :, j * c:(j + 1) * c])
+            return _start_reduce_scatter_home(buf, group)
+
+        chunk_backward(1, lse1, sel1)
+        late = send_home(1)  # final: no first chunk reaches past L/2
+        chunk_backward(0, lse0, sel0)
+        early = send_home(0)
+        early[0].wait()
+        late[0].wait()
+        home = torch.cat((early[1], late[1]), dim=2)  # [b, 2, s_local, hk, d]
+        return dq, home[:, 0], home[:, 1], None, None, None, None
+
+
+def cp_phsa_attention(q, k, v, token_info, group, mode: str, phsa_kwargs: dict, *,
+                      documents: bool = False, overlap: bool = True) -> torch.Tensor:
     """PHSA with context parallelism. q [b, s_local, hq, d], k/v [b, s_local, hk, d] (zigzag slices),
-    token_info [b, s_local] -> [b, s_local, hq, d]."""
+    token_info [b, s_local] -> [b, s_local, hq, d]. ``documents``: token_info carries document starts
+    (``data.reset_attention_mask``), from the configuration. ``overlap=False`` keeps allgather on the chunk
+    path even where selection could overlap the K/V all-gather (the same result; for benchmarks)."""
+    def local(q_, k_, v_, info_):
+        return phsa_local(q_, k_, v_, info_, phsa_kwargs, documents=documents)
+
     if mode == "ulysses":
-        return ulysses_attention(q, k, v, token_info, group,
-                                 lambda q_, k_, v_, info_: phsa_local(q_, k_, v_, info_, phsa_kwargs))
-    return _attend_chunks(q, k, v, token_info, group,
-                          lambda q_, k_, v_, info_: phsa_local(q_, k_, v_, info_, phsa_kwargs),
-                          query_context=phsa_kwargs.get("query_block", 1) - 1)
+        return ulysses_attention(q, k, v, token_info, group, local)
+    kernels = overlap_kernels(q, k, v, token_info, group, phsa_kwargs, documents) if overlap else None
+    if kernels is not None:
+        return _OverlappedPHSA.apply(q, k, v, token_info, group, *kernels)
+    return _attend_chunks(q, k, v, token_info, group, local, query_context=phsa_kwargs.get("query_block", 1) - 1,
+                          documents=documents)
 
 
-def cp_attention(q, k, v, token_info, group, softmax_scale=None) -> torch.Tensor:
+def cp_attention(q, k, v, token_info, group, softmax_scale=None, *, documents: bool = False) -> torch.Tensor:
     """Dense causal attention with all-gather CP (the baseline's CP path, no Transformer Engine).
 
     Each local chunk attends its causal prefix with a bottom-right-aligned causal mask, so SDPA can use its
     fused kernels and no [s, s] mask is materialised (document masking, when on, does build one).
     """
-    return _attend_chunks(q, k, v, token_info, group,
-                          lambda q_, k_, v_, info_: dense_causal_attention(q_, k_, v_, info_, softmax_scale))
+    def local(q_, k_, v_, info_):
+        return dense_causal_attention(q_, k_, v_, info_, softmax_scale, documents=documents)
+
+    return _attend_chunks(q, k, v, token_info, group, local, documents=documents)
 
 
 def ulysses_attention(q, k, v, token_info, group, local_fn) -> torch.Tensor:
@@ -278,8 +407,7 @@ def ulysses_attention(q, k, v, token_info, group, local_fn) -> torch.Tensor:
 
         raise ConfigError(f"parallel.cp_mode=ulysses needs KV heads per TP rank ({hk}) divisible by "
                           f"parallel.context_parallel_size={cp}; use parallel.cp_mode=allgather")
-    with torch.no_grad():
-        info_full = gather_sequence(token_info, group)
+    info_full = _gathered_info(token_info, group)
 
     def natural_order_attention(q_, k_, v_, *args, **kwargs):
         # After the all-to-all the sequence dim holds the ranks' zigzag slices back to back.

@@ -37,6 +37,7 @@ class PHSASettings:
     backend: str = "auto"
     dense_layers: Tuple[int, ...] = field(default_factory=tuple)  # 1-based layer numbers kept dense
     cp_mode: str = "allgather"
+    documents: bool = False  # data.reset_attention_mask: token_info carries document starts
 
 
 def _to_bshd(x: torch.Tensor) -> torch.Tensor:
@@ -49,13 +50,17 @@ def _from_bshd(o: torch.Tensor) -> torch.Tensor:
 
 
 class DenseCoreAttention(MegatronModule):
-    """Dense causal attention through SDPA (cuDNN/Flash on GPU), usable on CPU, with optional CP."""
+    """Dense causal attention through SDPA (cuDNN/Flash on GPU), usable on CPU, with optional CP.
+
+    ``documents`` (data.reset_attention_mask): token_info's document starts mask attention block-diagonally;
+    a configuration fact, so no layer inspects the data to find out (that would be a host sync per layer)."""
 
     def __init__(self, config, layer_number: int, attn_mask_type=None, attention_type: str = "self",
-                 cp_comm_type=None, softmax_scale=None, pg_collection=None, **_unused):
+                 cp_comm_type=None, softmax_scale=None, pg_collection=None, documents: bool = False, **_unused):
         super().__init__(config=config)
         self.layer_number = layer_number
         self.softmax_scale = softmax_scale
+        self.documents = documents
         self.cp_group = getattr(pg_collection, "cp", None) if pg_collection is not None else None
 
     def _cp_group(self):
@@ -65,9 +70,9 @@ class DenseCoreAttention(MegatronModule):
                 packed_seq_params=None, **_unused):
         q, k, v = _to_bshd(query), _to_bshd(key), _to_bshd(value)
         if self.config.context_parallel_size > 1:
-            o = cp_attention(q, k, v, attention_bias, self._cp_group(), self.softmax_scale)
+            o = cp_attention(q, k, v, attention_bias, self._cp_group(), self.softmax_scale, documents=self.documents)
         else:
-            o = dense_causal_attention(q, k, v, attention_bias, self.softmax_scale)
+            o = dense_causal_attention(q, k, v, attention_bias, self.softmax_scale, documents=self.documents)
         return _from_bshd(o)
 
 
@@ -83,9 +88,10 @@ class PHSACoreAttention(DenseCoreAttention):
     def __init__(self, config, layer_number: int, attn_mask_type=None, attention_type: str = "self",
                  cp_comm_type=None, softmax_scale=None, pg_collection=None, settings: PHSASettings = None,
                  **_unused):
+        settings = settings or PHSASettings()
         super().__init__(config, layer_number, attn_mask_type, attention_type, cp_comm_type, softmax_scale,
-                         pg_collection)
-        self.settings = settings or PHSASettings()
+                         pg_collection, documents=settings.documents)
+        self.settings = settings
         self.train_topk = self.settings.train_topk
         self.eval_topk = self.settings.eval_topk if self.settings.eval_topk is not None else self.train_topk
         self.dense = layer_number in self.settings.dense_layers
@@ -108,9 +114,9 @@ class PHSACoreAttention(DenseCoreAttention):
         q, k, v = _to_bshd(query), _to_bshd(key), _to_bshd(value)
         if self.config.context_parallel_size > 1:
             o = cp_phsa_attention(q, k, v, attention_bias, self._cp_group(), self.settings.cp_mode,
-                                  self.phsa_kwargs())
+                                  self.phsa_kwargs(), documents=self.documents)
         else:
-            o = phsa_local(q, k, v, attention_bias, self.phsa_kwargs())
+            o = phsa_local(q, k, v, attention_bias, self.phsa_kwargs(), documents=self.documents)
         return _from_bshd(o)
 
 

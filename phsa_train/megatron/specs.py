@@ -37,10 +37,11 @@ def _with_core_attention(spec: ModuleSpec, core) -> ModuleSpec:
 
 
 def get_dense_layer_spec(transformer_impl: str = "local", qk_layernorm: bool = True,
-                         normalization: str = "RMSNorm") -> ModuleSpec:
-    """Megatron's GPT layer with dense SDPA core attention (runs on CPU and GPU, supports our CP)."""
+                         normalization: str = "RMSNorm", documents: bool = False) -> ModuleSpec:
+    """Megatron's GPT layer with dense SDPA core attention (runs on CPU and GPU, supports our CP).
+    ``documents``: data.reset_attention_mask (token_info's document starts mask attention)."""
     return _with_core_attention(_base_layer_spec(transformer_impl, qk_layernorm, normalization),
-                                ModuleSpec(module=DenseCoreAttention))
+                                ModuleSpec(module=DenseCoreAttention, params={"documents": documents}))
 
 
 def get_phsa_layer_spec(settings: PHSASettings, transformer_impl: str = "local", qk_layernorm: bool = True,
@@ -55,8 +56,9 @@ def layer_spec_from_config(cfg) -> ModuleSpec:
     m, a = cfg.model, cfg.attention
     common = dict(transformer_impl=m.transformer_impl, qk_layernorm=m.qk_layernorm, normalization=m.normalization)
     if a.name == "dense":
-        return get_dense_layer_spec(**common)
+        return get_dense_layer_spec(**common, documents=cfg.data.reset_attention_mask)
     dense_layers = tuple(sorted(set(a.dense_layers) | set(range(1, a.first_dense_layers + 1))))
     settings = PHSASettings(phsa_params_from_config(a), train_topk=a.train_topk, eval_topk=a.eval_topk,
-                            backend=a.backend, dense_layers=dense_layers, cp_mode=cfg.parallel.cp_mode)
+                            backend=a.backend, dense_layers=dense_layers, cp_mode=cfg.parallel.cp_mode,
+                            documents=cfg.data.reset_attention_mask)
     return get_phsa_layer_spec(settings, **common)

@@ -187,7 +187,35 @@ def test_suffix_queries_q_offset(hq, hk, d, m, B, score, q_offset):
                                                    query_block=16), q_offset=8)
 
 
-# opt-in variants of the softmax selection (select_launch keywords, bench/tune.py --stages select_variants)
+@pytest.mark.parametrize("score", ["softmax_group_sum", "dot_group_sum"])
+def test_selection_from_reps_q_offset(score):
+    """The context-parallel overlap's pieces: representatives of block-aligned pieces are the whole sequence's rows
+    for those blocks; a selection made from representatives that cover more keys than the call (the whole
+    sequence's, for a chunk's prefix) drives attend_forward / attend_backward to the outputs and dq of the
+    autograd operator, and dk / dv accumulate into the caller's fp32 buffers (batch 2)."""
+    from phsa_train.attention.phsa.triton import attend_backward, attend_forward, block_reps_of, select_from_reps
+
+    L, n_keys, q_offset, m, B = 192, 160, 64, 16, 16
+    p = PHSAParams(block_size=m, n_init=m, local_window=2 * m, topk=2, query_block=B, score=score)
+    q, k, v, pm, do = _inputs(2, L, 4, 2, 64, torch.bfloat16, seed=3)
+    reps = block_reps_of(k, pm, p)
+    pieces = torch.cat([block_reps_of(k[:, :64], pm[:, :64], p), block_reps_of(k[:, 64:], pm[:, 64:], p)], dim=1)
+    assert reps.shape == (2, L // m, 2, 64) and torch.equal(pieces, reps)
+    qs, ks, vs, pms, dos = q[:, q_offset:n_keys], k[:, :n_keys], v[:, :n_keys], pm[:, :n_keys], do[:, q_offset:n_keys]
+    x = [t.clone().requires_grad_() for t in (qs, ks, vs)]
+    o_own = phsa_triton(*x, pms, p, q_offset=q_offset)
+    o_own.backward(dos)
+    sel = select_from_reps(qs, reps, p, q_offset=q_offset)
+    o, lse = attend_forward(qs, ks, vs, p, sel, q_offset=q_offset)
+    acc = torch.zeros(2, 2, L, 2, 64)  # [b, (dk, dv), L, hk, d], wider than the call's keys
+    dq = attend_backward(qs, ks, vs, o, dos, lse, p, sel, q_offset, (acc[:, 0, :n_keys], acc[:, 1, :n_keys]))
+    assert torch.equal(o, o_own) and torch.equal(dq, x[0].grad)
+    assert_close("dk", x[1].grad.float(), acc[:, 0, :n_keys], 1e-2)  # the operator rounds to bf16; acc is fp32
+    assert_close("dv", x[2].grad.float(), acc[:, 1, :n_keys], 1e-2)
+    assert not acc[:, :, n_keys:].any()
+
+
+# opt-in variants of the softmax score's selection (select_launch keywords, bench/tune.py --stages select_variants)
 SELECT_VARIANTS = [  # together they run every code path of the variants (pass 1 x pass 2 x pipelined)
     dict(lse_mode="offset", topk_prefilter=True, lse_block_n=16),
     dict(lse_mode="offset_t", lse_block_n=64, transposed=True, block_n=64),
@@ -219,7 +247,7 @@ def test_selection_variants(monkeypatch, variant, hq, hk, B, L):
     groups per program, and 512-row groups (chunked, normalisers through the scratch; pipelining applies to
     one-chunk programs only, so the pipelined variants skip them), with unmasked tiles."""
     _with_select_variant(monkeypatch, variant)
-    p = PHSAParams(block_size=16, n_init=16, local_window=32, topk=4, query_block=B)
+    p = PHSAParams(block_size=16, n_init=16, local_window=32, topk=4, query_block=B, score="softmax_group_sum")
     q, k, _, pm, _ = _inputs(1, L, hq, hk, 64, torch.bfloat16, seed=L + B)
     assert torch.equal(select_blocks_triton(q, k, pm, p), R.select_blocks_reference(q, k, pm, p))
 
@@ -235,7 +263,7 @@ def test_selection_offset_overflow_falls_back(monkeypatch, lse_mode, pipelined):
     q = (torch.randn(1, L, 2, 64, generator=g) * 0.1 + 1.0).bfloat16()
     k = (torch.randn(1, L, 1, 64, generator=g) * 0.1).bfloat16()
     k[0, 20 * m:21 * m] = 16.0  # block 20 (second tile of 16): logit ~ 64 * 16 / 8 = 128 nats = 185 log2 units
-    p = PHSAParams(block_size=m, n_init=0, local_window=m, topk=1, query_block=64)
+    p = PHSAParams(block_size=m, n_init=0, local_window=m, topk=1, query_block=64, score="softmax_group_sum")
     sel = select_blocks_triton(q, k, None, p)
     assert torch.equal(sel, R.select_blocks_reference(q, k, None, p))
     assert (sel[0, 384:, 0] == 20).all()

@@ -14,6 +14,7 @@ Writes one JSON line per mode to ``--out.<rank>`` ({"mode", "ok", "errors"}); ex
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root: `tests.` helpers under torchrun
@@ -32,6 +33,22 @@ from tests.workers.cp_selection import cp_select_blocks
 
 def rel(a, b) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def host_syncs(fn) -> str:
+    """Run ``fn`` (warmed up) with CUDA's sync debug mode warning: "none", or the synchronizing calls seen (warn, not
+    error: every rank must still reach every collective)."""
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            fn()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+        torch.cuda.synchronize()
+    msgs = [str(w.message).splitlines()[0][:200] for w in seen if "synchroniz" in str(w.message).lower()]
+    return "none" if not msgs else f"{len(msgs)}: " + " | ".join(dict.fromkeys(msgs))
 
 
 def main():
@@ -68,8 +85,11 @@ def main():
         info_full[:, s] |= DOC_START_BIT
     cu = document_cu_seqlens(info_full)
     qr, kr, vr = (x.clone().requires_grad_() for x in (q, k, v))
-    o_ref = phsa_local(qr, kr, vr, info_full, kw)  # the single-rank path of the model (documents included)
+    documents = bool(args.doc_starts)  # data.reset_attention_mask, as the model passes it down
+    o_ref = phsa_local(qr, kr, vr, info_full, kw, documents=documents)  # the model's single-rank path
     o_ref.backward(w)
+    cp1_syncs = host_syncs(lambda: phsa_local(qr, kr, vr, info_full, kw, documents=documents).backward(w)) \
+        if dev.type == "cuda" and not documents else None
     sel_ref = select_blocks(q, k, punct, cu_seqlens=cu, **kw)
     mine = lambda x: natural_to_zigzag(x, cp)[rank]  # noqa: E731
     info = mine(info_full)
@@ -97,9 +117,9 @@ def main():
                 lines.append({"mode": mode, "ok": None, "skipped": "deepspeed not installed"})
                 continue
         ql, kl, vl = (mine(x).clone().requires_grad_() for x in (q, k, v))
-        o = cp_phsa_attention(ql, kl, vl, info, group, mode, kw)
+        o = cp_phsa_attention(ql, kl, vl, info, group, mode, kw, documents=documents)
         o.backward(mine(w))
-        sel = cp_select_blocks(mine(q), mine(k), info, group, kw, mode=mode)
+        sel = cp_select_blocks(mine(q), mine(k), info, group, kw, mode=mode, documents=documents)
         sel_mine = mine(sel_ref)
         res = {"o_equal": torch.equal(o, mine(o_ref)), "dq_equal": torch.equal(ql.grad, mine(qr.grad)),
                "selection_equal": torch.equal(sel, sel_mine),
@@ -111,12 +131,15 @@ def main():
         if args.tiny:  # float64 reference: the CP sums differ only in order
             ok = ok or (res["selection_equal"] and max(res["o_rel"], res["dq_rel"]) < 1e-12
                         and max(res["dk_rel"], res["dv_rel"]) < 1e-12)
+        if dev.type == "cuda" and not documents:  # unpacked sequences: no host sync on the hot path
+            res["host_syncs"] = host_syncs(lambda: cp_phsa_attention(ql, kl, vl, info, group, mode, kw).backward(
+                mine(w)))
         ok_all &= ok
         if args.doc_starts:
             ok = ok and sensitivity["rows_whose_selection_padding_would_change"] > 0
         lines.append({"mode": mode, "cp": cp, "L": L, "doc_starts": args.doc_starts, **sensitivity,
                       "query_block": kw["query_block"], "score": kw["score"],
-                      "dtype": str(dtype), "ok": ok, **res})
+                      "dtype": str(dtype), "ok": ok, "cp1_host_syncs": cp1_syncs, **res})
     Path(f"{args.out}.{rank}").write_text("".join(json.dumps(x) + "\n" for x in lines))
     dist.barrier()
     dist.destroy_process_group()

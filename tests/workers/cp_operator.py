@@ -22,7 +22,7 @@ import torch.distributed as dist  # noqa: E402
 from megatron.core import parallel_state  # noqa: E402
 
 from phsa_train.attention import PHSAParams, phsa_attention, select_blocks  # noqa: E402
-from phsa_train.megatron.context_parallel import cp_phsa_attention, natural_to_zigzag  # noqa: E402
+from phsa_train.megatron.context_parallel import overlap_kernels, cp_phsa_attention, natural_to_zigzag  # noqa: E402
 from phsa_train.megatron.token_info import PUNCT_BIT  # noqa: E402
 from phsa_train.training.distributed import init_distributed, init_model_parallel  # noqa: E402
 from tests.workers.cp_selection import cp_select_blocks  # noqa: E402
@@ -65,6 +65,8 @@ def main():
     mine = lambda x: natural_to_zigzag(x, cp)[cp_rank]  # noqa: E731
     q_l, k_l, v_l = (mine(x[:, :, hs]).clone().requires_grad_() for x, hs in ((q, qh), (k, kh), (v, kh)))
     info_l = mine(punct.to(torch.int32) * PUNCT_BIT)
+    if args.backend == "triton" and args.mode == "allgather":  # the path that selects while K/V are in flight
+        assert overlap_kernels(q_l, k_l, v_l, info_l, cp_group, kw, False) is not None
     o = cp_phsa_attention(q_l, k_l, v_l, info_l, cp_group, args.mode, kw)
     (o * mine(w[:, :, qh])).sum().backward()
 

@@ -59,7 +59,8 @@ def main():
     compat.apply(on_gpu=False)
     init_model_parallel(args.tp, 1, args.cp)
     cfg = compose(["model=tiny", f"data.seq_len={SEQ}", f"parallel.tensor_model_parallel_size={args.tp}",
-                   f"parallel.context_parallel_size={args.cp}", *args.overrides])
+                   f"parallel.context_parallel_size={args.cp}",
+                   *(["data.reset_attention_mask=true"] if args.reset_docs else []), *args.overrides])
     torch.manual_seed(1234)
     model = build_model(cfg, VOCAB, torch.float32)
 

@@ -42,26 +42,37 @@ SELECT_MAX_TOPK = 128
 
 
 @functools.lru_cache(maxsize=64)
-def _batch_seq_table(b: int, L: int, block_size: int, device: torch.device) -> torch.Tensor:
+def _batch_seq_table(b: int, L: int, block_size: int, device: torch.device, rep_stride: int | None = None
+                     ) -> torch.Tensor:
     """The SEQ table of b unpacked sequences of length L, built once per shape: a host-to-device copy from
-    pageable memory waits for the GPU, so building it on every call would stall the launch queue each time."""
-    return torch.tensor([(bi, 0, L, bi * (L // block_size)) for bi in range(b)], dtype=torch.int32, device=device)
+    pageable memory waits for the GPU, so building it on every call would stall the launch queue each time.
+    ``rep_stride``: representative rows per batch row (default L // block_size; more when the representatives
+    cover a longer sequence than this call's keys, see :func:`select_from_reps`)."""
+    stride = L // block_size if rep_stride is None else rep_stride
+    return torch.tensor([(bi, 0, L, bi * stride) for bi in range(b)], dtype=torch.int32, device=device)
 
 
-def _seq_table(b: int, L: int, cu_seqlens, block_size: int, device):
-    if cu_seqlens is None and L > 0:
-        docs = [(bi, 0, L) for bi in range(b)]
-        return docs, _batch_seq_table(b, L, block_size, torch.device(device)), b * (L // block_size), L
-    if cu_seqlens is None:
-        docs = []
-    else:
-        cs = [int(x) for x in cu_seqlens.tolist()]
-        docs = [(0, s, e - s) for s, e in zip(cs, cs[1:]) if e > s]
+@functools.lru_cache(maxsize=64)
+def _document_seq_table(docs: tuple, block_size: int, device: torch.device) -> tuple:
+    """(SEQ table, representative rows) of packed documents [(batch, start, length)], built once per layout: every
+    layer of a step has the same documents, and each host-to-device copy would stall the launch queue."""
     rows, off = [], 0
     for bi, s, n in docs:
         rows.append((bi, s, n, off))
         off += n // block_size
-    seq = torch.tensor(rows if rows else [(0, 0, 0, 0)], dtype=torch.int32, device=device)
+    return torch.tensor(rows if rows else [(0, 0, 0, 0)], dtype=torch.int32, device=device), off
+
+
+def _seq_table(b: int, L: int, cu_seqlens, block_size: int, device, rep_stride: int | None = None):
+    if cu_seqlens is None and L > 0:
+        docs = [(bi, 0, L) for bi in range(b)]
+        return docs, _batch_seq_table(b, L, block_size, torch.device(device), rep_stride), b * (L // block_size), L
+    if cu_seqlens is None:
+        docs = []
+    else:  # a host read: free when cu_seqlens lives on the CPU (phsa_train.megatron passes it so)
+        cs = [int(x) for x in cu_seqlens.tolist()]
+        docs = [(0, s, e - s) for s, e in zip(cs, cs[1:]) if e > s]
+    seq, off = _document_seq_table(tuple(docs), block_size, torch.device(device))
     max_n = max((n for _, _, n in docs), default=0)
     return docs, seq, off, max_n
 
@@ -92,11 +103,12 @@ def _check(q, params):
 class _Plan:
     """Host-side description of one call: sequences, selection width, dense shortcut."""
 
-    def __init__(self, q, params: PHSAParams, cu_seqlens, qoff: int = 0):
+    def __init__(self, q, params: PHSAParams, cu_seqlens, qoff: int = 0, rep_stride: int | None = None):
         b, L = q.shape[0], q.shape[1] + qoff  # L: key positions; q holds the query rows [qoff, L)
         self.qoff = qoff
         self.cu_seqlens = cu_seqlens
-        self.docs, self.seq, self.n_rep, self.max_n = _seq_table(b, L, cu_seqlens, params.block_size, q.device)
+        self.docs, self.seq, self.n_rep, self.max_n = _seq_table(b, L, cu_seqlens, params.block_size, q.device,
+                                                                 rep_stride)
         max_elig = max((_max_eligible(n, params) for _, _, n in self.docs), default=0)
         self.kk = min(params.topk, max_elig)  # selection width that can hold a real block
         self.dense = params.topk >= max_elig  # every eligible block taken: exactly dense causal
@@ -110,10 +122,11 @@ def _contig(x):
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _select_internal(q, k, punct_mask, params: PHSAParams, plan: _Plan) -> torch.Tensor:
-    """int32 [b, L, hk, kk]: selection written at the first row of every query group (other rows undefined)."""
+def _select_internal(q, k, punct_mask, params: PHSAParams, plan: _Plan, rep=None) -> torch.Tensor:
+    """int32 [b, L, hk, kk]: selection written at the first row of every query group (other rows undefined).
+    ``rep`` [n_rep, hk, d]: the block representatives, already computed (then k and punct_mask are unused)."""
     b, L, hq, d = q.shape
-    hk = k.shape[2]
+    hk = (k if rep is None else rep).shape[-2]
     kk = max(plan.kk, 1)
     sel = torch.full((b, L, hk, kk), -1, dtype=torch.int32, device=q.device) if plan.kk == 0 else \
         torch.empty((b, L, hk, kk), dtype=torch.int32, device=q.device)
@@ -125,9 +138,10 @@ def _select_internal(q, k, punct_mask, params: PHSAParams, plan: _Plan) -> torch
         qf = pad_queries_front(q, plan.qoff)
         return select_blocks_reference(qf, k, punct_mask, params, plan.cu_seqlens)[:, plan.qoff:, :, : plan.kk].to(
             torch.int32)
-    pu8 = None if punct_mask is None else punct_mask.to(torch.uint8)
-    max_nb = plan.max_n // params.block_size
-    rep = block_reps(k, pu8, plan.seq, plan.n_rep, max_nb, params.block_size, params.lam)
+    if rep is None:
+        pu8 = None if punct_mask is None else punct_mask.to(torch.uint8)
+        max_nb = plan.max_n // params.block_size
+        rep = block_reps(k, pu8, plan.seq, plan.n_rep, max_nb, params.block_size, params.lam)
     # per-row LSE scratch of the softmax score's pass 1, only for query groups of more than 128 (query, head) rows
     # (smaller groups keep it in registers; the dot score needs none)
     big = params.score == "softmax_group_sum" and params.query_block * (hq // hk) > 128
@@ -146,14 +160,37 @@ def _group_rows(L: int, plan: _Plan, B: int, device) -> torch.Tensor:
     return rows
 
 
+def _no_selection(device) -> torch.Tensor:
+    """The selection argument of the attention kernels when every eligible block is taken (dense shortcut)."""
+    return torch.full((1, 1, 1, 1), -1, dtype=torch.int32, device=device)
+
+
+def attend_forward(q, k, v, params: PHSAParams, selection, q_offset: int = 0):
+    """The attention step alone, no autograd, unpacked sequences: (o [b, Lq, hq, dv], lse) from the
+    :func:`select_from_reps` ``selection`` of the query rows [q_offset, q_offset + Lq) against k, v [b, L, hk, d]
+    (L = Lq + q_offset). For callers that own the autograd (the context-parallel path)."""
+    q, k, v = _contig(q), _contig(k), _contig(v)
+    plan = _Plan(q, params, None, q_offset)
+    return fwd_launch(q, k, v, selection, plan.seq, plan.max_n, params, plan.k_attn, plan.n_init, plan.W,
+                      qoff=plan.qoff)
+
+
+def attend_backward(q, k, v, o, do, lse, params: PHSAParams, selection, q_offset: int, dkv_acc) -> torch.Tensor:
+    """Backward of :func:`attend_forward`: returns dq; dk and dv are added into ``dkv_acc`` (fp32 buffers
+    [b, L, hk, d], shared by calls over one key sequence, zeroed by the caller)."""
+    q, k, v = _contig(q), _contig(k), _contig(v)
+    plan = _Plan(q, params, None, q_offset)
+    return bwd_launch(q, k, v, o, _contig(do), lse, selection, plan.seq, plan.max_n, params, plan.k_attn,
+                      plan.n_init, plan.W, qoff=plan.qoff, dkv_acc=dkv_acc)[0]
+
+
 class _PHSAFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, punct_mask, params, cu_seqlens, q_offset):
         q, k, v = _contig(q), _contig(k), _contig(v)
         plan = _Plan(q, params, cu_seqlens, q_offset)
         with torch.no_grad():
-            sel = _select_internal(q, k, punct_mask, params, plan) if not plan.dense else \
-                torch.full((1, 1, 1, 1), -1, dtype=torch.int32, device=q.device)
+            sel = _select_internal(q, k, punct_mask, params, plan) if not plan.dense else _no_selection(q.device)
             o, lse = fwd_launch(q, k, v, sel, plan.seq, plan.max_n, params, plan.k_attn, plan.n_init, plan.W,
                                 qoff=plan.qoff)
         ctx.save_for_backward(q, k, v, o, lse, sel)
@@ -217,6 +254,36 @@ def phsa_triton(q, k, v, punct_mask, params: PHSAParams, cu_seqlens=None, *, den
     if dense_fallback and use_dense_fallback(k, params, cu_seqlens):
         return dense_sdpa(pad_queries_front(q, q_offset), k, v, cu_seqlens)[:, q_offset:]
     return _PHSAFunction.apply(q, k, v, punct_mask, params, cu_seqlens, q_offset)
+
+
+def block_reps_of(k, punct_mask, params: PHSAParams) -> torch.Tensor:
+    """Block representatives of unpacked sequences: k [b, L, hk, d], punct_mask bool [b, L] or None ->
+    [b, L // block_size, hk, d] (complete blocks). A block's representative depends on its own keys and flags
+    only, so the blocks of any block-aligned piece of a sequence (a context-parallel chunk) have the rows the
+    whole sequence would give them."""
+    b, L, hk, d = k.shape
+    m, nb = params.block_size, L // params.block_size
+    pu8 = None if punct_mask is None else punct_mask.to(torch.uint8)
+    with torch.no_grad():
+        rep = block_reps(_contig(k), pu8, _batch_seq_table(b, L, m, k.device), b * nb, nb, m, params.lam)
+    return rep[: b * nb].view(b, nb, hk, d)
+
+
+def select_from_reps(q, rep, params: PHSAParams, q_offset: int = 0) -> torch.Tensor:
+    """The selection :func:`phsa_triton` would make for q [b, Lq, hq, d] (query rows [q_offset, q_offset + Lq) of
+    a sequence; unpacked), from that sequence's representatives rep [b, nb, hk, d] (:func:`block_reps_of`; nb may
+    cover more than the Lq + q_offset keys: later blocks are never eligible), for :func:`attend_forward`. Needs
+    no keys, so it can run while they are still in flight."""
+    _check(q, params)
+    b, nb, hk, d = rep.shape
+    q = _contig(q)
+    plan = _Plan(q, params, None, q_offset, rep_stride=nb)
+    if plan.dense:
+        return _no_selection(q.device)
+    if plan.kk > SELECT_MAX_TOPK:
+        raise ValueError(f"attention.topk={params.topk} above {SELECT_MAX_TOPK} has no selection from representatives")
+    with torch.no_grad():
+        return _select_internal(q, None, None, params, plan, rep=rep.reshape(b * nb, hk, d))
 
 
 def select_blocks_triton(q, k, punct_mask, params: PHSAParams, cu_seqlens=None) -> torch.Tensor:

@@ -113,10 +113,13 @@ def _bwd_kernel(
              dq.to(DQ.dtype.element_ty), mask=rvalid[:, None])
 
 
-def bwd_launch(q, k, v, o, do, lse, sel, seq, max_n, params, topk, n_init, W, *, qoff=0, block_n=64,
-               num_warps=None, num_stages=2):
+def bwd_launch(q, k, v, o, do, lse, sel, seq, max_n, params, topk, n_init, W, *, qoff=0, dkv_acc=None,
+               block_n=64, num_warps=None, num_stages=2):
     """dq, dk, dv in the inputs' dtypes. Tuning: ``block_n`` keys per tile, ``num_warps`` (None: 8 for 128-row
-    tiles, else 4), ``num_stages``; defaults from the H100 sweep of ``bench/tune.py`` (docs/kernels.md)."""
+    tiles, else 4), ``num_stages``; defaults from the H100 sweep of ``bench/tune.py`` (docs/kernels.md).
+    ``dkv_acc``: fp32 (dk, dv) buffers [b, k.shape[1], hk, d] (views of larger ones allowed) that several calls over
+    one key sequence accumulate into (the context-parallel chunks); then dk and dv are returned as those
+    buffers, unconverted, and the caller zeroes and converts them once."""
     import torch
 
     from .fwd import tile_shape
@@ -127,8 +130,11 @@ def bwd_launch(q, k, v, o, do, lse, sel, seq, max_n, params, topk, n_init, W, *,
     QT, NSUB, BM = tile_shape(B, G)
     dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)  # dense even when q is a strided view
     Lk = k.shape[1]
-    dk32 = torch.zeros((b, Lk, hk, d), device=q.device, dtype=torch.float32)
-    dv32 = torch.zeros((b, Lk, hk, dv), device=q.device, dtype=torch.float32)
+    if dkv_acc is None:
+        dk32 = torch.zeros((b, Lk, hk, d), device=q.device, dtype=torch.float32)
+        dv32 = torch.zeros((b, Lk, hk, dv), device=q.device, dtype=torch.float32)
+    else:
+        dk32, dv32 = dkv_acc
     grid = (triton.cdiv(max_n - qoff, B) * NSUB, seq.shape[0], hk)
     scale = params.scale(d)
     _bwd_kernel[grid](
@@ -143,4 +149,6 @@ def bwd_launch(q, k, v, o, do, lse, sel, seq, max_n, params, topk, n_init, W, *,
         PREC="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=num_warps or (8 if BM >= 128 else 4), num_stages=num_stages,
     )
+    if dkv_acc is not None:
+        return dq, dk32, dv32
     return dq, dk32.to(k.dtype), dv32.to(v.dtype)
