@@ -1,5 +1,5 @@
 """Compile the softmax selection kernel for a GPU without one: registers, stack and programs per SM of every
-``bench/tune.py`` SELECT_VARIANTS entry at config (a) (G = 2, query_block 64, d = 128, top-k 16, bf16).
+``bench/tune.py`` SELECT_VARIANTS entry at config a_softmax (G = 2, query_block 64, d = 128, top-k 16, bf16).
 
     PYTHONPATH=. python bench/select_registers.py [--arch 90]
 
@@ -51,8 +51,8 @@ def main():
         sig = dict(SIGNATURE, **{k: "constexpr" for k in meta})
         names = list(sig)
         try:
-            k = triton.compile(ASTSource(_select_kernel, sig, constexprs={(names.index(n),): v for n, v in meta.items()}),
-                               target=GPUTarget("cuda", args.arch, 32), options=options)
+            src = ASTSource(_select_kernel, sig, constexprs={(names.index(n),): v for n, v in meta.items()})
+            k = triton.compile(src, target=GPUTarget("cuda", args.arch, 32), options=options)
         except Exception as e:  # noqa: BLE001
             print(json.dumps(dict(variant=kw, error=repr(e)[:300])), flush=True)
             continue
