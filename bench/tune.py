@@ -1,10 +1,15 @@
 """Tile sweep of the PHSA kernels on one GPU (config (a) of bench/attention.py), plus two precision checks.
 
-    PYTHONPATH=. python bench/tune.py [--T 32768,65536] [--config a_softmax] [--stages select,fwd,bwd,precision] [--out f]
+    PYTHONPATH=. python bench/tune.py [--T 32768,65536] [--config a_softmax] [--stages select,fwd,bwd,precision]
+        [--out f]    (stages: select, select_variants, fwd, bwd, precision; comma-separated)
 
 Prints (and writes) one JSON line per measurement:
     stage=select   softmax selection (representatives excluded): block_n, num_warps, num_stages; ms and whether
                    the selection equals the first variant's
+    stage=select_variants  the opt-in softmax-selection variants (SELECT_VARIANTS: select_launch keywords) against
+                   the default, timed in the same run (the default again at the end: drift); ms, same_selection
+                   groups_differing (query groups x KV heads whose selection differs from the default's) and
+                   max_rel_score_gap (``selection_gap``: near-ties or not)
     stage=fwd/bwd  sparse attention: block_n, num_warps, num_stages; ms
     stage=reps_bits  kernel M (reps.py) against the reference's score_representatives, bit for bit
     stage=lse_precision  how many group selections change when every row's normaliser (pass 1) carries a relative
@@ -32,12 +37,83 @@ from phsa_train.attention.phsa.kernels.select import select_launch  # noqa: E402
 
 # (block_n, num_warps, num_stages[, ftz_exp2]); the first of each list is the launcher's default
 SELECT = [(32, 4, 3, False), (32, 4, 3, True), (32, 4, 2, False), (64, 4, 3, False)]  # + ftz_exp2
+# select_launch keywords of the softmax selection's opt-in variants (kernels/select.py); {} is the default
+_T64 = dict(transposed=True, block_n=64, lse_block_n=32)  # pass 2 transposed, pass 1's tiles unchanged
+SELECT_VARIANTS = [
+    {},
+    dict(topk_prefilter=True),
+    dict(lse_mode="offset"),
+    dict(lse_mode="offset", lse_block_n=64),
+    dict(lse_mode="offset", lse_block_n=64, max_registers=168),
+    dict(lse_mode="offset_t", lse_block_n=64),
+    _T64,
+    dict(_T64, block_n=128),
+    dict(_T64, lse_mode="offset", topk_prefilter=True),
+    dict(pipelined=True),
+    dict(pipelined=True, topk_prefilter=True),
+    dict(pipelined=True, lse_mode="offset"),
+    dict(pipelined=True, lse_mode="offset", topk_prefilter=True),
+    dict(pipelined=True, max_registers=168),  # 3 programs per SM instead of 2
+    dict(pipelined=True, lse_mode="offset", topk_prefilter=True, max_registers=168),
+    dict(pipelined=True, lse_mode="offset", topk_prefilter=True, num_warps=8, max_registers=128),
+    dict(pipelined=True, lse_mode="offset", topk_prefilter=True, num_stages=2),
+    dict(pipelined=True, lse_mode="offset", topk_prefilter=True, num_stages=4),
+    dict(pipelined=True, lse_mode="offset", topk_prefilter=True, ftz_exp2=True),
+    dict(_T64, pipelined=True),
+    dict(_T64, pipelined=True, lse_mode="offset", topk_prefilter=True),
+    dict(_T64, pipelined=True, lse_mode="offset", topk_prefilter=True, num_warps=8, max_registers=128),
+    # two query groups per program: the representatives streamed once for both (half the L2 traffic)
+    dict(max_rows=256, num_warps=8),
+    dict(max_rows=256, num_warps=8, pipelined=True),
+    dict(max_rows=256, num_warps=8, pipelined=True, lse_mode="offset", topk_prefilter=True),
+    dict(max_rows=256, num_warps=8, pipelined=True, max_registers=128),
+    dict(max_rows=256, num_warps=4),
+]
 FWD = [(64, 8, 3), (64, 8, 2)]
 BWD = [(64, 8, 2), (64, 8, 1)]
 
 
 def bench(fn):
     return triton.testing.do_bench(fn, warmup=10, rep=100, return_mode="median")
+
+
+def select_variants(q, rep, plan, p, L, cfg, lb, rows, emit):
+    """Time every SELECT_VARIANTS entry (the default first and again last) and compare its selection with the
+    default's at every query group's first row."""
+    ref_sel = None
+    for i, kw in enumerate(SELECT_VARIANTS + [{}]):
+        sel = torch.empty(1, L, cfg["hk"], plan.kk, dtype=torch.int32, device=q.device)
+        fn = lambda: select_launch(q, rep, plan.seq, L, p, plan.kk, sel, lb, **kw)  # noqa: E731, B023
+        knob = dict(variant=kw, repeat=i == len(SELECT_VARIANTS))
+        try:
+            ms = bench(fn)
+        except Exception as e:  # noqa: BLE001
+            emit(stage="select_variants", T=L, **knob, error=repr(e)[:300])
+            continue
+        s = sel[0, rows].clone()
+        ref_sel = s if ref_sel is None else ref_sel
+        differ = (s != ref_sel).any(-1)
+        emit(stage="select_variants", T=L, **knob, ms=ms, same_selection=not bool(differ.any()),
+             groups_differing=int(differ.sum()), groups=differ.numel(),
+             max_rel_score_gap=selection_gap(q, rep, plan, p, s, ref_sel, differ))
+
+
+def selection_gap(q, rep, plan, p, sel_a, sel_b, differ, max_groups=256):
+    """Largest relative difference between the total scores (torch, fp32, the kernel's M) of two selections
+    [groups, hk, k], over (query group, KV head) pairs where they differ (at most max_groups of them): ~1e-6
+    means fp32 near-ties (summation order), larger means a real difference. 0.0 when none differ."""
+    L, d = q.shape[1], q.shape[3]
+    G, B = q.shape[2] // rep.shape[1], p.query_block
+    elig = R.eligible_blocks(L, p).to(q.device)
+    roff = int(plan.seq[0, 3])
+    worst = 0.0
+    for j, g in differ.nonzero().tolist()[:max_groups]:
+        rows = q[0, j * B:(j + 1) * B, g * G:(g + 1) * G].float().reshape(-1, d)
+        logits = (rows @ rep[roff:roff + elig.shape[1], g].float().T) * p.scale(d)
+        score = torch.softmax(logits.masked_fill(~elig[j], float("-inf")), -1).sum(0)
+        a, b = (score[x[x >= 0].long()].sum().item() for x in (sel_a[j, g], sel_b[j, g]))
+        worst = max(worst, abs(a - b) / max(a, b))
+    return worst
 
 
 def lse_precision(q, k, pm, p, out, n_rows=4096):
@@ -75,8 +151,15 @@ def main():
     ap.add_argument("--stages", default="select,fwd,bwd,precision")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    stages = set(args.stages.split(","))
+    unknown = stages - {"select", "select_variants", "fwd", "bwd", "precision"}
+    if unknown:
+        ap.error(f"--stages: unknown {sorted(unknown)}; allowed: select, select_variants, fwd, bwd, precision")
     cfg = CONFIGS[args.config]
     p = cfg["params"]
+    if stages & {"select", "select_variants"} and p.score != "softmax_group_sum":
+        ap.error(f"--stages select / select_variants time the softmax score's kernel; --config {args.config} has "
+                 f"score={p.score}: use a_softmax or b_softmax")
     out = []
 
     def emit(**rec):
@@ -99,7 +182,7 @@ def main():
         lb = torch.empty(1, L, cfg["hq"], device="cuda")
         rows = torch.arange(0, L, p.query_block, device="cuda")
         ref_sel = None
-        for bn, nw, ns, ftz in SELECT if "select" in args.stages else []:
+        for bn, nw, ns, ftz in SELECT if "select" in stages else []:
             sel = torch.empty(1, L, cfg["hk"], plan.kk, dtype=torch.int32, device="cuda")
             fn = lambda: select_launch(q, rep, plan.seq, L, p, plan.kk, sel, lb, block_n=bn, num_warps=nw,  # noqa
                                        num_stages=ns, ftz_exp2=ftz)
@@ -113,29 +196,31 @@ def main():
             same = True if ref_sel is None else bool(torch.equal(s, ref_sel))
             ref_sel = s if ref_sel is None else ref_sel
             emit(stage="select", T=L, **knob, ms=ms, same_selection=same)
+        if "select_variants" in stages:
+            select_variants(q, rep, plan, p, L, cfg, lb, rows, emit)
         sel_full = torch.empty(1, L, cfg["hk"], plan.kk, dtype=torch.int32, device="cuda")
         select_launch(q, rep, plan.seq, L, p, plan.kk, sel_full, lb)
         o, lse = fwd_launch(q, k, v, sel_full, plan.seq, L, p, plan.k_attn, plan.n_init, plan.W)
-        for bn, nw, ns in FWD if "fwd" in args.stages else []:
+        for bn, nw, ns in FWD if "fwd" in stages else []:
             try:
                 ms = bench(lambda: fwd_launch(q, k, v, sel_full, plan.seq, L, p, plan.k_attn, plan.n_init, plan.W,
                                               block_n=bn, num_warps=nw, num_stages=ns))
                 emit(stage="fwd", T=L, block_n=bn, num_warps=nw, num_stages=ns, ms=ms)
             except Exception as e:  # noqa: BLE001
                 emit(stage="fwd", T=L, block_n=bn, num_warps=nw, num_stages=ns, error=repr(e)[:200])
-        for bn, nw, ns in BWD if "bwd" in args.stages else []:
+        for bn, nw, ns in BWD if "bwd" in stages else []:
             try:
                 ms = bench(lambda: bwd_launch(q, k, v, o, do, lse, sel_full, plan.seq, L, p, plan.k_attn, plan.n_init,
                                               plan.W, block_n=bn, num_warps=nw, num_stages=ns))
                 emit(stage="bwd", T=L, block_n=bn, num_warps=nw, num_stages=ns, ms=ms)
             except Exception as e:  # noqa: BLE001
                 emit(stage="bwd", T=L, block_n=bn, num_warps=nw, num_stages=ns, error=repr(e)[:200])
-        if "bwd" in args.stages:  # probe: INIT keys are atomically updated by every query group (contention?)
+        if "bwd" in stages:  # probe: INIT keys are atomically updated by every query group (contention?)
             emit(stage="fwd_no_init", T=L, ms=bench(lambda: fwd_launch(q, k, v, sel_full, plan.seq, L, p, plan.k_attn,
                                                                        0, plan.W)))
             emit(stage="bwd_no_init", T=L, ms=bench(lambda: bwd_launch(q, k, v, o, do, lse, sel_full, plan.seq, L, p,
                                                                        plan.k_attn, 0, plan.W)))
-        if L == int(args.T.split(",")[0]) and "precision" in args.stages:
+        if L == int(args.T.split(",")[0]) and "precision" in stages:
             lse_precision(q, k, pm, p, out)
         del q, k, v, do, o, lse
         torch.cuda.empty_cache()

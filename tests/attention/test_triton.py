@@ -213,3 +213,57 @@ def test_selection_from_reps_q_offset(score):
     assert_close("dk", x[1].grad.float(), acc[:, 0, :n_keys], 1e-2)  # the operator rounds to bf16; acc is fp32
     assert_close("dv", x[2].grad.float(), acc[:, 1, :n_keys], 1e-2)
     assert not acc[:, :, n_keys:].any()
+
+
+# opt-in variants of the softmax score's selection (select_launch keywords, bench/tune.py --stages select_variants)
+SELECT_VARIANTS = [  # together they run every code path of the variants (pass 1 x pass 2 x pipelined)
+    dict(lse_mode="offset", topk_prefilter=True, lse_block_n=16),
+    dict(lse_mode="offset_t", lse_block_n=64, transposed=True, block_n=64),
+    dict(pipelined=True),
+    dict(pipelined=True, lse_mode="offset", transposed=True, block_n=64, topk_prefilter=True),
+    dict(pipelined=True, lse_mode="offset_t", lse_block_n=64),
+    dict(max_rows=256, pipelined=True, transposed=True, block_n=64),  # two 128-row groups per program
+]
+
+
+def _with_select_variant(monkeypatch, variant):
+    import functools
+
+    from phsa_train.attention.phsa import triton as T
+    from phsa_train.attention.phsa.kernels.select import select_launch
+
+    monkeypatch.setattr(T, "select_launch", functools.partial(select_launch, **variant))
+
+
+_SHAPES = [(4, 2, 64, 1024), (4, 2, 4, 640), (4, 1, 128, 768)]  # (hq, hk, query_block, L)
+
+
+@pytest.mark.parametrize(
+    "variant,hq,hk,B,L",
+    [(v, *shape) for v in SELECT_VARIANTS for shape in (_SHAPES[:2] if v.get("pipelined") else _SHAPES)],
+    ids=lambda x: "-".join(f"{k}={y}" for k, y in x.items()) if isinstance(x, dict) else None)
+def test_selection_variants(monkeypatch, variant, hq, hk, B, L):
+    """Every opt-in selection variant gives the reference's selection: one 128-row group per program, many small
+    groups per program, and 512-row groups (chunked, normalisers through the scratch; pipelining applies to
+    one-chunk programs only, so the pipelined variants skip them), with unmasked tiles."""
+    _with_select_variant(monkeypatch, variant)
+    p = PHSAParams(block_size=16, n_init=16, local_window=32, topk=4, query_block=B, score="softmax_group_sum")
+    q, k, _, pm, _ = _inputs(1, L, hq, hk, 64, torch.bfloat16, seed=L + B)
+    assert torch.equal(select_blocks_triton(q, k, pm, p), R.select_blocks_reference(q, k, pm, p))
+
+
+@pytest.mark.parametrize("pipelined", [False, True])
+@pytest.mark.parametrize("lse_mode", ["online", "offset", "offset_t"])
+def test_selection_offset_overflow_falls_back(monkeypatch, lse_mode, pipelined):
+    """A block whose logits exceed the first tile's by more than 2^7 (log2 units) overflows the fixed-offset sum: those
+    programs must redo pass 1 with the online max and still select that block."""
+    _with_select_variant(monkeypatch, dict(lse_mode=lse_mode, block_n=16, pipelined=pipelined))
+    L, m = 640, 16
+    g = torch.Generator().manual_seed(1)
+    q = (torch.randn(1, L, 2, 64, generator=g) * 0.1 + 1.0).bfloat16()
+    k = (torch.randn(1, L, 1, 64, generator=g) * 0.1).bfloat16()
+    k[0, 20 * m:21 * m] = 16.0  # block 20 (second tile of 16): logit ~ 64 * 16 / 8 = 128 nats = 185 log2 units
+    p = PHSAParams(block_size=m, n_init=0, local_window=m, topk=1, query_block=64, score="softmax_group_sum")
+    sel = select_blocks_triton(q, k, None, p)
+    assert torch.equal(sel, R.select_blocks_reference(q, k, None, p))
+    assert (sel[0, 384:, 0] == 20).all()
