@@ -104,13 +104,14 @@ def profile_stages(fn, cuda: bool = True) -> dict:
         if cuda:
             torch.cuda.synchronize()
         wall = (time.perf_counter() - t0) * 1e3
-    per_stage, spans, compute = defaultdict(float), [], []
+    per_stage, per_kernel, spans, compute = defaultdict(float), defaultdict(float), [], []
     for ev in prof.events():
         if ev.device_type != kind or (not cuda and ev.cpu_parent is not None):
             continue
         s, e = ev.time_range.start / 1e3, ev.time_range.end / 1e3  # us -> ms
         stage = stage_of(ev.name)
         per_stage[stage] += e - s
+        per_kernel[(stage, ev.name[:90])] += e - s
         spans.append((s, e))
         if stage != "nccl":
             compute.append((s, e))
@@ -118,7 +119,10 @@ def profile_stages(fn, cuda: bool = True) -> dict:
     return {"ms_by_stage": {k: round(v, 3) for k, v in sorted(per_stage.items())}, "wall_ms": round(wall, 3),
             "kernel_span_ms": round(span, 3), "no_kernel_running_ms": round(span - union_ms(spans), 3),
             # communication that no other kernel ran alongside (what overlapping it with compute can still hide)
-            "nccl_exposed_ms": round(union_ms(spans) - union_ms(compute), 3)}
+            "nccl_exposed_ms": round(union_ms(spans) - union_ms(compute), 3),
+            # the ten costliest kernels outside the attention stages: what a stage total like copy_fill is made of
+            "top_other_kernels": [[st, name, round(ms, 3)] for (st, name), ms in sorted(
+                per_kernel.items(), key=lambda kv: -kv[1]) if st not in ("attn_fwd", "attn_bwd")][:10]}
 
 
 def shipped_attention(overrides: list[str]) -> dict:

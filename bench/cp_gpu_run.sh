@@ -10,7 +10,7 @@
 #                            (f) short ulysses and packed-document (data.reset_attention_mask=true) runs
 #   max_seq.jsonl            (e) longest sequence that trains (only with STAGES containing e)
 #   gpu.txt                  nvidia-smi
-# TS_LENS="65536 131072" (default) sets the lengths of stage c. STAGES (default "abcd") picks stages; e (longest sequence) takes ~5 min on its own: run it in a second call.
+# TS_LENS="65536 131072" (default) sets the lengths of stage c, PRE_SEQ=65536 that of stages d and f. STAGES (default "abcd") picks stages; e (longest sequence) takes ~5 min on its own: run it in a second call.
 # With >= 4 GPUs, stages run as two 2-GPU groups side by side (GPUs 0,1: b then c; GPUs 2,3: a then d), then the
 # 4-GPU parts. CPU logic check (gloo, tiny shapes): CP_GPU_RUN_CPU=1 OUT=/tmp/x bash bench/cp_gpu_run.sh
 set -u
@@ -65,7 +65,7 @@ else
   QB_OVR=(); [ "$QB" != "$SHIPPED_QB" ] && QB_OVR=(attention.query_block=$QB)
   EX_ARGS=(--seq-len 32768 --query-block "$QB"); CPB_ARGS=(--seq-lens 65536 131072 --reps 5 --attention "${QB_OVR[@]}")
   read -r -a TS_LENS <<< "${TS_LENS:-65536 131072}"; TS_ARGS=(--model qwen3_0.6b --recompute full --steps 2 --warmup 1); TS_PHSA=("${QB_OVR[@]}")
-  PRE=(model=qwen3_0.6b data.seq_len=65536 train.recompute=full train.micro_batch_size=1 train.global_batch_size=1
+  PRE=(model=qwen3_0.6b data.seq_len=${PRE_SEQ:-65536} train.recompute=full train.micro_batch_size=1 train.global_batch_size=1
        "${QB_OVR[@]}")
   TS_BIG=131072
 fi
