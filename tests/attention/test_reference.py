@@ -182,6 +182,25 @@ def test_packed_documents_equal_separate_runs(query_block):
     assert dv[:, :23].abs().max() == 0 and dv[:, 60:].abs().max() == 0 and dv[:, 23:60].abs().max() > 0
 
 
+@pytest.mark.parametrize("score", ["softmax_group_sum", "dot_group_sum"])
+@pytest.mark.parametrize("query_block", [1, 4])
+def test_selection_in_group_chunks_is_the_same(score, query_block):
+    """max_score_bytes bounds memory by scoring a few query groups at a time (the Triton backend's path for a
+    top-k above its register buffer, e.g. curriculum ramps at 128k); q_offset skips the unneeded groups."""
+    q, k, _, pm = make_inputs(2, 90, 4, 2)
+    p = PHSAParams(block_size=4, n_init=5, local_window=6, topk=3, query_block=query_block, score=score)
+    whole = select_blocks_reference(q, k, pm, p)
+    one_group = 2 * query_block * 4 * (90 // 4) * 4  # the fp32 logits of one query group, batch 2
+    for budget in (1, one_group, 3 * one_group):
+        assert torch.equal(select_blocks_reference(q, k, pm, p, max_score_bytes=budget), whole)
+    off = 8 * query_block
+    part = select_blocks_reference(q, k, pm, p, max_score_bytes=one_group, q_offset=off)
+    assert torch.equal(part[:, off:], whole[:, off:]) and bool((part[:, :off] == -1).all())
+    cu = torch.tensor([0, 37, 90], dtype=torch.int32)
+    assert torch.equal(select_blocks_reference(q[:1], k[:1], pm[:1], p, cu, max_score_bytes=one_group),
+                       select_blocks_reference(q[:1], k[:1], pm[:1], p, cu))
+
+
 def test_api_reference_and_auto_on_cpu_agree():
     q, k, v, pm = make_inputs(2, 33, 4, 2)
     knobs = dict(block_size=4, n_init=4, local_window=8, topk=2, lam=0.5, query_block=2, softmax_scale=0.3)

@@ -267,3 +267,15 @@ def test_selection_offset_overflow_falls_back(monkeypatch, lse_mode, pipelined):
     sel = select_blocks_triton(q, k, None, p)
     assert torch.equal(sel, R.select_blocks_reference(q, k, None, p))
     assert (sel[0, 384:, 0] == 20).all()
+
+
+def test_topk_above_the_register_buffer_uses_the_chunked_reference(monkeypatch):
+    """A top-k wider than the selection kernel's register buffer (SELECT_MAX_TOPK: curriculum ramps at long L)
+    takes the reference's selection scored a few query groups at a time: bounded memory, the same blocks."""
+    import phsa_train.attention.phsa.triton as T
+
+    monkeypatch.setattr(T, "WIDE_SELECT_BYTES", 4 * 16 * 4 * 40 * 4)  # fp32 logits of 4 query groups
+    monkeypatch.setattr(T, "SELECT_MAX_TOPK", 4)
+    q, k, _, pm, _ = _inputs(1, 640, 4, 2, 16, torch.bfloat16, 3)
+    p = PHSAParams(block_size=16, n_init=16, local_window=16, topk=6, query_block=16)
+    assert torch.equal(select_blocks_triton(q, k, pm, p), R.select_blocks_reference(q, k, pm, p))

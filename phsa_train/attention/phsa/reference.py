@@ -63,26 +63,31 @@ def score_representatives(
     return M
 
 
-def eligible_blocks(n: int, params: PHSAParams) -> torch.Tensor:
+def eligible_blocks(n: int, params: PHSAParams, groups: tuple[int, int] | None = None, device=None) -> torch.Tensor:
     """bool [n_groups, nb]: block t is eligible for query group j (first query i0 = j * B) when it is not
     entirely inside INIT, (t+1)*m > n_init, and starts before the local window, t*m <= i0 - w (docs/phsa.md).
-    With w >= m an eligible block holds no token at or after i0; blocks past n // m do not exist."""
+    With w >= m an eligible block holds no token at or after i0; blocks past n // m do not exist.
+    ``groups=(j0, j1)``: only the rows of groups j0 <= j < j1."""
     m, B = params.block_size, params.query_block
     nb, n_groups = n // m, -(-n // B)
-    t = torch.arange(nb)
-    i0 = torch.arange(n_groups) * B
+    j0, j1 = (0, n_groups) if groups is None else groups
+    t = torch.arange(nb, device=device)
+    i0 = torch.arange(j0, j1, device=device) * B
     not_init = (t + 1) * m > params.n_init
     before_local = t[None, :] * m <= (i0[:, None] - params.local_window)
     return not_init[None, :] & before_local
 
 
 def block_scores(
-    q: torch.Tensor, k: torch.Tensor, punct_mask: torch.Tensor | None, params: PHSAParams
+    q: torch.Tensor, k: torch.Tensor, punct_mask: torch.Tensor | None, params: PHSAParams,
+    groups: tuple[int, int] | None = None, M: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Score of every block for every query group and KV head (one sequence, no cu_seqlens).
 
     q: [b, n, hq, d], k: [b, n, hk, d] -> scores [b, n_groups, hk, nb], n_groups = ceil(n / query_block),
-    -inf where a block is not eligible.
+    -inf where a block is not eligible. ``groups=(j0, j1)`` scores only the query groups j0 <= j < j1
+    (-> [b, j1 - j0, hk, nb]); each group's scores are the same float operations either way. ``M``: the
+    representatives ``score_representatives`` gives for k (computed here when None).
     softmax_group_sum: s(j, g, t) = sum_{i in group j} sum_{h in KV group g} softmax_t(scale * q[i,h]·M_g(t)),
         the softmax taken per query and head over the group's eligible blocks;
     dot_group_sum: the same sum of the raw scaled dot products.
@@ -91,9 +96,13 @@ def block_scores(
     b, n, hq, d = q.shape
     hk = k.shape[2]
     G, B = hq // hk, params.query_block
-    M = score_representatives(k, punct_mask, params.block_size, params.lam)  # [b, nb, hk, d]
+    if M is None:
+        M = score_representatives(k, punct_mask, params.block_size, params.lam)  # [b, nb, hk, d]
     nb = M.shape[1]
-    elig_g = eligible_blocks(n, params).to(q.device)  # [n_groups, nb]
+    elig_g = eligible_blocks(n, params, groups, q.device)  # [n_groups, nb]
+    if groups is not None:
+        q = q[:, groups[0] * B:groups[1] * B]
+        n = q.shape[1]
     n_groups = elig_g.shape[0]
     elig_q = elig_g.repeat_interleave(B, dim=0)[:n]  # [n, nb], every query uses its group's eligibility
     M_h = M.repeat_interleave(G, dim=2)  # [b, nb, hq, d]
@@ -145,19 +154,36 @@ def select_blocks_reference(
     punct_mask: torch.Tensor | None,
     params: PHSAParams,
     cu_seqlens: torch.Tensor | None = None,
+    *,
+    max_score_bytes: int | None = None,
+    q_offset: int = 0,
 ) -> torch.Tensor:
     """Blocks chosen by every query: q [b, L, hq, d], k [b, L, hk, d], punct_mask bool [b, L] or None
     -> LongTensor [b, L, hk, topk], ascending, padded with -1. Shared by the G query heads of a KV head and by
     the query_block queries of a group. With cu_seqlens the indices are document-local. Inputs are checked by
-    the public API (:func:`phsa_train.attention.select_blocks`), not here."""
-    b, L, _, _ = q.shape
+    the public API (:func:`phsa_train.attention.select_blocks`), not here.
+
+    ``max_score_bytes``: score the query groups in chunks whose fp32 logits [b, rows, hq, nb] stay under this
+    many bytes (None: all at once, O(L^2 / block_size) memory: 64 GiB at 128k tokens, 16 heads, block 16). The
+    selections are the same. ``q_offset`` (no cu_seqlens): the rows before it are not needed; their groups are
+    skipped and their selections left at -1."""
+    b, L, hq, _ = q.shape
+    B = params.query_block
     out = torch.full((b, L, k.shape[2], params.topk), -1, dtype=torch.long, device=q.device)
     with torch.no_grad():
         for s, e in doc_bounds(cu_seqlens, L):
             pm = None if punct_mask is None else punct_mask[:, s:e]
-            scores = block_scores(q[:, s:e], k[:, s:e], pm, params)  # [b, n_groups, hk, nb]
-            idx = topk_blocks(scores, params.topk)
-            out[:, s:e] = idx.repeat_interleave(params.query_block, dim=1)[:, : e - s]
+            n = e - s
+            n_groups = -(-n // B)
+            step = n_groups if max_score_bytes is None else max(
+                1, max_score_bytes // max(1, b * B * hq * (n // params.block_size) * 4))
+            M = score_representatives(k[:, s:e], pm, params.block_size, params.lam)
+            for j0 in range(q_offset // B if cu_seqlens is None else 0, n_groups, step):
+                j1 = min(j0 + step, n_groups)
+                scores = block_scores(q[:, s:e], k[:, s:e], pm, params, (j0, j1), M)  # [b, j1 - j0, hk, nb]
+                idx = topk_blocks(scores, params.topk)
+                r0, r1 = j0 * B, min(j1 * B, n)
+                out[:, s + r0:s + r1] = idx.repeat_interleave(B, dim=1)[:, : r1 - r0]
     return out
 
 

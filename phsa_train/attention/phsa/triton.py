@@ -39,6 +39,8 @@ from .kernels.select import select_launch
 DENSE_FALLBACK_MAX_SEQLEN = 4096  # measured: PHSA/cuDNN fwd+bwd = 0.29x @1k, 0.20x @2k, 0.46x @4k, 1.17x @8k
 # topk above this is not run by the selection kernel (its running buffer lives in registers)
 SELECT_MAX_TOPK = 128
+# above it, the fp32 logits of one chunk of query groups in the wide selection (peak ~3x this)
+WIDE_SELECT_BYTES = 256 << 20
 
 
 @functools.lru_cache(maxsize=64)
@@ -132,12 +134,13 @@ def _select_internal(q, k, punct_mask, params: PHSAParams, plan: _Plan, rep=None
         torch.empty((b, L, hk, kk), dtype=torch.int32, device=q.device)
     if plan.kk == 0 or not plan.docs:
         return sel
-    if plan.kk > SELECT_MAX_TOPK:  # rare: a selection too wide for the register top-k -> the reference
+    if plan.kk > SELECT_MAX_TOPK:  # a selection too wide for the register top-k (curriculum ramps at long L)
         from .reference import select_blocks_reference  # noqa: PLC0415
 
+        # the reference's function, scored a few query groups at a time: bounded memory at any length
         qf = pad_queries_front(q, plan.qoff)
-        return select_blocks_reference(qf, k, punct_mask, params, plan.cu_seqlens)[:, plan.qoff:, :, : plan.kk].to(
-            torch.int32)
+        return select_blocks_reference(qf, k, punct_mask, params, plan.cu_seqlens, max_score_bytes=WIDE_SELECT_BYTES,
+                                       q_offset=plan.qoff)[:, plan.qoff:, :, : plan.kk].to(torch.int32)
     if rep is None:
         pu8 = None if punct_mask is None else punct_mask.to(torch.uint8)
         max_nb = plan.max_n // params.block_size
