@@ -143,8 +143,9 @@ def test_per_token_topk_among_many_blocks():
 @pytest.mark.parametrize("hq,hk,B,L", [(4, 2, 64, 1024), (4, 2, 4, 640), (4, 1, 128, 768)])
 def test_selection_with_unmasked_tiles(hq, hk, B, L):
     """Enough blocks (> 32 per tile) that most selection tiles are eligible for every row of a program and run
-    without masks, with one group of 128 rows (the fast path), many small groups, and 512-row groups (chunked)."""
-    p = PHSAParams(block_size=16, n_init=16, local_window=32, topk=4, query_block=B)
+    without masks, with one group of 128 rows (the fast path), many small groups, and 512-row groups (chunked).
+    The softmax score's kernel (the shipped dot score has its own, tested elsewhere)."""
+    p = PHSAParams(block_size=16, n_init=16, local_window=32, topk=4, query_block=B, score="softmax_group_sum")
     q, k, _, pm, _ = _inputs(1, L, hq, hk, 64, torch.bfloat16, seed=L + B)
     assert torch.equal(select_blocks_triton(q, k, pm, p), R.select_blocks_reference(q, k, pm, p))
 
