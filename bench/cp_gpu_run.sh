@@ -122,7 +122,8 @@ stage_d() {  # the user's path: curriculum (dense warm-up, ramp, hold), SIGKILL 
     setsid env PHSA_RUN_DIR="$rd" NPROC=2 CUDA_VISIBLE_DEVICES="$gpus" bash launch/pretrain.sh "${args[@]}" > "$rd.log1" 2>&1 &
   fi
   pid=$!
-  while kill -0 "$pid" 2>/dev/null && ! grep -q "step      5/" "$rd.log1" 2>/dev/null && [ $((SECONDS - t0)) -lt 240 ]; do sleep 0.2; done
+  local wait_s=240; [ "$(left)" -lt $((2 * wait_s)) ] && wait_s=$(( $(left) / 2 > 20 ? $(left) / 2 : 20 ))  # both runs fit the deadline
+  while kill -0 "$pid" 2>/dev/null && ! grep -q "step      5/" "$rd.log1" 2>/dev/null && [ $((SECONDS - t0)) -lt $wait_s ]; do sleep 0.2; done
   # SIGKILL the launcher's whole tree (torchrun puts its workers in their own sessions): a crash, no clean save
   local tree=$pid kids
   kids=$(pgrep -P "$pid"); while [ -n "$kids" ]; do tree="$tree $kids"; kids=$(for k in $kids; do pgrep -P "$k"; done); done
@@ -133,7 +134,7 @@ stage_d() {  # the user's path: curriculum (dense warm-up, ramp, hold), SIGKILL 
   if [ "$CPU" = 1 ]; then
     timeout -k 10 240 env PHSA_RUN_DIR="$rd" NPROC=2 bash launch/pretrain.sh "${args[@]}" > "$rd.log2" 2>&1
   else
-    timeout -k 10 240 env PHSA_RUN_DIR="$rd" NPROC=2 CUDA_VISIBLE_DEVICES="$gpus" bash launch/pretrain.sh "${args[@]}" > "$rd.log2" 2>&1
+    timeout -k 10 "$(( $(left) > 20 ? $(left) : 20 ))" env PHSA_RUN_DIR="$rd" NPROC=2 CUDA_VISIBLE_DEVICES="$gpus" bash launch/pretrain.sh "${args[@]}" > "$rd.log2" 2>&1
   fi
   echo "=== [pretrain] resume exit $?" >> "$f"
   grep -E "step +[0-9]+/|saved checkpoint|resum|phsa_train\]|rror" "$rd.log2" >> "$f"
