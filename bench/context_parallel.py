@@ -56,6 +56,12 @@ def bytes_per_layer(mode: str, L: int, cp: int, hq: int, hk: int, d: int, elem: 
     return 2 * ((2 * hq + 2 * hk) * d * (L // cp) * elem * (cp - 1) // cp)
 
 
+def fwd_bwd_of(o: torch.Tensor, inputs: tuple, do: torch.Tensor) -> tuple:
+    """The gradients of ``inputs`` for the output gradient ``do``, returned rather than added into ``.grad``: a
+    layer inside a model hands them on, so the timed work has no accumulation kernel that training does not run."""
+    return torch.autograd.grad(o, inputs, do)
+
+
 def timed(fn, reps: int, cuda: bool) -> float:
     """Median milliseconds of ``fn`` over ``reps`` runs, every run started together on all ranks."""
     times = []
@@ -186,7 +192,7 @@ def main():
         cp1_ms = None
         if cp > 1 and not args.no_cp1:  # CP=1 on this rank's own device, same process, same card
             qf, kf, vf = (x.clone().requires_grad_() for x in (q, k, v))
-            fb1 = lambda: phsa_local(qf, kf, vf, info, kw).backward(do)  # noqa: E731
+            fb1 = lambda: fwd_bwd_of(phsa_local(qf, kf, vf, info, kw), (qf, kf, vf), do)  # noqa: E731
             fb1()
             cp1_ms = timed(fb1, args.reps, cuda)
             emit({"L": L, "cp": 1, "variant": "phsa", "fwd_bwd_ms": cp1_ms, "settings": kw,
@@ -201,7 +207,7 @@ def main():
             else:
                 attn = lambda: phsa_local(ql, kl, vl, il, kw)  # noqa: E731
             try:  # a failing mode leaves a row saying why; the other modes still run
-                fwd_bwd = lambda: attn().backward(dol)  # noqa: E731
+                fwd_bwd = lambda: fwd_bwd_of(attn(), (ql, kl, vl), dol)  # noqa: E731
                 for _ in range(2):
                     fwd_bwd()
                 ms = timed(fwd_bwd, args.reps, cuda)
@@ -240,13 +246,13 @@ def main():
                 else:
                     dense = lambda: dense_causal_attention(ql, kl, vl, None)  # noqa: E731
                     backend = "cudnn" if cuda else "math"
-                dense().backward(dol)
-                ms = timed(lambda: dense().backward(dol), max(3, args.reps // 3), cuda)
+                fwd_bwd_of(dense(), (ql, kl, vl), dol)
+                ms = timed(lambda: fwd_bwd_of(dense(), (ql, kl, vl), dol), max(3, args.reps // 3), cuda)
                 emit({"L": L, "cp": cp, "mode": "allgather", "variant": "dense", "sdpa_backend": backend,
                       "fwd_bwd_ms": ms, "tokens_per_s_per_gpu": (L / cp) / (ms / 1e3)})
                 if cp > 1 and not args.no_cp1:  # dense CP=1 (cuDNN) on the whole sequence, same card
                     qf, kf, vf = (x.clone().requires_grad_() for x in (q, k, v))
-                    ms1 = timed(lambda: dense_causal_attention(qf, kf, vf, None).backward(do),
+                    ms1 = timed(lambda: fwd_bwd_of(dense_causal_attention(qf, kf, vf, None), (qf, kf, vf), do),
                                 max(3, args.reps // 3), cuda)
                     emit({"L": L, "cp": 1, "variant": "dense", "sdpa_backend": "cudnn" if cuda else "math",
                           "fwd_bwd_ms": ms1, "tokens_per_s_per_gpu": L / (ms1 / 1e3)})
