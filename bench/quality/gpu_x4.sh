@@ -5,6 +5,7 @@
 #   bash bench/quality/gpu_x4.sh DATA_DIR OUT_DIR
 #     DATA_DIR: made by bench/quality/prose_data.sh (rmix.bin/.idx, rmix_punct.json, prose_tokenizer.json)
 #     env: BUDGET_S=510 STEPS=240 MODEL=medium SEQ=8192 EVAL_S=150 WORK_DIR=/tmp/phsa_prose PLAN=<file>
+#          LENGTHS / DEPTHS / RSAMPLES: the retrieval grid (LENGTHS defaults to [8192,16384,32768] when SEQ >= 16384)
 #          QUALITY_TOY=1: one tiny run on CPU (seconds), to check the pipeline end to end
 # OUT_DIR gets runs.tar.gz (per run: metrics.jsonl, train/eval logs, eval JSON + PNGs, refreshed after every
 # run), summary.json (bench/quality/summarize.py --json), plan.txt and env.txt.
@@ -19,7 +20,9 @@ if [ "$TOY" = 1 ]; then
   GBS=2 LENGTHS="[256,512]" DEPTHS="[0.0,0.5,1.0]" RSAMPLES=2 TOPKS="[1,2,4]" WIN=(16 64)
 else
   : "${BUDGET_S:=510}" "${STEPS:=240}" "${MODEL:=medium}" "${SEQ:=8192}" "${EVAL_S:=150}"
-  GBS=4 LENGTHS="[2048,4096,8192]" DEPTHS="[0.0,0.1,0.3,0.5,0.7,0.9,1.0]" RSAMPLES=8 TOPKS="[1,2,4,8,16]"
+  # retrieval lengths: up to the training length, and to 4x it (the 16k-32k rows of a SEQ=16384 sitting)
+  if [ "$SEQ" -ge 16384 ]; then : "${LENGTHS:=[8192,16384,32768]}"; else : "${LENGTHS:=[2048,4096,8192]}"; fi
+  GBS=4 DEPTHS="${DEPTHS:-[0.0,0.1,0.3,0.5,0.7,0.9,1.0]}" RSAMPLES=${RSAMPLES:-8} TOPKS="[1,2,4,8,16]"
   WIN=(16 128)
 fi
 DEADLINE=$((T0 + BUDGET_S))
