@@ -31,8 +31,9 @@ Opt-in variants (``select_launch`` keywords, same function up to fp32 summation 
     topk_prefilter  an fp32 test before the int64 insertion (``_topk_insert_prefiltered``);
     max_rows    rows per program: 256 puts two 128-row groups in one program (NG = 2), which streams the
                 representatives once for both.
-``score=dot_group_sum`` runs ``_select_dot_kernel`` instead: the score is linear in q, so each group's rows are
-summed first and one pass streams the representatives with one row per group (docstring there).
+``score=dot_group_sum`` (the shipped score) runs ``select_dot.py`` instead: the score is linear in q, so each
+group's rows are summed first and one pass streams the representatives with one row per group. The running top-k
+both kernels share is ``topk.py``.
 Precision (the score's definition, shared with the reference): the logits are q . M with q and M in the input
 dtype (M rounded once by ``reps.py``) and fp32 accumulation: one tensor-core dot per tile and pass. The
 products of two bf16 / fp16 numbers are exact in fp32, so kernel and reference differ only in the order of the
@@ -43,6 +44,9 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+from .select_dot import dot_select_launch
+from .topk import _store_selection, _topk_buffer, _topk_step
 
 
 @triton.jit
@@ -306,73 +310,6 @@ def _group_sum(s, lse2, t_hi, tt, tmask, masked, scale2, NG: tl.constexpr, RPG: 
     return acc
 
 
-@triton.jit
-def _topk_buffer(NG: tl.constexpr, KB: tl.constexpr, BN: tl.constexpr, TOPK):
-    """An empty running top-k: buf [NG, KB] int64 keys, its minimum thr [NG], slot = arange(KB), and MIN64, the
-    [NG, BN] "no block" key that ``_topk_insert`` gives ineligible blocks."""
-    MIN64 = tl.full([NG, BN], -2147483648, tl.int32).to(tl.int64) << 32
-    slot = tl.arange(0, KB)
-    bmin = tl.full([NG, KB], -2147483648, tl.int32).to(tl.int64) << 32
-    # live slots start at distinct sentinels (score bits INT32_MIN: "no block"), dead slots at INT64_MAX
-    buf = tl.where(slot[None, :] < TOPK, bmin + slot[None, :], ~bmin)
-    return buf, tl.min(buf, axis=1), slot, MIN64
-
-
-@triton.jit
-def _topk_insert(acc, tt, gel, buf, thr, MIN64):
-    """Insert the [NG, BN] fp32 scores ``acc`` of blocks ``tt`` (where ``gel``) into the running top-k ``buf``."""
-    acc = acc + 0.0  # -0.0 -> +0.0 so that equal scores compare equal
-    bits = acc.to(tl.int32, bitcast=True)
-    key32 = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
-    key = (key32.to(tl.int64) << 32) | tt.to(tl.int64)[None, :]
-    key = tl.where(gel, key, MIN64)
-    mx = tl.max(key, axis=1)
-    while tl.max((mx > thr).to(tl.int32), axis=0) > 0:
-        ins = mx > thr
-        buf = tl.where((buf == thr[:, None]) & ins[:, None], mx[:, None], buf)
-        key = tl.where((key == mx[:, None]) & ins[:, None], MIN64, key)
-        thr = tl.min(buf, axis=1)
-        mx = tl.max(key, axis=1)
-    return buf, thr
-
-
-@triton.jit
-def _topk_insert_prefiltered(acc, tt, gel, buf, thr, MIN64):
-    """``_topk_insert`` behind a cheaper test: the tile's largest fp32 score against the score half of the buffer's
-    threshold key; no int64 keys unless some block of the tile can enter (>= keeps score ties, whose order is
-    then settled by the block index in ``_topk_insert``)."""
-    top = tl.max(tl.where(gel, acc + 0.0, float("-inf")), axis=1)
-    bits = top.to(tl.int32, bitcast=True)
-    top32 = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
-    if tl.max((top32 >= (thr >> 32).to(tl.int32)).to(tl.int32), axis=0) > 0:
-        buf, thr = _topk_insert(acc, tt, gel, buf, thr, MIN64)
-    return buf, thr
-
-
-@triton.jit
-def _topk_step(acc, tt, t_hi_g, tmask, buf, thr, MIN64, PREFILTER: tl.constexpr):
-    """Merge one tile's [NG, BN] group scores into the running top-k (blocks past a group's t_hi are not eligible)."""
-    gel = (tt[None, :] <= t_hi_g[:, None]) & tmask[None, :]
-    if PREFILTER:
-        buf, thr = _topk_insert_prefiltered(acc, tt, gel, buf, thr, MIN64)
-    else:
-        buf, thr = _topk_insert(acc, tt, gel, buf, thr, MIN64)
-    return buf, thr
-
-
-@triton.jit
-def _store_selection(buf, slot, TOPK, SEL, base, row_off, gmask):
-    """Unpack the running buffer [NG, KB] into ascending block indices (-1 padded) at SEL + base + row_off."""
-    hi32 = (buf >> 32).to(tl.int32)
-    blk = (buf & 0xFFFFFFFF).to(tl.int32)
-    BIG: tl.constexpr = 2147483647
-    idx = tl.where((slot[None, :] < TOPK) & (hi32 != -2147483648), blk, BIG)
-    idx = tl.sort(idx, dim=1)
-    idx = tl.where(idx == BIG, -1, idx)
-    sptr = SEL + base + row_off[:, None] + slot[None, :]
-    tl.store(sptr, idx, mask=(slot[None, :] < TOPK) & gmask[:, None])
-
-
 @triton.jit(do_not_specialize=["TOPK"])  # top-k changes every step of a curriculum ramp: not a JIT key
 def _select_kernel(
     Q, REP, SEQ, LSEBUF, SEL,
@@ -463,71 +400,6 @@ def _select_kernel(
                      (j_first + gidx) < n_groups)
 
 
-@triton.jit(do_not_specialize=["TOPK"])  # top-k changes every step of a curriculum ramp: not a JIT key
-def _select_dot_kernel(
-    Q, REP, SEQ, SEL,
-    sq_b, sq_l, sq_h, ss_b, ss_l, ss_h, hk,
-    scale, n_init, W, TOPK, QOFF,
-    TC: tl.constexpr, G: tl.constexpr, QB: tl.constexpr, NG: tl.constexpr,
-    BR: tl.constexpr, BN: tl.constexpr, KB: tl.constexpr, BS: tl.constexpr, D: tl.constexpr,
-):
-    """``dot_group_sum`` fast path: the group score is linear in q, sum_r scale*q_r.M_t = scale*(sum_r q_r).M_t,
-    so a group's B*G rows collapse into one fp32 row before any block is touched: one streaming pass over the
-    representatives with an fp32 [NG, D] x [D, BN] product, ~B*G times fewer FLOPs than the softmax score and no
-    LSE pass. One program = NG query groups of one KV head of one sequence."""
-    pid = tl.num_programs(0) - 1 - tl.program_id(0)  # longest first, as in _select_kernel
-    si = tl.program_id(1)
-    g = tl.program_id(2)
-    batch = tl.load(SEQ + si * 4 + 0)
-    start = tl.load(SEQ + si * 4 + 1)
-    n = tl.load(SEQ + si * 4 + 2)
-    roff = tl.load(SEQ + si * 4 + 3)
-    n_groups = (n + QB - 1) // QB
-    j_first = pid * NG + QOFF // QB  # QOFF: Q, LSEBUF and SEL hold the query rows [QOFF, n) only
-    if j_first >= n_groups:
-        return
-    j_last = tl.minimum(j_first + NG - 1, n_groups - 1)
-    t_lo = n_init // BS
-    t_max = (tl.maximum(j_last * QB - W, -BS) + BS) // BS - 1  # -1 when no block is eligible
-    cols = tl.arange(0, D)
-    b64 = batch.to(tl.int64)
-    gidx = tl.arange(0, NG)
-    gvalid = (j_first + gidx) < n_groups
-    i0g = (j_first + gidx) * QB
-
-    # the group's query sum, fp32, over its valid (query, head) rows
-    qs = tl.zeros([NG, D], tl.float32)
-    for r0 in range(0, QB * G, BR):
-        rr = r0 + tl.arange(0, BR)
-        ql = rr // G
-        hh = rr % G
-        qi = i0g[:, None] + ql[None, :]
-        valid = gvalid[:, None] & (ql < QB)[None, :] & (qi < n)
-        qptr = (Q + b64 * sq_b + (start + qi - QOFF).to(tl.int64)[:, :, None] * sq_l
-                + (g * G + hh)[None, :, None] * sq_h + cols[None, None, :])
-        qs += tl.sum(tl.load(qptr, mask=valid[:, :, None], other=0.0).to(tl.float32), axis=1)
-
-    if TC:  # the group mean (not sum) keeps fp16 in range; the ranking is the same
-        qm = qs * (1.0 / (QB * G))
-        qm_hi = qm.to(REP.dtype.element_ty)
-        qm_lo = (qm - qm_hi.to(tl.float32)).to(REP.dtype.element_ty)
-        scale_tc = scale * (QB * G)
-    t_hi_g = tl.where((i0g >= W) & gvalid, (i0g - W) // BS, -1)
-    buf, thr, slot, MIN64 = _topk_buffer(NG, KB, BN, TOPK)
-    for t0 in range(t_lo, t_max + 1, BN):
-        tt = t0 + tl.arange(0, BN)
-        tmask = tt <= t_max
-        moff = ((roff + tt).to(tl.int64) * hk)[:, None] * D + cols[None, :]
-        m = tl.load(REP + g * D + moff, mask=tmask[:, None], other=0.0)
-        if TC:  # M is exact in 16 bits, the fp32 mean is split in two 16-bit halves: two tensor-core dots
-            acc = (tl.dot(qm_hi, tl.trans(m)) + tl.dot(qm_lo, tl.trans(m))) * scale_tc
-        else:  # fp32 FMA dot
-            acc = tl.dot(qs, tl.trans(m.to(tl.float32)), input_precision="ieee") * scale
-        gel = (tt[None, :] <= t_hi_g[:, None]) & tmask[None, :]
-        buf, thr = _topk_insert(acc, tt, gel, buf, thr, MIN64)
-    _store_selection(buf, slot, TOPK, SEL, b64 * ss_b, (start + i0g - QOFF).to(tl.int64) * ss_l + g * ss_h, gvalid)
-
-
 _LSE_MODES = ("online", "offset", "offset_t")
 
 
@@ -594,15 +466,8 @@ def select_launch(q, rep, seq, max_n, params, topk, sel, lsebuf, *, qoff=0, bloc
     n_groups_max = -(-(max_n - qoff) // B)
     half = q.dtype in (torch.bfloat16, torch.float16)
     if params.score == "dot_group_sum":
-        ng = dot_groups  # tl.dot needs >= 16 rows
-        br = max(1, min(triton.next_power_of_2(B * G), 8192 // (ng * d)))  # [ng, br, d] loads: 64 regs/thread
-        _select_dot_kernel[(triton.cdiv(n_groups_max, ng), seq.shape[0], hk)](
-            q, rep, seq, sel,
-            q.stride(0), q.stride(1), q.stride(2), sel.stride(0), sel.stride(1), sel.stride(2), hk,
-            params.scale(d), params.n_init, params.local_window, topk, qoff,
-            TC=half and dot_tensor_cores, G=G, QB=B, NG=ng, BR=br, BN=dot_block_n,
-            KB=triton.next_power_of_2(max(topk, 1)), BS=params.block_size, D=d, num_warps=4,
-        )
+        dot_select_launch(q, rep, seq, max_n, params, topk, sel, qoff=qoff, groups=dot_groups, block_n=dot_block_n,
+                          tensor_cores=dot_tensor_cores)
         return
     meta, options = softmax_select_meta(
         G, B, d, topk, params.block_size, half, q.is_cuda, block_n=block_n, num_warps=num_warps,
