@@ -22,7 +22,7 @@ def _triton_module():
     return phsa_triton_mod
 
 
-def _resolve_backend(backend: str, q: torch.Tensor, params: PHSAParams):
+def resolve_backend(backend: str, q: torch.Tensor, params: PHSAParams):
     """'reference' or the triton module; raise ValueError/ImportError naming attention.backend."""
     if backend not in BACKENDS:
         raise ValueError(f"attention.backend={backend!r} must be one of {' | '.join(BACKENDS)}")
@@ -100,7 +100,7 @@ def phsa_attention(
     """
     params = _params(block_size, n_init, local_window, topk, lam, score, query_block, softmax_scale)
     check_shapes(q, k, v, punct_mask, cu_seqlens, q_offset=q_offset, query_block=query_block)
-    impl = _resolve_backend(backend, q, params)
+    impl = resolve_backend(backend, q, params)
     if impl == "reference":
         # the oracle stays simple: suffix queries get zero query rows in front, dropped after
         q_full = pad_queries_front(q, q_offset)
@@ -136,7 +136,7 @@ def select_blocks(
     """
     params = _params(block_size, n_init, local_window, topk, lam, score, query_block, softmax_scale)
     check_shapes(q, k, None, punct_mask, cu_seqlens)
-    impl = _resolve_backend(backend, q, params)
+    impl = resolve_backend(backend, q, params)
     if impl == "reference":
         return select_blocks_reference(q, k, punct_mask, params, cu_seqlens)
     return impl.select_blocks_triton(q, k, punct_mask, params, cu_seqlens)

@@ -41,7 +41,7 @@ from typing import Callable, NamedTuple, Optional
 import torch
 import torch.distributed as dist
 
-from phsa_train.attention.api import _resolve_backend
+from phsa_train.attention.api import resolve_backend
 from phsa_train.attention.params import PHSAParams
 from phsa_train.megatron.local_attention import PerBatch, dense_causal_attention, phsa_local
 from phsa_train.megatron.token_info import DOC_START_BIT, punct_mask
@@ -282,7 +282,7 @@ def overlap_kernels(q, k, v, token_info, group, phsa_kwargs: dict, documents: bo
     if documents or token_info is None or k.shape != v.shape or k.dtype != v.dtype:
         return None
     params = PHSAParams(**{n: x for n, x in phsa_kwargs.items() if n != "backend"})
-    tri = _resolve_backend(phsa_kwargs.get("backend", "auto"), q, params)
+    tri = resolve_backend(phsa_kwargs.get("backend", "auto"), q, params)
     if tri == "reference":
         return None
     c = q.shape[1] // 2
