@@ -33,6 +33,7 @@ import torch.distributed as dist
 # by substring; anything unmatched is "other"
 STAGES = (("select", ("^_select",)), ("reps", ("^_reps",)), ("attn_fwd", ("^_fwd_kernel",)),
           ("attn_bwd", ("^_bwd_kernel",)), ("nccl", ("nccl",)), ("sdpa", ("flash", "cudnn", "fmha", "attention")),
+          ("gemm", ("gemm", "nvjet", "xmma", "cutlass")),
           ("copy_fill", ("copy", "fill", "cat", "elementwise", "zero", "index", "reduce_kernel")))
 
 
@@ -94,7 +95,7 @@ def union_ms(spans: list[tuple[float, float]]) -> float:
     return covered + (0.0 if cur_e is None else cur_e - cur_s)
 
 
-def profile_stages(fn, cuda: bool = True) -> dict:
+def profile_stages(fn, cuda: bool = True, top: int = 10) -> dict:
     """Device milliseconds per stage of one ``fn()`` call (kernel names matched against STAGES), the wall time,
     and the part of the kernels' span that no kernel on any stream covered (host gaps, waits).
     ``cuda=False`` profiles CPU ops instead (a logic check of this function on CPU)."""
@@ -126,9 +127,9 @@ def profile_stages(fn, cuda: bool = True) -> dict:
             "kernel_span_ms": round(span, 3), "no_kernel_running_ms": round(span - union_ms(spans), 3),
             # communication that no other kernel ran alongside (what overlapping it with compute can still hide)
             "nccl_exposed_ms": round(union_ms(spans) - union_ms(compute), 3),
-            # the ten costliest kernels outside the attention stages: what a stage total like copy_fill is made of
+            # the costliest kernels outside the attention stages: what a stage total like copy_fill is made of
             "top_other_kernels": [[st, name, round(ms, 3)] for (st, name), ms in sorted(
-                per_kernel.items(), key=lambda kv: -kv[1]) if st not in ("attn_fwd", "attn_bwd")][:10]}
+                per_kernel.items(), key=lambda kv: -kv[1]) if st not in ("attn_fwd", "attn_bwd")][:top]}
 
 
 def shipped_attention(overrides: list[str]) -> dict:

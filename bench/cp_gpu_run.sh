@@ -10,6 +10,7 @@
 #                            (f) short ulysses and packed-document (data.reset_attention_mask=true) runs
 #   max_seq.jsonl            (e) longest sequence that trains (only with STAGES containing e)
 #   gpu.txt                  nvidia-smi
+# CP_PAIR=2,3 with CP_NGPU=2 runs on those two cards (two instances side by side on a 4-GPU machine).
 # TS_LENS="65536 131072" (default) sets the lengths of stage c, PRE_SEQ=65536 that of stages d and f. STAGES (default "abcd") picks stages; e (longest sequence) takes ~5 min on its own: run it in a second call.
 # With >= 4 GPUs, stages run as two 2-GPU groups side by side (GPUs 0,1: b then c; GPUs 2,3: a then d), then the
 # 4-GPU parts. CPU logic check (gloo, tiny shapes): CP_GPU_RUN_CPU=1 OUT=/tmp/x bash bench/cp_gpu_run.sh
@@ -33,7 +34,7 @@ SHIPPED_QB=$("$PY" -c 'from phsa_train.config import compose; print(compose(["at
 QB=${QB:-$SHIPPED_QB}  # QB=64 measures that query_block everywhere (labelled in every record) instead of the shipped one
 echo "shipped attention.query_block=$SHIPPED_QB, measured: $QB" | tee -a "$OUT/cp_run.txt"
 
-port=29600
+port=${CP_PORT:-29600}  # a second instance side by side needs its own (CP_PORT=31600)
 DEADLINE=${DEADLINE:-530}  # seconds from the start; no stage starts or runs past it
 left() { echo $((DEADLINE - (SECONDS - START))); }
 run() {  # run NAME GPUS TIMEOUT CMD...: one stage, output appended to the log with its exit status and seconds
@@ -198,18 +199,19 @@ if [ "$NGPU" -ge 4 ] && [ "$CPU" != 1 ]; then
     ( port=34000; has f && stage_f 2,3 packed_docs data.reset_attention_mask=true; has e && stage_e 2,3 phsa ) &
     wait
   fi
-else
-  has a && stage_a 0,1
-  has b && stage_b 0,1
-  has c && stage_c 0,1
-  has d && stage_d 0,1
+else  # two GPUs: CP_PAIR (default 0,1) picks which, so a second instance can run on 2,3
+  PAIR=${CP_PAIR:-0,1}
+  has a && stage_a "$PAIR"
+  has b && stage_b "$PAIR"
+  has c && stage_c "$PAIR"
+  has d && stage_d "$PAIR"
   if [ "$CPU" = 1 ] && has c; then  # the 4-rank layouts' logic (gloo)
     train_step train_cp2dp2 "" 4 200 --cp 2 --seq-len "$TS_BIG"
   fi
-  has f && stage_f 0,1 ulysses parallel.cp_mode=ulysses
-  has f && stage_f 0,1 packed_docs data.reset_attention_mask=true
-  has e && stage_e 0,1 dense
-  has e && stage_e 0,1 phsa
+  has f && stage_f "$PAIR" ulysses parallel.cp_mode=ulysses
+  has f && stage_f "$PAIR" packed_docs data.reset_attention_mask=true
+  has e && stage_e "$PAIR" dense
+  has e && stage_e "$PAIR" phsa
 fi
 flush
 echo "cp_gpu_run: done in $((SECONDS - START)) s" | tee -a "$OUT/cp_run.txt"

@@ -86,6 +86,11 @@ def run_variant(name: str, overrides: list[str], args) -> dict:
         times.append(time.perf_counter() - t0)
     times.sort()
     median = times[len(times) // 2]
+    profile = None
+    if args.profile:  # one more step, kernel by kernel: where a step's time goes outside attention
+        from bench.context_parallel import profile_stages
+
+        profile = profile_stages(step, cuda, top=25)
     world = dist.get_world_size()
     peak = torch.tensor([torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0], device=dev)
     dist.all_reduce(peak, op=dist.ReduceOp.MAX)
@@ -103,6 +108,8 @@ def run_variant(name: str, overrides: list[str], args) -> dict:
               "dense_flops_per_token": f_dense, "computed_flops_per_token": f_done,
               "mfu_dense_equivalent": per_gpu * f_dense / peak_flops if peak_flops else None,
               "mfu_computed": per_gpu * f_done / peak_flops if peak_flops else None}
+    if profile:
+        result["profile"] = profile
     del model, optimizer
     gc.collect()
     if cuda:
@@ -131,9 +138,13 @@ def main():
     ap.add_argument("--phsa", nargs="*", default=[], help="extra Hydra overrides for the PHSA variant")
     ap.add_argument("--variants", default="dense,phsa",
                     help="comma list of dense, phsa, phsa_softmax (phsa with attention.score=softmax_group_sum), "
-                         "phsa_qb64 (phsa with attention.query_block=64)")
+                         "phsa_qb64 (phsa with attention.query_block=64), dense_unfused / phsa_unfused "
+                         "(train.fused_kernels=false: Megatron's SwiGLU and cross-entropy unfused)")
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--cp", type=int, default=1)
+    ap.add_argument("--profile", action="store_true",
+                    help="profile one extra step per variant: device ms by stage (gemm, sdpa, PHSA kernels, "
+                         "copy_fill, ...) and the 25 costliest kernels outside attention")
     ap.add_argument("--cpu", action="store_true", help="gloo on CPU (fp32, AdamW): a logic check of the layouts")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -150,7 +161,9 @@ def main():
         prepare_device(env, 0)  # Megatron's CPU shims
     variants = {"dense": ["attention=dense"], "phsa": ["attention=phsa", *args.phsa],
                 "phsa_softmax": ["attention=phsa", *args.phsa, "attention.score=softmax_group_sum"],
-                "phsa_qb64": ["attention=phsa", *args.phsa, "attention.query_block=64"]}
+                "phsa_qb64": ["attention=phsa", *args.phsa, "attention.query_block=64"],
+                "dense_unfused": ["attention=dense", "train.fused_kernels=false"],
+                "phsa_unfused": ["attention=phsa", *args.phsa, "train.fused_kernels=false"]}
     results = {}
     for name in args.variants.split(","):
         try:
@@ -169,10 +182,10 @@ def main():
             print(json.dumps(results[name]), flush=True)
     device = "cpu" if args.cpu else torch.cuda.get_device_name()
     summary = {"device": device, "date": datetime.date.today().isoformat(), "results": list(results.values())}
-    for name in ("phsa", "phsa_softmax", "phsa_qb64"):
-        if "tokens_per_s" in results.get("dense", {}) and "tokens_per_s" in results.get(name, {}):
-            summary[f"{name}_over_dense_tokens_per_s"] = (results[name]["tokens_per_s"]
-                                                          / results["dense"]["tokens_per_s"])
+    for name in results:  # each PHSA variant against the dense variant built the same way (fused or not)
+        base = "dense_unfused" if name.endswith("_unfused") else "dense"
+        if name.startswith("phsa") and "tokens_per_s" in results.get(base, {}) and "tokens_per_s" in results[name]:
+            summary[f"{name}_over_{base}_tokens_per_s"] = results[name]["tokens_per_s"] / results[base]["tokens_per_s"]
     if env.rank == 0:
         print(json.dumps({k: v for k, v in summary.items() if k != "results"}), flush=True)
         out = Path(args.out or f"bench/results/train_step-{device.replace(' ', '_')}-{summary['date']}.json")

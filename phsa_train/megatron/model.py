@@ -19,6 +19,10 @@ def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
 def transformer_config(cfg, params_dtype: torch.dtype, init_weights: bool = True) -> TransformerConfig:
     m, p = cfg.model, cfg.parallel
     on_gpu = torch.cuda.is_available()
+    # Megatron's fused SwiGLU and cross-entropy are torch.compile'd elementwise kernels: on a GPU they take
+    # several passes over [s, ffn] activations and the [s, vocab] logits out of every step (PHSA's speed-up over
+    # dense is bounded by what the step spends outside attention); on CPU the compile time outweighs them.
+    fused = on_gpu and cfg.train.fused_kernels
     return TransformerConfig(
         num_layers=m.num_layers, hidden_size=m.hidden_size, ffn_hidden_size=m.ffn_hidden_size,
         num_attention_heads=m.num_attention_heads, num_query_groups=m.num_query_groups, kv_channels=m.kv_channels,
@@ -32,7 +36,8 @@ def transformer_config(cfg, params_dtype: torch.dtype, init_weights: bool = True
         # CPU: weights are initialised identically for every TP size only with CPU init (and CUDA init
         # needs a GPU); fused kernels and sequence parallel need CUDA/TE.
         use_cpu_initialization=not on_gpu, perform_initialization=init_weights, sequence_parallel=False,
-        bias_activation_fusion=False, bias_dropout_fusion=on_gpu, masked_softmax_fusion=False,
+        bias_activation_fusion=fused, cross_entropy_loss_fusion=fused, cross_entropy_fusion_impl="native",
+        bias_dropout_fusion=on_gpu, masked_softmax_fusion=False,
         persist_layer_norm=False, gradient_accumulation_fusion=False, apply_rope_fusion=False,
         recompute_granularity=None if cfg.train.recompute == "none" else cfg.train.recompute,
         recompute_method="uniform" if cfg.train.recompute == "full" else None,
