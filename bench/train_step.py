@@ -91,6 +91,8 @@ def run_variant(name: str, overrides: list[str], args) -> dict:
         from bench.context_parallel import profile_stages
 
         profile = profile_stages(step, cuda, top=25)
+        if cuda:
+            profile["top_ops"] = top_ops(step)
     world = dist.get_world_size()
     peak = torch.tensor([torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0], device=dev)
     dist.all_reduce(peak, op=dist.ReduceOp.MAX)
@@ -115,6 +117,18 @@ def run_variant(name: str, overrides: list[str], args) -> dict:
     if cuda:
         torch.cuda.empty_cache()
     return result
+
+
+def top_ops(step, n: int = 25) -> list:
+    """One more profiled step: the ``n`` aten ops (with their input shapes) whose own kernels took the most device
+    time, [op, shapes, ms, calls]: which module an elementwise kernel of the stage profile belongs to."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
+        step()
+        torch.cuda.synchronize()
+    ops = sorted(prof.key_averages(group_by_input_shape=True), key=lambda e: -e.self_device_time_total)[:n]
+    return [[e.key, str(e.input_shapes)[:160], round(e.self_device_time_total / 1e3, 2), e.count] for e in ops]
 
 
 def cfg_overrides(cfg, overrides, args) -> list[str]:

@@ -22,6 +22,11 @@
   ``iter_*.tmp`` left; seen on a real Slurm and locally). And a rank killed with ``kill -9`` leaves it alive
   for hours. :func:`shield_checkpoint_writer` starts it now, with SIGUSR1, SIGTERM and SIGINT ignored (that
   survives exec) and ``PR_SET_PDEATHSIG`` set in it, so it lives exactly as long as its rank.
+* ``config.apply_rope_fusion`` works only with Transformer Engine: ``rope_utils.fused_apply_rotary_pos_emb`` is
+  imported from TE's extension and is None without it (``TransformerConfig`` then refuses the flag), so a run
+  without TE always takes the unfused RoPE, ~5 elementwise kernels and two copies per q and k.
+  :func:`provide_fused_rope` installs our compiled bshd RoPE in that slot (only where TE left it empty), called by
+  the model builder when ``train.fused_kernels`` is on.
 """
 from __future__ import annotations
 
@@ -52,6 +57,17 @@ def apply(on_gpu: bool) -> None:
         distrib_optimizer_load_fix()
     else:
         cpu_shims()
+
+
+def provide_fused_rope(fn) -> bool:
+    """Make ``fn(t, freqs, interleaved=False)`` Megatron's fused RoPE where Transformer Engine provides none.
+    Returns True (Megatron then applies RoPE through TE's or ``fn``). Idempotent."""
+    check_version()
+    from megatron.core.models.common.embeddings import rope_utils
+
+    if rope_utils.fused_apply_rotary_pos_emb is None:
+        rope_utils.fused_apply_rotary_pos_emb = fn
+    return True
 
 
 def cpu_shims() -> None:

@@ -7,6 +7,8 @@ from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer import TransformerConfig
 
+from phsa_train.compat import megatron_core_0_16_1
+from phsa_train.megatron.fused import fused_kernels_enabled, fused_rope
 from phsa_train.megatron.specs import layer_spec_from_config
 
 
@@ -19,10 +21,11 @@ def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
 def transformer_config(cfg, params_dtype: torch.dtype, init_weights: bool = True) -> TransformerConfig:
     m, p = cfg.model, cfg.parallel
     on_gpu = torch.cuda.is_available()
-    # Megatron's fused SwiGLU and cross-entropy are torch.compile'd elementwise kernels: on a GPU they take
-    # several passes over [s, ffn] activations and the [s, vocab] logits out of every step (PHSA's speed-up over
-    # dense is bounded by what the step spends outside attention); on CPU the compile time outweighs them.
-    fused = on_gpu and cfg.train.fused_kernels
+    # Fused SwiGLU, cross-entropy (Megatron's own) and RoPE (ours where Transformer Engine is absent, see
+    # phsa_train/megatron/fused.py): compiled elementwise kernels that take most of the non-GEMM time out of a
+    # GPU step. On CPU the compile time outweighs them.
+    fused = fused_kernels_enabled(cfg)
+    rope_fused = fused and megatron_core_0_16_1.provide_fused_rope(fused_rope)
     return TransformerConfig(
         num_layers=m.num_layers, hidden_size=m.hidden_size, ffn_hidden_size=m.ffn_hidden_size,
         num_attention_heads=m.num_attention_heads, num_query_groups=m.num_query_groups, kv_channels=m.kv_channels,
@@ -38,7 +41,7 @@ def transformer_config(cfg, params_dtype: torch.dtype, init_weights: bool = True
         use_cpu_initialization=not on_gpu, perform_initialization=init_weights, sequence_parallel=False,
         bias_activation_fusion=fused, cross_entropy_loss_fusion=fused, cross_entropy_fusion_impl="native",
         bias_dropout_fusion=on_gpu, masked_softmax_fusion=False,
-        persist_layer_norm=False, gradient_accumulation_fusion=False, apply_rope_fusion=False,
+        persist_layer_norm=False, gradient_accumulation_fusion=False, apply_rope_fusion=rope_fused,
         recompute_granularity=None if cfg.train.recompute == "none" else cfg.train.recompute,
         recompute_method="uniform" if cfg.train.recompute == "full" else None,
         recompute_num_layers=1 if cfg.train.recompute == "full" else None,

@@ -37,8 +37,9 @@ from .kernels.select import select_launch
 # bench/results/NVIDIA_H100_80GB_HBM3-2026-11-23-config-a.json. The crossing lies between 4k and 8k (6k was
 # not measured). See docs/kernels.md ("Dense fallback threshold").
 DENSE_FALLBACK_MAX_SEQLEN = 4096  # measured: PHSA/cuDNN fwd+bwd = 0.29x @1k, 0.20x @2k, 0.46x @4k, 1.17x @8k
-# topk above this is not run by the selection kernel (its running buffer lives in registers)
-SELECT_MAX_TOPK = 128
+# topk above this is not run by the selection kernel (its running buffer lives in registers); 256 covers the
+# curriculum's hold at 128k tokens (97 % sparsity: k = 184)
+SELECT_MAX_TOPK = 256
 # above it, the fp32 logits of one chunk of query groups in the wide selection (peak ~3x this)
 WIDE_SELECT_BYTES = 256 << 20
 

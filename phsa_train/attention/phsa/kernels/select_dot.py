@@ -95,10 +95,11 @@ def dot_select_launch(q, rep, seq, max_n, params, topk, sel, *, qoff=0, groups=1
     n_groups_max = -(-(max_n - qoff) // B)
     half = q.dtype in (torch.bfloat16, torch.float16)
     br = max(1, min(triton.next_power_of_2(B * G), 8192 // (groups * d)))  # [groups, br, d] loads: 64 regs/thread
+    kb = triton.next_power_of_2(max(topk, 1))
     _select_dot_kernel[(triton.cdiv(n_groups_max, groups), seq.shape[0], hk)](
         q, rep, seq, sel,
         q.stride(0), q.stride(1), q.stride(2), sel.stride(0), sel.stride(1), sel.stride(2), hk,
         params.scale(d), params.n_init, params.local_window, topk, qoff,
         TC=half and tensor_cores, G=G, QB=B, NG=groups, BR=br, BN=block_n,
-        KB=triton.next_power_of_2(max(topk, 1)), BS=params.block_size, D=d, num_warps=4,
+        KB=kb, BS=params.block_size, D=d, num_warps=4 if kb <= 128 else 8,  # [groups, KB] int64 buffer in registers
     )
