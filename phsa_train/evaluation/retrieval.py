@@ -134,8 +134,9 @@ def score_answers(logits, tokens, answer_start, answer_len: int) -> dict:
 
 
 # ----------------------------------------------------------------------------------------- training-data mix
-# Prose tokens before each query of a multi-fact document: answers at least 64 + 28 tokens apart, so a query
-# block of 64 (all its queries share one selection) never holds two answers that need different facts.
+# Prose tokens before each query of a multi-fact document: consecutive answers are then more than 48 + |QUERY|
+# (~75) tokens apart, so a query block of 64 (its queries share one selection) never holds two answers that
+# need different facts.
 QUERY_GAP = (48, 96)
 
 
