@@ -236,6 +236,8 @@ def write_retrieval_mix(base_prefix: str, output_prefix: str, tokenizer, *, shar
         raise FileNotFoundError(f"--base-prefix: no Megatron dataset at {base_prefix}(.bin/.idx)")
     if fact_every < 0:
         raise ValueError(f"--fact-every={fact_every} must be >= 0 (0: one fact per document)")
+    if fact_every and kind != "kv":
+        raise ValueError(f"--fact-every={fact_every} needs --kind kv (every pass key is asked the same way)")
     if not 0.0 <= pure_tail < 1.0:
         raise ValueError(f"--pure-tail={pure_tail} must be in [0, 1)")
     base = IndexedDataset(base_prefix)
