@@ -87,6 +87,11 @@ def _mix_parser() -> argparse.ArgumentParser:
     p.add_argument("--drop-haystack-eod", action="store_true",
                    help="no EOD inside a retrieval document (for data.reset_attention_mask=true training)")
     p.add_argument("--punct-charset", choices=["en", "en_zh"], default="en")
+    p.add_argument("--fact-every", type=int, default=0, metavar="T", help="one fact per T tokens of a retrieval "
+                   "document, all asked at its end (default 0: one fact per document)")
+    p.add_argument("--pure-tail", type=float, default=0.0, metavar="F", help="keep the last F of the output's "
+                   "documents pure base text (no retrieval document, no haystack source), so a data.split with "
+                   "valid + test <= F validates on unseen text (default 0)")
     return p
 
 
@@ -117,7 +122,8 @@ def _run(argv: list[str]) -> None:
         r = write_retrieval_mix(args.base_prefix, args.output_prefix, tok, share=args.share, seq_len=args.seq_len,
                                 min_len=args.min_len, max_len=args.max_len, kind=args.kind,
                                 value_digits=args.value_digits, seed=args.seed,
-                                drop_haystack_eod=args.drop_haystack_eod, punct_charset=args.punct_charset)
+                                drop_haystack_eod=args.drop_haystack_eod, punct_charset=args.punct_charset,
+                                fact_every=args.fact_every, pure_tail=args.pure_tail)
         print(f"wrote {r.prefix}.bin/.idx: {r.base_docs} base + {r.planted_docs} retrieval documents, {r.tokens} "
               f"tokens ({r.planted_tokens / r.tokens:.1%} retrieval); {r.punct_path}; train with "
               f"data.prefixes=[{r.prefix}] data.tokenizer={os.path.abspath(tok)}")

@@ -5,6 +5,10 @@
 # -> DATA_DIR/stats.json (size in tokens, punctuation rate, code share per source).
 #   bash bench/quality/prose_data.sh DATA_DIR
 #     env: MAX_MB=400 SHARE=0.3 SEQ=8192 MIN_LEN=SEQ/16 MAX_LEN=SEQ/4 VOCAB=16384 WORKERS=2
+#          FACT_EVERY=0 (>0: one fact per that many tokens of a retrieval document, all asked at its end)
+#          PURE_TAIL=0 (>0: that share of documents at the end stays pure prose: the valid/test split)
+# The retrieval-learning recipe (a budget where dense learns to retrieve; see docs/results.md):
+#   SHARE=0.5 MIN_LEN=1024 MAX_LEN=8192 FACT_EVERY=256 PURE_TAIL=0.06 bash bench/quality/prose_data.sh DIR
 # Retrieval documents of 512-2048 tokens: many short ones give a small model more answers to learn from in a
 # short run; the evaluation then also asks at 4096 and 8192 tokens (longer distances than trained).
 # DATA_DIR then holds everything bench/quality/gpu_x4.sh needs (rmix.bin/.idx, rmix_punct.json,
@@ -13,12 +17,14 @@ set -euo pipefail
 D="$(mkdir -p "$1" && cd "$1" && pwd)"
 PY="${PYTHON:-python3}"
 MAX_MB="${MAX_MB:-400}" SHARE="${SHARE:-0.3}" SEQ="${SEQ:-8192}"; MIN_LEN="${MIN_LEN:-$((SEQ / 16))}" MAX_LEN="${MAX_LEN:-$((SEQ / 4))}" VOCAB="${VOCAB:-16384}" WORKERS="${WORKERS:-2}"
+FACT_EVERY="${FACT_EVERY:-0}" PURE_TAIL="${PURE_TAIL:-0}"
 "$PY" bench/quality/prose_corpus.py "$D/prose.jsonl" --max-mb "$MAX_MB" --stats "$D/sources.json"
 "$PY" -m data_prep --input "$D/prose.jsonl" --tokenizer train --vocab-size "$VOCAB" --output-prefix "$D/prose" \
     --workers "$WORKERS" --no-progress
 "$PY" bench/quality/corpus_stats.py "$D/prose" --jsonl "$D/prose.jsonl" --sources "$D/sources.json" \
     --out "$D/stats.json"
 "$PY" -m data_prep retrieval-mix --base-prefix "$D/prose" --output-prefix "$D/rmix" --share "$SHARE" \
-    --min-len "$MIN_LEN" --max-len "$MAX_LEN" --seq-len "$SEQ" --kind kv --seed 1234 --tokenizer "$D/prose_tokenizer.json"
+    --min-len "$MIN_LEN" --max-len "$MAX_LEN" --seq-len "$SEQ" --kind kv --seed 1234 --tokenizer "$D/prose_tokenizer.json" \
+    --fact-every "$FACT_EVERY" --pure-tail "$PURE_TAIL"
 rm -f "$D/prose.jsonl" "$D/prose.bin" "$D/prose.idx" "$D"/*.tsv
 du -sh "$D"

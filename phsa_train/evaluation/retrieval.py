@@ -134,6 +134,46 @@ def score_answers(logits, tokens, answer_start, answer_len: int) -> dict:
 
 
 # ----------------------------------------------------------------------------------------- training-data mix
+# Prose tokens before each query of a multi-fact document: consecutive answers are then more than 48 + |QUERY|
+# (~75) tokens apart, so a query block of 64 (its queries share one selection) never holds two answers that
+# need different facts.
+QUERY_GAP = (48, 96)
+
+
+def distinct_facts(rng: np.random.Generator, tokenizer, kind: str, value_digits: int, n: int) -> list[Fact]:
+    """``n`` random facts with pairwise different keys (a query must have one answer)."""
+    facts: dict[str, Fact] = {}
+    for _ in range(100 * n):
+        f = random_fact(rng, tokenizer, kind, value_digits)
+        facts.setdefault(f.key, f)
+        if len(facts) == n:
+            return list(facts.values())
+    raise ValueError(f"cannot draw {n} facts with distinct keys ({len(_WORDS) ** 2} keys exist)")
+
+
+def make_multi_fact_document(haystack: np.ndarray, facts: list[Fact], rng: np.random.Generator) -> np.ndarray:
+    """Token ids ``[ prose with every NEEDLE at a random place | (prose gap, QUERY, ANSWER) per fact ]``.
+
+    ``haystack`` [n] holds all the prose; each query is preceded by ``QUERY_GAP`` prose tokens and the queries
+    come in random order, so a needle lies anywhere from a gap to the whole document before its query.
+    """
+    gaps = rng.integers(QUERY_GAP[0], QUERY_GAP[1] + 1, len(facts))
+    body_len = len(haystack) - int(gaps.sum())
+    if body_len < 0:
+        raise ValueError(f"a haystack of {len(haystack)} tokens cannot hold {len(facts)} query gaps")
+    at = np.sort(rng.integers(0, body_len + 1, len(facts)))
+    parts, prev = [], 0
+    for p, f in zip(at, facts):
+        parts += [haystack[prev:p], f.needle]
+        prev = p
+    parts.append(haystack[prev:body_len])
+    cut = body_len
+    for i, g in zip(rng.permutation(len(facts)), gaps):
+        parts += [haystack[cut:cut + g], facts[i].query, facts[i].answer]
+        cut += int(g)
+    return np.concatenate([np.asarray(x, dtype=np.int64) for x in parts])
+
+
 def haystack_slice(stream: np.ndarray, n: int, rng: np.random.Generator, eod: int | None = None) -> np.ndarray:
     """``n`` consecutive tokens of ``stream`` from a random offset; with ``eod`` given, EOD tokens are dropped
     first (for ``data.reset_attention_mask=true`` models, where an EOD would cut the needle off the query)."""
@@ -161,7 +201,8 @@ class MixResult:
 def write_retrieval_mix(base_prefix: str, output_prefix: str, tokenizer, *, share: float = 0.05,
                         seq_len: int = 8192, min_len: int | None = None, max_len: int | None = None,
                         kind: str = "passkey", value_digits: int = 5, seed: int = 1234,
-                        drop_haystack_eod: bool = False, punct_charset: str = "en") -> MixResult:
+                        drop_haystack_eod: bool = False, punct_charset: str = "en", fact_every: int = 0,
+                        pure_tail: float = 0.0) -> MixResult:
     """Copy ``base_prefix`` (.bin/.idx) to ``output_prefix`` with retrieval documents interleaved.
 
     Each planted document is real text of the base corpus (a random slice of its EOD-separated token stream)
@@ -172,6 +213,12 @@ def write_retrieval_mix(base_prefix: str, output_prefix: str, tokenizer, *, shar
     Planted documents take ``share`` of the output tokens and are inserted at random positions among the base
     documents (not appended: Megatron splits train/valid by document index). Deterministic in ``seed``.
     The punctuation table ``<output_prefix>_punct.json`` is rebuilt for ``tokenizer``.
+
+    ``fact_every`` > 0 writes multi-fact documents instead (:func:`make_multi_fact_document`): one fact per
+    ``fact_every`` tokens, all asked at the end, many answers per document for a model to learn from.
+    ``pure_tail`` > 0 keeps the last ``pure_tail`` of the output's documents pure base text: no retrieval
+    document among them and no haystack cut from them, so a ``data.split`` whose valid + test shares sum to at
+    most ``pure_tail`` validates (and the evaluation builds its haystacks) on text never seen in training.
     """
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
@@ -187,14 +234,25 @@ def write_retrieval_mix(base_prefix: str, output_prefix: str, tokenizer, *, shar
         raise ValueError(f"--min-len={min_len} and --max-len={max_len}: need 1 <= min-len <= max-len")
     if not (os.path.exists(base_prefix + ".bin") and os.path.exists(base_prefix + ".idx")):
         raise FileNotFoundError(f"--base-prefix: no Megatron dataset at {base_prefix}(.bin/.idx)")
+    if fact_every < 0:
+        raise ValueError(f"--fact-every={fact_every} must be >= 0 (0: one fact per document)")
+    if fact_every and kind != "kv":
+        raise ValueError(f"--fact-every={fact_every} needs --kind kv (every pass key is asked the same way)")
+    if not 0.0 <= pure_tail < 1.0:
+        raise ValueError(f"--pure-tail={pure_tail} must be in [0, 1)")
     base = IndexedDataset(base_prefix)
     stream = np.memmap(base_prefix + ".bin", dtype=base.index.dtype, mode="r")
     base_tokens = int(len(stream))
     rng = np.random.default_rng(seed)
     mean_len = (min_len + max_len) / 2
     n_planted = max(1, int(round(share / (1 - share) * base_tokens / mean_len)))
+    n_tail = int(np.ceil(pure_tail * (len(base) + n_planted)))
+    if n_tail >= len(base):
+        raise ValueError(f"--pure-tail={pure_tail}: {n_tail} pure documents leave no base text for the haystacks")
+    # Haystacks come from the base documents before the pure tail.
+    source = stream[:int(np.sum(base.index.sequence_lengths[:len(base) - n_tail], dtype=np.int64))]
     # Planted document j goes right before base document slot[j] (slot == len(base): at the end).
-    slots = np.sort(rng.integers(0, len(base) + 1, n_planted))
+    slots = np.sort(rng.integers(0, len(base) - n_tail + 1, n_planted))
 
     os.makedirs(os.path.dirname(os.path.abspath(output_prefix)), exist_ok=True)
     planted_tokens, j = 0, 0
@@ -202,13 +260,24 @@ def write_retrieval_mix(base_prefix: str, output_prefix: str, tokenizer, *, shar
     with atomic_indexed_dataset(output_prefix, base.index.dtype) as builder:
         for i in range(len(base) + 1):
             while j < n_planted and slots[j] == i:
-                fact = random_fact(rng, tok, kind, value_digits)
-                length = int(rng.integers(min_len, max_len + 1))
-                if length <= fact.overhead:
-                    raise ValueError(f"--min-len={min_len} cannot hold a fact ({fact.overhead} tokens)")
-                hay = haystack_slice(stream, length - fact.overhead, rng, eod if drop_haystack_eod else None)
-                sample = make_sample(hay, fact, length, float(rng.random()))
-                doc = np.append(sample.tokens, eod)
+                hay_eod = eod if drop_haystack_eod else None
+                if fact_every:
+                    length = int(rng.integers(min_len, max_len + 1))
+                    facts = distinct_facts(rng, tok, kind, value_digits, max(1, length // fact_every))
+                    need = sum(f.overhead for f in facts) + len(facts) * QUERY_GAP[1]
+                    if length < need:
+                        raise ValueError(f"--fact-every={fact_every}: a {length}-token document cannot hold "
+                                         f"{len(facts)} facts and their query gaps ({need} tokens); raise it")
+                    hay = haystack_slice(source, length - sum(f.overhead for f in facts), rng, hay_eod)
+                    tokens = make_multi_fact_document(hay, facts, rng)
+                else:
+                    fact = random_fact(rng, tok, kind, value_digits)
+                    length = int(rng.integers(min_len, max_len + 1))
+                    if length <= fact.overhead:
+                        raise ValueError(f"--min-len={min_len} cannot hold a fact ({fact.overhead} tokens)")
+                    hay = haystack_slice(source, length - fact.overhead, rng, hay_eod)
+                    tokens = make_sample(hay, fact, length, float(rng.random())).tokens
+                doc = np.append(tokens, eod)
                 builder.add_document(doc, [len(doc)])
                 planted_tokens += len(doc)
                 j += 1

@@ -3,6 +3,7 @@ end on a tiny PHSA checkpoint trained here by the real launcher (about 1.5 min o
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -167,6 +168,40 @@ def test_retrieval_mix_is_deterministic_and_plants_real_text(tmp_path, cache_dir
         i += 1
     assert len(planted_at) == r1.planted_docs
     assert planted_at[0] < len(mixed) // 2 < planted_at[-1]  # interleaved, not appended (train/valid split)
+
+
+def test_multi_fact_mix_answers_every_query_and_keeps_the_tail_pure(tmp_path, cache_dir):
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    from phsa_train.data import MegatronTokenizer, prepare_default_corpus
+    from phsa_train.evaluation.retrieval import QUERY_GAP, write_retrieval_mix
+
+    base = prepare_default_corpus(Path(cache_dir) / "embedded")
+    tok = MegatronTokenizer(base.tokenizer_path)
+    r = write_retrieval_mix(base.prefix, str(tmp_path / "m"), tok, share=0.1, seq_len=512, min_len=384,
+                            max_len=512, kind="kv", fact_every=192, pure_tail=0.1, seed=3)
+    base_ds, mixed = IndexedDataset(base.prefix), IndexedDataset(str(tmp_path / "m"))
+    n_tail = int(np.ceil(0.1 * len(mixed)))
+    for i in range(1, n_tail + 1):  # the tail is the base corpus's own last documents, in order
+        assert np.array_equal(mixed[len(mixed) - i], base_ds[len(base_ds) - i])
+    tail_start = int(np.sum(base_ds.index.sequence_lengths[:len(base_ds) - n_tail]))
+    tail = np.asarray(np.memmap(base.prefix + ".bin", dtype=base_ds.index.dtype, mode="r")[tail_start:])
+
+    ask = tok.tokenize(' What is the value of key "')
+    planted = [mixed[i].astype(np.int64) for i in range(len(mixed) - n_tail)
+               if len(mixed[i]) > 300 and any(list(mixed[i][p:p + len(ask)]) == ask for p in range(len(mixed[i])))]
+    assert len(planted) == r.planted_docs
+    for doc in planted[:5]:
+        body = doc[:-1]
+        qs = [p for p in range(len(body)) if list(body[p:p + len(ask)]) == ask]
+        assert len(qs) == len(body) // 192 and all(b - a >= QUERY_GAP[0] + len(ask) for a, b in zip(qs, qs[1:]))
+        text = tok.detokenize(body.tolist())
+        asked = re.findall(r'What is the value of key "([a-z-]+)"\? The value of key "\1" is (\d{5})', text)
+        assert len(asked) == len(qs) and len({k for k, _ in asked}) == len(qs)  # one query per key
+        for key, value in asked:  # each answer is the value its needle gave, earlier in the prose
+            assert re.findall(rf'The value of key "{key}" is (\d+)\.', text) == [value]
+        hay = body[:qs[0]][:64]  # the prose is cut from before the pure tail
+        assert not any(np.array_equal(tail[f:f + 64], hay) for f in np.flatnonzero(tail[:len(tail) - 63] == hay[0]))
 
 
 # ----------------------------------------------------------------------------- CLI on a tiny checkpoint
