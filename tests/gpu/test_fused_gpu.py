@@ -13,7 +13,7 @@ def _fwd_bwd(fn, *xs):
     """fn(*xs) and the gradients of the xs that require them, for one fixed random output gradient (fp32)."""
     out = fn(*xs)
     g = torch.randn(out.shape, device=out.device, generator=torch.Generator(out.device).manual_seed(7))
-    out.backward(g.to(out.dtype))
+    out.backward(g.to(torch.bfloat16).to(out.dtype))  # the same (bf16-exact) output gradient for both runs
     return out.float(), [None if x.grad is None else x.grad.float() for x in xs]
 
 
@@ -27,7 +27,9 @@ def test_compiled_rms_norm(shape):
                              w.detach().float().requires_grad_())
     torch.testing.assert_close(out, ref, rtol=1.6e-2, atol=1e-2)
     torch.testing.assert_close(gx, rx, rtol=1.6e-2, atol=1e-2)
-    torch.testing.assert_close(gw, rw, rtol=2e-2, atol=2e-1)  # a sum over 8k rows, accumulated from bf16
+    # dweight sums over every row: rounded to bf16 at the end (and near zero where the sum cancels), so its error
+    # scales with the largest entry, not with each one
+    torch.testing.assert_close(gw, rw, rtol=1.6e-2, atol=1e-2 * rw.abs().max().item())
 
 
 @pytest.mark.parametrize("heads", [16, 8])
