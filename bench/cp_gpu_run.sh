@@ -10,6 +10,7 @@
 #                            (f) short ulysses and packed-document (data.reset_attention_mask=true) runs
 #   max_seq.jsonl            (e) longest sequence that trains (only with STAGES containing e)
 #   gpu.txt                  nvidia-smi
+# E_VARIANTS="phsa" limits stage e (two GPUs) to those variants (default "dense phsa").
 # CP_PAIR=2,3 with CP_NGPU=2 runs on those two cards (two instances side by side on a 4-GPU machine).
 # TS_LENS="65536 131072" (default) sets the lengths of stage c, PRE_SEQ=65536 that of stages d and f. STAGES (default "abcd") picks stages; e (longest sequence) takes ~5 min on its own: run it in a second call.
 # With >= 4 GPUs, stages run as two 2-GPU groups side by side (GPUs 0,1: b then c; GPUs 2,3: a then d), then the
@@ -210,8 +211,7 @@ else  # two GPUs: CP_PAIR (default 0,1) picks which, so a second instance can ru
   fi
   has f && stage_f "$PAIR" ulysses parallel.cp_mode=ulysses
   has f && stage_f "$PAIR" packed_docs data.reset_attention_mask=true
-  has e && stage_e "$PAIR" dense
-  has e && stage_e "$PAIR" phsa
+  for v in ${E_VARIANTS:-dense phsa}; do has e && stage_e "$PAIR" "$v"; done
 fi
 flush
 echo "cp_gpu_run: done in $((SECONDS - START)) s" | tee -a "$OUT/cp_run.txt"
