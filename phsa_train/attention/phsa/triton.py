@@ -169,23 +169,26 @@ def _no_selection(device) -> torch.Tensor:
     return torch.full((1, 1, 1, 1), -1, dtype=torch.int32, device=device)
 
 
-def attend_forward(q, k, v, params: PHSAParams, selection, q_offset: int = 0):
+def attend_forward(q, k, v, params: PHSAParams, selection, q_offset: int = 0, out=None):
     """The attention step alone, no autograd, unpacked sequences: (o [b, Lq, hq, dv], lse) from the
     :func:`select_from_reps` ``selection`` of the query rows [q_offset, q_offset + Lq) against k, v [b, L, hk, d]
-    (L = Lq + q_offset). For callers that own the autograd (the context-parallel path)."""
+    (L = Lq + q_offset; any strides with the last one 1). ``out``: o's storage (a view, last stride 1), else new.
+    For callers that own the autograd (the context-parallel path)."""
     q, k, v = _contig(q), _contig(k), _contig(v)
     plan = _Plan(q, params, None, q_offset)
     return fwd_launch(q, k, v, selection, plan.seq, plan.max_n, params, plan.k_attn, plan.n_init, plan.W,
-                      qoff=plan.qoff)
+                      qoff=plan.qoff, out=out)
 
 
-def attend_backward(q, k, v, o, do, lse, params: PHSAParams, selection, q_offset: int, dkv_acc) -> torch.Tensor:
-    """Backward of :func:`attend_forward`: returns dq; dk and dv are added into ``dkv_acc`` (fp32 buffers
-    [b, L, hk, d], shared by calls over one key sequence, zeroed by the caller)."""
+def attend_backward(q, k, v, o, do, lse, params: PHSAParams, selection, q_offset: int, dkv_acc,
+                    dq_out=None) -> torch.Tensor:
+    """Backward of :func:`attend_forward`: returns dq (written into ``dq_out`` when given, a view with last stride
+    1); dk and dv are added into ``dkv_acc`` (fp32 buffers [b, L, hk, d], any strides with the last one 1, shared
+    by calls over one key sequence, zeroed by the caller)."""
     q, k, v = _contig(q), _contig(k), _contig(v)
     plan = _Plan(q, params, None, q_offset)
     return bwd_launch(q, k, v, o, _contig(do), lse, selection, plan.seq, plan.max_n, params, plan.k_attn,
-                      plan.n_init, plan.W, qoff=plan.qoff, dkv_acc=dkv_acc)[0]
+                      plan.n_init, plan.W, qoff=plan.qoff, dkv_acc=dkv_acc, dq_out=dq_out)[0]
 
 
 class _PHSAFunction(torch.autograd.Function):
