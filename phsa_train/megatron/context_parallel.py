@@ -333,7 +333,8 @@ class _OverlappedPHSA(torch.autograd.Function):
        sequence gives those blocks), all-gathered: L / block_size rows, 1/16 of K at block 16;
     2. the local K/V chunks copied into their places, then two point-to-point exchanges launched without waiting:
        the first halves (natural chunks 0 .. cp-1), then the second halves;
-    3. both chunks' selections from the gathered representatives (they need no keys) while K and V travel;
+    3. both chunks' selections from the gathered representatives (they need no keys), one launch, while K and V
+       travel;
     4. the first chunk (natural chunk r, keys [0, (r+1)C): first halves only) attends once the first exchange is
        in, the second chunk once the second is; outputs are written in place.
     Backward: both chunks accumulate dK/dV into one fp32 buffer over the whole sequence (one zero fill), dq in place;
@@ -357,8 +358,8 @@ class _OverlappedPHSA(torch.autograd.Function):
                 kv[g, start:end].copy_(x[:, half * c:(half + 1) * c].transpose(0, 1))
             works.append(_start_chunk_exchange(kv, c, half, group))
         rows = [slice(i * c, (i + 1) * c) for i in range(2)]
-        sels = [tri.select_from_reps(q_local[:, r], rep_full, params, q_offset=start)
-                for r, (start, _) in zip(rows, spans)]
+        sel = tri.select_from_reps(q_local, rep_full, params, q_offset=tuple(start for start, _ in spans))
+        sels = [sel[:, r] for r in rows] if sel.shape[1] == s_local else [sel, sel]  # (dense shortcut: [1, 1, 1, 1])
         k_all, v_all = kv[0].transpose(0, 1), kv[1].transpose(0, 1)  # [b, L, hk, d] views
         o = q_local.new_empty((b, s_local, q_local.shape[2], v_local.shape[3]))
         lses = []
@@ -367,7 +368,9 @@ class _OverlappedPHSA(torch.autograd.Function):
                 w.wait()
             lses.append(tri.attend_forward(q_local[:, r], k_all[:, :end], v_all[:, :end], params, sel,
                                            q_offset=start, out=o[:, r])[1])
-        ctx.save_for_backward(q_local, kv, o, *lses, *sels)
+        ctx.save_for_backward(q_local, kv, o, *lses, *sels)  # (the attention stays one launch per chunk: the first
+        # chunk starts before the second halves arrive, and in backward the second half's reduce-scatter runs
+        # while the first chunk computes)
         ctx.group, ctx.tri, ctx.params, ctx.spans = group, tri, params, spans
         return o
 

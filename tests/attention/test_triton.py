@@ -214,6 +214,11 @@ def test_selection_from_reps_q_offset(score):
     assert_close("dk", x[1].grad.float(), acc[:, 0, :n_keys], 1e-2)  # the operator rounds to bf16; acc is fp32
     assert_close("dv", x[2].grad.float(), acc[:, 1, :n_keys], 1e-2)
     assert not acc[:, :, n_keys:].any()
+    # two pieces in one launch (a context-parallel rank's two chunks): each piece's group-start rows as alone
+    a, b_ = (96, 128), (160, 192)
+    both = select_from_reps(torch.cat((q[:, a[0]:a[1]], q[:, b_[0]:b_[1]]), dim=1), reps, p, q_offset=(a[0], b_[0]))
+    alone = torch.cat([select_from_reps(q[:, s:e], reps, p, q_offset=s) for s, e in (a, b_)], dim=1)
+    assert both.shape == alone.shape and torch.equal(both[:, ::B], alone[:, ::B])
 
 
 # opt-in variants of the softmax score's selection (select_launch keywords, bench/tune.py --stages select_variants)
