@@ -9,9 +9,10 @@ Times forward+backward of one PHSA attention layer (Qwen3-0.6B shape: hq=16, hk=
     scaling efficiency ``cp1_ms / (cp * cpN_ms)`` compares numbers from one process on one card;
   * the dense layer: cuDNN SDPA at CP=1, and the all-gather CP path at CP=N (its chunks need a bottom-right
     causal mask, which torch's SDPA runs through Flash, not cuDNN: the row says which).
-Modes: ``allgather`` (what training runs: selection overlaps the K/V all-gather where it can),
-``allgather_chunks`` (the chunk path, the same results: gather first, then each chunk its own operator and dK/dV
-buffer; to see what the overlap buys), ``ulysses``. Per (L, mode) a profile of one forward+backward splits the GPU time by stage
+Modes: ``allgather`` (what training runs: selection, one launch for both local chunks, overlaps the K/V exchange,
+which lands in position order with no copy, where it can), ``allgather_chunks`` (the chunk path, the same results:
+gather and reorder first, then each chunk its own operator and dK/dV buffer; to see what the overlapped path buys),
+``ulysses``. Per (L, mode) a profile of one forward+backward splits the GPU time by stage
 (selection, representatives, attention forward / backward, NCCL, copies and fills, the rest) and reports how much
 of the wall time no kernel covered (host gaps) and how much NCCL time ran with no other kernel beside it
 (``nccl_exposed_ms``). Bytes each rank moves per layer are computed, not measured. Writes JSON (``--out``).
