@@ -293,12 +293,22 @@ def overlap_kernels(q, k, v, token_info, group, phsa_kwargs: dict, documents: bo
     return tri, params
 
 
-def gathered_reps(k_local, token_info, group, tri, params) -> torch.Tensor:
-    """k_local [b, s_local, hk, d] (zigzag slice), token_info [b, s_local] -> the whole sequence's block
-    representatives [b, L / block_size, hk, d] in position order: each rank computes its own blocks, one
-    all-gather (block-aligned chunks: every block lies in one rank's chunk)."""
+def start_gathered_reps(k_local, token_info, group, tri, params) -> Callable[[], torch.Tensor]:
+    """k_local [b, s_local, hk, d] (zigzag slice), token_info [b, s_local] -> a function that waits and returns the
+    whole sequence's block representatives [b, L / block_size, hk, d] in position order: each rank computes its own
+    blocks, one all-gather, launched here (block-aligned chunks: every block lies in one rank's chunk)."""
     rep = tri.block_reps_of(k_local, punct_mask(token_info), params)  # [b, s_local / m, hk, d]
-    return zigzag_to_natural(_all_gather_ranks(rep, group)[0], dist.get_world_size(group))
+    parts, work = _all_gather_ranks(rep, group, async_op=True)
+
+    def finish() -> torch.Tensor:
+        work.wait()
+        return zigzag_to_natural(parts, dist.get_world_size(group))
+    return finish
+
+
+def gathered_reps(k_local, token_info, group, tri, params) -> torch.Tensor:
+    """:func:`start_gathered_reps`, waited for."""
+    return start_gathered_reps(k_local, token_info, group, tri, params)()
 
 
 def _chunk_of(rank: int, half: int, cp: int) -> int:
@@ -330,7 +340,7 @@ class _OverlappedPHSA(torch.autograd.Function):
 
     Forward:
     1. the representatives of the local blocks (the chunks are block-aligned, so these are the rows the whole
-       sequence gives those blocks), all-gathered: L / block_size rows, 1/16 of K at block 16;
+       sequence gives those blocks), all-gathered while step 2's copies run: L / block_size rows, 1/16 of K;
     2. the local K/V chunks copied into their places, then two point-to-point exchanges launched without waiting:
        the first halves (natural chunks 0 .. cp-1), then the second halves;
     3. both chunks' selections from the gathered representatives (they need no keys), one launch, while K and V
@@ -350,7 +360,7 @@ class _OverlappedPHSA(torch.autograd.Function):
         b, s_local = q_local.shape[:2]
         c = s_local // 2
         spans = local_chunk_positions(s_local, cp, rank)
-        rep_full = gathered_reps(k_local, token_info, group, tri, params)
+        reps = start_gathered_reps(k_local, token_info, group, tri, params)  # in flight during the K/V copies
         kv = k_local.new_empty((2, cp * s_local, b, *k_local.shape[2:]))  # [2, L, b, hk, d]
         works = []
         for half, (start, end) in enumerate(spans):
@@ -358,7 +368,7 @@ class _OverlappedPHSA(torch.autograd.Function):
                 kv[g, start:end].copy_(x[:, half * c:(half + 1) * c].transpose(0, 1))
             works.append(_start_chunk_exchange(kv, c, half, group))
         rows = [slice(i * c, (i + 1) * c) for i in range(2)]
-        sel = tri.select_from_reps(q_local, rep_full, params, q_offset=tuple(start for start, _ in spans))
+        sel = tri.select_from_reps(q_local, reps(), params, q_offset=tuple(start for start, _ in spans))
         sels = [sel[:, r] for r in rows] if sel.shape[1] == s_local else [sel, sel]  # (dense shortcut: [1, 1, 1, 1])
         k_all, v_all = kv[0].transpose(0, 1), kv[1].transpose(0, 1)  # [b, L, hk, d] views
         o = q_local.new_empty((b, s_local, q_local.shape[2], v_local.shape[3]))
