@@ -96,6 +96,18 @@ def union_ms(spans: list[tuple[float, float]]) -> float:
     return covered + (0.0 if cur_e is None else cur_e - cur_s)
 
 
+def largest_gaps(named: list[tuple[float, float, str]], n: int = 5) -> list:
+    """The ``n`` longest stretches [ms] that no interval of ``named`` (start, end, name) covers, each with the name
+    of the interval that ended last before it and of the one that starts it: where the device waited for the host."""
+    gaps, cover_end, last = [], None, None
+    for s, e, name in sorted(named):
+        if cover_end is not None and s > cover_end:
+            gaps.append((s - cover_end, last, name))
+        if cover_end is None or e >= cover_end:
+            cover_end, last = e, name
+    return [[round(g, 3), a[:60], b[:60]] for g, a, b in sorted(gaps, key=lambda x: -x[0])[:n]]
+
+
 def profile_stages(fn, cuda: bool = True, top: int = 10) -> dict:
     """Device milliseconds per stage of one ``fn()`` call (kernel names matched against STAGES), the wall time,
     and the part of the kernels' span that no kernel on any stream covered (host gaps, waits).
@@ -120,14 +132,17 @@ def profile_stages(fn, cuda: bool = True, top: int = 10) -> dict:
         stage = stage_of(ev.name)
         per_stage[stage] += e - s
         per_kernel[(stage, ev.name[:90])] += e - s
-        spans.append((s, e))
+        spans.append((s, e, ev.name))
         if stage != "nccl":
             compute.append((s, e))
-    span = (max(e for _, e in spans) - min(s for s, _ in spans)) if spans else 0.0
+    span = (max(e for _, e, _ in spans) - min(s for s, _, _ in spans)) if spans else 0.0
+    covered = union_ms([(s, e) for s, e, _ in spans])
     return {"ms_by_stage": {k: round(v, 3) for k, v in sorted(per_stage.items())}, "wall_ms": round(wall, 3),
-            "kernel_span_ms": round(span, 3), "no_kernel_running_ms": round(span - union_ms(spans), 3),
+            "kernel_span_ms": round(span, 3), "no_kernel_running_ms": round(span - covered, 3),
+            # [ms, kernel before, kernel after] of the longest of those stretches: which launch the device waited for
+            "largest_gaps": largest_gaps(spans),
             # communication that no other kernel ran alongside (what overlapping it with compute can still hide)
-            "nccl_exposed_ms": round(union_ms(spans) - union_ms(compute), 3),
+            "nccl_exposed_ms": round(covered - union_ms(compute), 3),
             # the costliest kernels outside the attention stages: what a stage total like copy_fill is made of
             "top_other_kernels": [[st, name, round(ms, 3)] for (st, name), ms in sorted(
                 per_kernel.items(), key=lambda kv: -kv[1]) if st not in ("attn_fwd", "attn_bwd")][:top]}
