@@ -42,7 +42,8 @@ def cp_select_blocks(q, k, token_info, group, phsa_kwargs: dict, mode: str = "al
 
 def _overlapped_select_blocks(q, k, token_info, group, tri, params) -> torch.Tensor:
     """The selection of the all-gather path that selects while K/V travel: its own steps (local representatives,
-    gathered; both chunks selected from them in one launch), expanded from group-start rows to every row as select_blocks does."""
+    gathered; both chunks selected from them in one launch), expanded from group-start rows to every row as
+    select_blocks does."""
     c, B = q.shape[1] // 2, params.query_block
     rep_full = gathered_reps(k, token_info, group, tri, params)
     spans = local_chunk_positions(q.shape[1], torch.distributed.get_world_size(group),
