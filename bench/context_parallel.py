@@ -9,9 +9,10 @@ Times forward+backward of one PHSA attention layer (Qwen3-0.6B shape: hq=16, hk=
     scaling efficiency ``cp1_ms / (cp * cpN_ms)`` compares numbers from one process on one card;
   * the dense layer: cuDNN SDPA at CP=1, and the all-gather CP path at CP=N (its chunks need a bottom-right
     causal mask, which torch's SDPA runs through Flash, not cuDNN: the row says which).
-Modes: ``allgather`` (what training runs: selection overlaps the K/V all-gather where it can),
-``allgather_chunks`` (the chunk path, the same results: gather first, then each chunk its own operator and dK/dV
-buffer; to see what the overlap buys), ``ulysses``. Per (L, mode) a profile of one forward+backward splits the GPU time by stage
+Modes: ``allgather`` (what training runs: selection, one launch for both local chunks, overlaps the K/V exchange,
+which lands in position order with no copy, where it can), ``allgather_chunks`` (the chunk path, the same results:
+gather and reorder first, then each chunk its own operator and dK/dV buffer; to see what the overlapped path buys),
+``ulysses``. Per (L, mode) a profile of one forward+backward splits the GPU time by stage
 (selection, representatives, attention forward / backward, NCCL, copies and fills, the rest) and reports how much
 of the wall time no kernel covered (host gaps) and how much NCCL time ran with no other kernel beside it
 (``nccl_exposed_ms``). Bytes each rank moves per layer are computed, not measured. Writes JSON (``--out``).
@@ -95,6 +96,18 @@ def union_ms(spans: list[tuple[float, float]]) -> float:
     return covered + (0.0 if cur_e is None else cur_e - cur_s)
 
 
+def largest_gaps(named: list[tuple[float, float, str]], n: int = 5) -> list:
+    """The ``n`` longest stretches [ms] that no interval of ``named`` (start, end, name) covers, each with the name
+    of the interval that ended last before it and of the one that starts it: where the device waited for the host."""
+    gaps, cover_end, last = [], None, None
+    for s, e, name in sorted(named):
+        if cover_end is not None and s > cover_end:
+            gaps.append((s - cover_end, last, name))
+        if cover_end is None or e >= cover_end:
+            cover_end, last = e, name
+    return [[round(g, 3), a[:60], b[:60]] for g, a, b in sorted(gaps, key=lambda x: -x[0])[:n]]
+
+
 def profile_stages(fn, cuda: bool = True, top: int = 10) -> dict:
     """Device milliseconds per stage of one ``fn()`` call (kernel names matched against STAGES), the wall time,
     and the part of the kernels' span that no kernel on any stream covered (host gaps, waits).
@@ -119,14 +132,17 @@ def profile_stages(fn, cuda: bool = True, top: int = 10) -> dict:
         stage = stage_of(ev.name)
         per_stage[stage] += e - s
         per_kernel[(stage, ev.name[:90])] += e - s
-        spans.append((s, e))
+        spans.append((s, e, ev.name))
         if stage != "nccl":
             compute.append((s, e))
-    span = (max(e for _, e in spans) - min(s for s, _ in spans)) if spans else 0.0
+    span = (max(e for _, e, _ in spans) - min(s for s, _, _ in spans)) if spans else 0.0
+    covered = union_ms([(s, e) for s, e, _ in spans])
     return {"ms_by_stage": {k: round(v, 3) for k, v in sorted(per_stage.items())}, "wall_ms": round(wall, 3),
-            "kernel_span_ms": round(span, 3), "no_kernel_running_ms": round(span - union_ms(spans), 3),
+            "kernel_span_ms": round(span, 3), "no_kernel_running_ms": round(span - covered, 3),
+            # [ms, kernel before, kernel after] of the longest of those stretches: which launch the device waited for
+            "largest_gaps": largest_gaps(spans),
             # communication that no other kernel ran alongside (what overlapping it with compute can still hide)
-            "nccl_exposed_ms": round(union_ms(spans) - union_ms(compute), 3),
+            "nccl_exposed_ms": round(covered - union_ms(compute), 3),
             # the costliest kernels outside the attention stages: what a stage total like copy_fill is made of
             "top_other_kernels": [[st, name, round(ms, 3)] for (st, name), ms in sorted(
                 per_kernel.items(), key=lambda kv: -kv[1]) if st not in ("attn_fwd", "attn_bwd")][:top]}

@@ -28,7 +28,7 @@ from phsa_train.attention.phsa.kernels.select import _select_kernel, softmax_sel
 # runtime arguments of _select_kernel, in order (pointers at config (a)'s dtypes)
 SIGNATURE = dict(Q="*bf16", REP="*bf16", SEQ="*i32", LSEBUF="*fp32", SEL="*i32", sq_b="i32", sq_l="i32", sq_h="i32",
                  ss_b="i32", ss_l="i32", ss_h="i32", L="i32", hq="i32", hk="i32", scale2="fp32", n_init="i32",
-                 W="i32", TOPK="i32", QOFF="i32")
+                 W="i32", TOPK="i32", QOFF="i32", QROW2="i32", QOFF2="i32")
 
 
 def resource_usage(kernel) -> tuple[int, int]:

@@ -10,10 +10,11 @@ holds Megatron's load-balanced ("zigzag") slice of every sequence: chunks ``r`` 
     reduce-scattered back to their owners (all-reduce + slice on gloo, which has no reduce-scatter). Selection
     sees exactly the keys and punctuation of the CP=1 run, so the selected blocks are identical. Bytes moved per
     layer and rank: (cp-1)/cp of K+V forward, the same for dK+dV backward.
-    With the Triton kernels and unpacked sequences the K/V all-gather overlaps selection
+    With the Triton kernels and unpacked sequences the K/V exchange overlaps selection
     (:class:`_OverlappedPHSA`): each rank computes the representatives of its own key blocks (chunks are
     block-aligned), those are all-gathered (1/block_size of K), and both chunks select from them while K and V
-    are in flight. Otherwise (the reference backend, packed documents) token_info is gathered once per batch
+    are in flight, sent point-to-point straight into position order (the same bytes as an all-gather, no
+    reordering copy). Otherwise (the reference backend, packed documents) token_info is gathered once per batch
     and each chunk runs the whole operator after the gather (:func:`_attend_chunks`).
 ``ulysses``
     Head-parallel all-to-all through DeepSpeed's ``DistributedAttention``: every rank gets the full
@@ -62,20 +63,24 @@ def _all_gather_ranks(x: torch.Tensor, group, async_op: bool = False):
     return out, work
 
 
-def _start_reduce_scatter_home(per_rank: torch.Tensor, group):
-    """per_rank [cp, ...] (contiguous; index r = this rank's contribution to rank r's slice) -> (work, out): after
-    ``work.wait()``, out holds the sum over ranks of index ``rank``. One reduce-scatter on NCCL (all-reduce, then
-    this rank's index, on gloo, which has none)."""
+def _start_reduce_scatter_into(out: torch.Tensor, per_rank: torch.Tensor, group) -> Callable[[], None]:
+    """per_rank [cp, ...] (contiguous; index r = this rank's contribution to rank r's slice) -> a function that waits
+    and leaves the sum over ranks of index ``rank`` in ``out`` (contiguous). One reduce-scatter on NCCL (all-reduce,
+    then this rank's index, on gloo, which has none)."""
     if _is_nccl(group):
-        out = torch.empty_like(per_rank[0])
-        return dist.reduce_scatter_tensor(out, per_rank, group=group, async_op=True), out
-    return dist.all_reduce(per_rank, group=group, async_op=True), per_rank[dist.get_rank(group)]
+        return dist.reduce_scatter_tensor(out, per_rank, group=group, async_op=True).wait
+    work = dist.all_reduce(per_rank, group=group, async_op=True)
+
+    def finish() -> None:
+        work.wait()
+        out.copy_(per_rank[dist.get_rank(group)])
+    return finish
 
 
 def _reduce_scatter_home(per_rank: torch.Tensor, group) -> torch.Tensor:
-    """:func:`_start_reduce_scatter_home`, waited for."""
-    work, out = _start_reduce_scatter_home(per_rank, group)
-    work.wait()
+    """:func:`_start_reduce_scatter_into` into a new tensor, waited for."""
+    out = per_rank.new_empty(per_rank.shape[1:])
+    _start_reduce_scatter_into(out, per_rank, group)()
     return out
 
 
@@ -178,12 +183,6 @@ class _GatherPrefixes(torch.autograd.Function):
                 fill(buf[r, :, c:], 2 * cp - 1 - r, parts)
             out.append(_reduce_scatter_home(buf, group))
         return out[0], out[1], None, None
-
-
-def start_kv_gather(k: torch.Tensor, v: torch.Tensor, group):
-    """Launch the all-gather of K and V (same shape and dtype) without waiting: ([cp, b, 2, s_local, ...], work);
-    work launched before ``work.wait()`` overlaps it."""
-    return _all_gather_ranks(torch.stack((k.detach(), v.detach()), dim=1), group, async_op=True)
 
 
 def local_chunk_positions(s_local: int, cp: int, rank: int) -> list[tuple[int, int]]:
@@ -294,27 +293,64 @@ def overlap_kernels(q, k, v, token_info, group, phsa_kwargs: dict, documents: bo
     return tri, params
 
 
-def gathered_reps(k_local, token_info, group, tri, params) -> torch.Tensor:
-    """k_local [b, s_local, hk, d] (zigzag slice), token_info [b, s_local] -> the whole sequence's block
-    representatives [b, L / block_size, hk, d] in position order: each rank computes its own blocks, one
-    all-gather (block-aligned chunks: every block lies in one rank's chunk)."""
+def start_gathered_reps(k_local, token_info, group, tri, params) -> Callable[[], torch.Tensor]:
+    """k_local [b, s_local, hk, d] (zigzag slice), token_info [b, s_local] -> a function that waits and returns the
+    whole sequence's block representatives [b, L / block_size, hk, d] in position order: each rank computes its own
+    blocks, one all-gather, launched here (block-aligned chunks: every block lies in one rank's chunk)."""
     rep = tri.block_reps_of(k_local, punct_mask(token_info), params)  # [b, s_local / m, hk, d]
-    return zigzag_to_natural(_all_gather_ranks(rep, group)[0], dist.get_world_size(group))
+    parts, work = _all_gather_ranks(rep, group, async_op=True)
+
+    def finish() -> torch.Tensor:
+        work.wait()
+        return zigzag_to_natural(parts, dist.get_world_size(group))
+    return finish
+
+
+def gathered_reps(k_local, token_info, group, tri, params) -> torch.Tensor:
+    """:func:`start_gathered_reps`, waited for."""
+    return start_gathered_reps(k_local, token_info, group, tri, params)()
+
+
+def _chunk_of(rank: int, half: int, cp: int) -> int:
+    """The natural chunk that ``rank`` holds as its ``half`` (0: chunk rank, 1: chunk 2cp-1-rank)."""
+    return rank if half == 0 else 2 * cp - 1 - rank
+
+
+def _start_chunk_exchange(kv: torch.Tensor, c: int, half: int, group) -> list:
+    """kv [2, L, b, hk, d] (K and V in position order) with this rank's chunk of ``half`` in place -> the works that
+    write every other rank's chunk of that half into its place (point-to-point: an all-gather would put the chunks
+    in rank order, which for the second halves is the reverse of position order, and cost a copy into it)."""
+    cp, rank = dist.get_world_size(group), dist.get_rank(group)
+    own = _chunk_of(rank, half, cp)
+    ops = []
+    for s in range(cp):
+        if s == rank:
+            continue
+        peer, j = dist.get_global_rank(group, s), _chunk_of(s, half, cp)
+        for g in range(2):  # sends and receives in the same order on every rank: matched in order
+            ops.append(dist.P2POp(dist.isend, kv[g, own * c:(own + 1) * c], peer, group))
+            ops.append(dist.P2POp(dist.irecv, kv[g, j * c:(j + 1) * c], peer, group))
+    return dist.batch_isend_irecv(ops) if ops else []
 
 
 class _OverlappedPHSA(torch.autograd.Function):
-    """The all-gather path with the K/V all-gather hidden behind selection (see :func:`overlap_kernels`).
+    """The all-gather path with the K/V exchange hidden behind selection and the first chunk's attention (see
+    :func:`overlap_kernels`). K/V live in one [2, L, b, hk, d] buffer in position order; the kernels read it through
+    strided [b, L, hk, d] views, so no full-length copy is made anywhere.
 
     Forward:
     1. the representatives of the local blocks (the chunks are block-aligned, so these are the rows the whole
-       sequence gives those blocks), all-gathered: L / block_size rows, 1/16 of K at block 16;
-    2. the K/V all-gather launched without waiting;
-    3. both chunks' selections from the gathered representatives (they need no keys) while K and V travel;
-    4. wait; attention of both chunks against their prefixes of the gathered K/V.
-    Backward: both chunks accumulate dK/dV into one fp32 buffer over the whole sequence (one zero fill, one
-    conversion, straight into the reduce-scatter layout), sent home in the keys' dtype by two reduce-scatters:
-    the second half of the sequence (natural chunks cp .. 2cp-1) gets nothing from any rank's first chunk, whose
-    prefix ends by L/2, so its reduce-scatter runs while the first chunk's backward computes.
+       sequence gives those blocks), all-gathered while step 2's copies run: L / block_size rows, 1/16 of K;
+    2. the local K/V chunks copied into their places, then two point-to-point exchanges launched without waiting:
+       the first halves (natural chunks 0 .. cp-1), then the second halves;
+    3. both chunks' selections from the gathered representatives (they need no keys), one launch, while K and V
+       travel;
+    4. the first chunk (natural chunk r, keys [0, (r+1)C): first halves only) attends once the first exchange is
+       in, the second chunk once the second is; outputs are written in place.
+    Backward: both chunks accumulate dK/dV into one fp32 buffer over the whole sequence (one zero fill), dq in place;
+    sent home in the keys' dtype by a reduce-scatter per half and tensor, straight into the returned gradients:
+    the second half (natural chunks cp .. 2cp-1) gets nothing from any rank's first chunk, whose prefix ends by
+    L/2, so its reduce-scatter runs while the first chunk's backward computes.
     Selections, outputs and dq are those of the chunk path (and of CP=1): the same kernels on the same inputs.
     """
 
@@ -324,16 +360,27 @@ class _OverlappedPHSA(torch.autograd.Function):
         b, s_local = q_local.shape[:2]
         c = s_local // 2
         spans = local_chunk_positions(s_local, cp, rank)
-        rep_full = gathered_reps(k_local, token_info, group, tri, params)
-        parts, work = start_kv_gather(k_local, v_local, group)
-        q_chunks = [q_local[:, i * c:(i + 1) * c] for i in range(2)]
-        sels = [tri.select_from_reps(qc, rep_full, params, q_offset=start) for qc, (start, _) in zip(q_chunks, spans)]
-        work.wait()
-        kv = zigzag_to_natural(parts.flatten(1, 2), cp).unflatten(0, (b, 2))  # [b, 2, L, hk, d]
-        outs = [tri.attend_forward(qc, kv[:, 0, :end], kv[:, 1, :end], params, sel, q_offset=start)
-                for qc, (start, end), sel in zip(q_chunks, spans, sels)]
-        o = torch.cat([o_ for o_, _ in outs], dim=1)
-        ctx.save_for_backward(q_local, kv, o, *(lse for _, lse in outs), *sels)
+        reps = start_gathered_reps(k_local, token_info, group, tri, params)  # in flight during the K/V copies
+        kv = k_local.new_empty((2, cp * s_local, b, *k_local.shape[2:]))  # [2, L, b, hk, d]
+        works = []
+        for half, (start, end) in enumerate(spans):
+            for g, x in enumerate((k_local, v_local)):
+                kv[g, start:end].copy_(x[:, half * c:(half + 1) * c].transpose(0, 1))
+            works.append(_start_chunk_exchange(kv, c, half, group))
+        rows = [slice(i * c, (i + 1) * c) for i in range(2)]
+        sel = tri.select_from_reps(q_local, reps(), params, q_offset=tuple(start for start, _ in spans))
+        sels = [sel[:, r] for r in rows] if sel.shape[1] == s_local else [sel, sel]  # (dense shortcut: [1, 1, 1, 1])
+        k_all, v_all = kv[0].transpose(0, 1), kv[1].transpose(0, 1)  # [b, L, hk, d] views
+        o = q_local.new_empty((b, s_local, q_local.shape[2], v_local.shape[3]))
+        lses = []
+        for i, ((start, end), r, sel) in enumerate(zip(spans, rows, sels)):
+            for w in works[i]:
+                w.wait()
+            lses.append(tri.attend_forward(q_local[:, r], k_all[:, :end], v_all[:, :end], params, sel,
+                                           q_offset=start, out=o[:, r])[1])
+        ctx.save_for_backward(q_local, kv, o, *lses, *sels)  # (the attention stays one launch per chunk: the first
+        # chunk starts before the second halves arrive, and in backward the second half's reduce-scatter runs
+        # while the first chunk computes)
         ctx.group, ctx.tri, ctx.params, ctx.spans = group, tri, params, spans
         return o
 
@@ -343,36 +390,37 @@ class _OverlappedPHSA(torch.autograd.Function):
         group, tri, params, spans = ctx.group, ctx.tri, ctx.params, ctx.spans
         cp = dist.get_world_size(group)
         c = q_local.shape[1] // 2
-        b = kv.shape[0]
-        # (dk, dv) first: for b = 1 every position range of one of them is contiguous, so the cast into the
-        # reduce-scatter layout below runs as vectorised copies
-        acc = torch.zeros((2, b, *kv.shape[2:]), dtype=torch.float32, device=kv.device)  # [2, b, L, hk, d]
+        acc = torch.zeros(kv.shape, dtype=torch.float32, device=kv.device)  # [2, L, b, hk, d]
+        # this rank's dK and dV, [dk | dv, half, C, b, hk, d]: each (tensor, half) is one reduce-scatter's output
+        home = kv.new_empty((2, 2, c, *kv.shape[2:]))
         dq = torch.empty_like(q_local)
+        k_all, v_all = kv[0].transpose(0, 1), kv[1].transpose(0, 1)
+        dk_all, dv_all = acc[0].transpose(0, 1), acc[1].transpose(0, 1)
 
         def chunk_backward(i: int, lse, sel) -> None:
-            (start, end), rows = spans[i], slice(i * c, (i + 1) * c)
-            dq[:, rows] = tri.attend_backward(q_local[:, rows], kv[:, 0, :end], kv[:, 1, :end], o[:, rows],
-                                              do[:, rows], lse, params, sel, start,
-                                              (acc[0, :, :end], acc[1, :, :end]))
+            (start, end), r = spans[i], slice(i * c, (i + 1) * c)
+            tri.attend_backward(q_local[:, r], k_all[:, :end], v_all[:, :end], o[:, r], do[:, r], lse, params, sel,
+                                start, (dk_all[:, :end], dv_all[:, :end]), dq_out=dq[:, r])
 
-        def send_home(half: int):
-            """fp32 sums of every rank's ``half`` (0: chunk r, 1: chunk 2cp-1-r) -> the keys' dtype in the
-            reduce-scatter layout [cp, 2, b, c, hk, d], reduce-scatter started: (work, [2, b, c, hk, d])."""
-            buf = torch.empty((cp, 2, b, c, *acc.shape[3:]), dtype=kv.dtype, device=kv.device)
-            for r in range(cp):
-                j = r if half == 0 else 2 * cp - 1 - r
-                for g in range(2):
-                    buf[r, g].copy_(acc[g, :, j * c:(j + 1) * c])
-            return _start_reduce_scatter_home(buf, group)
+        def send_home(half: int) -> list:
+            """Every rank's ``half`` chunk of the fp32 sums, in the keys' dtype (each a contiguous range), reduce-
+            scattered into ``home``: the functions that wait for it."""
+            finish = []
+            for g in range(2):
+                buf = kv.new_empty((cp, c, *kv.shape[2:]))
+                for r in range(cp):
+                    j = _chunk_of(r, half, cp)
+                    buf[r].copy_(acc[g, j * c:(j + 1) * c])
+                finish.append(_start_reduce_scatter_into(home[g, half], buf, group))
+            return finish
 
         chunk_backward(1, lse1, sel1)
         late = send_home(1)  # final: no first chunk reaches past L/2
         chunk_backward(0, lse0, sel0)
-        early = send_home(0)
-        early[0].wait()
-        late[0].wait()
-        home = torch.cat((early[1], late[1]), dim=2)  # [2, b, s_local, hk, d]
-        return dq, home[0], home[1], None, None, None, None
+        for f in (*send_home(0), *late):
+            f()
+        dk, dv = (home[g].view(2 * c, *kv.shape[2:]).transpose(0, 1) for g in range(2))  # [b, s_local, hk, d]
+        return dq, dk, dv, None, None, None, None
 
 
 def cp_phsa_attention(q, k, v, token_info, group, mode: str, phsa_kwargs: dict, *,

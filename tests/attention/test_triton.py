@@ -216,6 +216,26 @@ def test_selection_from_reps_q_offset(score):
     assert not acc[:, :, n_keys:].any()
 
 
+@pytest.mark.parametrize("score", ["softmax_group_sum", "dot_group_sum"])
+def test_selection_of_two_pieces_in_one_launch(score):
+    """A context-parallel rank's two chunks selected in one launch (q_offset=(o0, o1)) select as each chunk alone
+    (group-start rows, the rows the kernels write). 20 groups per piece: the dot score's programs (16 groups) and
+    the softmax score's (one group) both span a piece's end and its start."""
+    from phsa_train.attention.phsa.triton import block_reps_of, select_from_reps
+
+    L, B = 1024, 16
+    p = PHSAParams(block_size=16, n_init=16, local_window=32, topk=4, query_block=B, score=score)
+    q, k, _, pm, _ = _inputs(1, L, 4, 2, 32, torch.float32, seed=5)
+    reps = block_reps_of(k, pm, p)
+    first, second = (128, 448), (640, 960)
+    both = select_from_reps(torch.cat([q[:, s:e] for s, e in (first, second)], dim=1), reps, p,
+                            q_offset=(first[0], second[0]))
+    alone = torch.cat([select_from_reps(q[:, s:e], reps, p, q_offset=s) for s, e in (first, second)], dim=1)
+    assert both.shape == alone.shape and torch.equal(both[:, ::B], alone[:, ::B])
+    with pytest.raises(ValueError, match="q_offset"):
+        select_from_reps(q[:, :64], reps, p, q_offset=(0, 16))  # pieces overlap
+
+
 # opt-in variants of the softmax score's selection (select_launch keywords, bench/tune.py --stages select_variants)
 SELECT_VARIANTS = [  # together they run every code path of the variants (pass 1 x pass 2 x pipelined)
     dict(lse_mode="offset", topk_prefilter=True, lse_block_n=16),

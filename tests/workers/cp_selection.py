@@ -42,16 +42,18 @@ def cp_select_blocks(q, k, token_info, group, phsa_kwargs: dict, mode: str = "al
 
 def _overlapped_select_blocks(q, k, token_info, group, tri, params) -> torch.Tensor:
     """The selection of the all-gather path that selects while K/V travel: its own steps (local representatives,
-    gathered; selection per chunk from them), expanded from group-start rows to every row as select_blocks does."""
+    gathered; both chunks selected from them in one launch), expanded from group-start rows to every row as
+    select_blocks does."""
     c, B = q.shape[1] // 2, params.query_block
     rep_full = gathered_reps(k, token_info, group, tri, params)
     spans = local_chunk_positions(q.shape[1], torch.distributed.get_world_size(group),
                                   torch.distributed.get_rank(group))
     out = torch.full((*q.shape[:2], k.shape[2], params.topk), -1, dtype=torch.long, device=q.device)
     group_start = (torch.arange(c, device=q.device) // B) * B  # chunk starts are multiples of B
+    both = tri.select_from_reps(q, rep_full, params, q_offset=tuple(start for start, _ in spans))  # one launch
     for i, (start, _) in enumerate(spans):
-        sel = tri.select_from_reps(q[:, i * c:(i + 1) * c], rep_full, params, q_offset=start)
-        if sel.shape[1] == c:
+        if both.shape[1] == 2 * c:
+            sel = both[:, i * c:(i + 1) * c]
             out[:, i * c:(i + 1) * c, :, : sel.shape[-1]] = sel[:, group_start].long()
         else:  # the dense shortcut (topk covers every eligible block): the selection is every eligible block
             i0 = start + group_start

@@ -103,12 +103,26 @@ def _check(q, params):
         raise ValueError(f"dtype {q.dtype} not supported by backend='triton' (bf16 | fp16 | fp32)")
 
 
+def _query_pieces(rows: int, q_offset) -> tuple:
+    """(qoff, pieces, L) of ``q_offset``: an int (q's ``rows`` rows are the positions [q_offset, L), pieces None)
+    or two offsets (q's rows are two equal pieces, at positions [o0, o0 + rows/2) and [o1, o1 + rows/2), o0 < o1;
+    pieces = (rows/2, o1), the kernels' second piece). L: the key positions, up to the last query."""
+    if isinstance(q_offset, int):
+        return q_offset, None, rows + q_offset
+    o0, o1 = q_offset
+    half = rows // 2
+    if rows % 2 or o1 < o0 + half:
+        raise ValueError(f"q_offset={q_offset}: two offsets need two equal pieces of q's {rows} rows, in order")
+    return o0, (half, o1), o1 + half
+
+
 class _Plan:
     """Host-side description of one call: sequences, selection width, dense shortcut."""
 
-    def __init__(self, q, params: PHSAParams, cu_seqlens, qoff: int = 0, rep_stride: int | None = None):
-        b, L = q.shape[0], q.shape[1] + qoff  # L: key positions; q holds the query rows [qoff, L)
-        self.qoff = qoff
+    def __init__(self, q, params: PHSAParams, cu_seqlens, qoff=0, rep_stride: int | None = None):
+        # L: key positions; q holds the query rows [qoff, L) (or two pieces, see _query_pieces)
+        self.qoff, self.pieces, L = _query_pieces(q.shape[1], qoff)
+        b = q.shape[0]
         self.cu_seqlens = cu_seqlens
         self.docs, self.seq, self.n_rep, self.max_n = _seq_table(b, L, cu_seqlens, params.block_size, q.device,
                                                                  rep_stride)
@@ -150,7 +164,7 @@ def _select_internal(q, k, punct_mask, params: PHSAParams, plan: _Plan, rep=None
     # (smaller groups keep it in registers; the dot score needs none)
     big = params.score == "softmax_group_sum" and params.query_block * (hq // hk) > 128
     lsebuf = torch.empty((b, L, hq) if big else (1,), dtype=torch.float32, device=q.device)
-    select_launch(q, rep, plan.seq, plan.max_n, params, plan.kk, sel, lsebuf, qoff=plan.qoff)
+    select_launch(q, rep, plan.seq, plan.max_n, params, plan.kk, sel, lsebuf, qoff=plan.qoff, pieces=plan.pieces)
     return sel
 
 
@@ -169,23 +183,26 @@ def _no_selection(device) -> torch.Tensor:
     return torch.full((1, 1, 1, 1), -1, dtype=torch.int32, device=device)
 
 
-def attend_forward(q, k, v, params: PHSAParams, selection, q_offset: int = 0):
+def attend_forward(q, k, v, params: PHSAParams, selection, q_offset: int = 0, out=None):
     """The attention step alone, no autograd, unpacked sequences: (o [b, Lq, hq, dv], lse) from the
     :func:`select_from_reps` ``selection`` of the query rows [q_offset, q_offset + Lq) against k, v [b, L, hk, d]
-    (L = Lq + q_offset). For callers that own the autograd (the context-parallel path)."""
+    (L = Lq + q_offset; any strides with the last one 1). ``out``: o's storage (a view, last stride 1), else new.
+    For callers that own the autograd (the context-parallel path)."""
     q, k, v = _contig(q), _contig(k), _contig(v)
     plan = _Plan(q, params, None, q_offset)
     return fwd_launch(q, k, v, selection, plan.seq, plan.max_n, params, plan.k_attn, plan.n_init, plan.W,
-                      qoff=plan.qoff)
+                      qoff=plan.qoff, out=out)
 
 
-def attend_backward(q, k, v, o, do, lse, params: PHSAParams, selection, q_offset: int, dkv_acc) -> torch.Tensor:
-    """Backward of :func:`attend_forward`: returns dq; dk and dv are added into ``dkv_acc`` (fp32 buffers
-    [b, L, hk, d], shared by calls over one key sequence, zeroed by the caller)."""
+def attend_backward(q, k, v, o, do, lse, params: PHSAParams, selection, q_offset: int, dkv_acc,
+                    dq_out=None) -> torch.Tensor:
+    """Backward of :func:`attend_forward`: returns dq (written into ``dq_out`` when given, a view with last stride
+    1); dk and dv are added into ``dkv_acc`` (fp32 buffers [b, L, hk, d], any strides with the last one 1, shared
+    by calls over one key sequence, zeroed by the caller)."""
     q, k, v = _contig(q), _contig(k), _contig(v)
     plan = _Plan(q, params, None, q_offset)
     return bwd_launch(q, k, v, o, _contig(do), lse, selection, plan.seq, plan.max_n, params, plan.k_attn,
-                      plan.n_init, plan.W, qoff=plan.qoff, dkv_acc=dkv_acc)[0]
+                      plan.n_init, plan.W, qoff=plan.qoff, dkv_acc=dkv_acc, dq_out=dq_out)[0]
 
 
 class _PHSAFunction(torch.autograd.Function):
@@ -273,11 +290,13 @@ def block_reps_of(k, punct_mask, params: PHSAParams) -> torch.Tensor:
     return rep[: b * nb].view(b, nb, hk, d)
 
 
-def select_from_reps(q, rep, params: PHSAParams, q_offset: int = 0) -> torch.Tensor:
+def select_from_reps(q, rep, params: PHSAParams, q_offset: int | tuple = 0) -> torch.Tensor:
     """The selection :func:`phsa_triton` would make for q [b, Lq, hq, d] (query rows [q_offset, q_offset + Lq) of
     a sequence; unpacked), from that sequence's representatives rep [b, nb, hk, d] (:func:`block_reps_of`; nb may
     cover more than the Lq + q_offset keys: later blocks are never eligible), for :func:`attend_forward`. Needs
-    no keys, so it can run while they are still in flight."""
+    no keys, so it can run while they are still in flight. ``q_offset`` = (o0, o1): q's two halves are the query
+    rows from o0 and from o1 (a context-parallel rank's two chunks, one launch); the selection's rows [0, Lq/2)
+    and [Lq/2, Lq) are then each half's (or both the dense shortcut's ``[1, 1, 1, 1]`` when neither has a choice)."""
     _check(q, params)
     b, nb, hk, d = rep.shape
     q = _contig(q)

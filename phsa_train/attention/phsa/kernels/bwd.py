@@ -113,13 +113,14 @@ def _bwd_kernel(
              dq.to(DQ.dtype.element_ty), mask=rvalid[:, None])
 
 
-def bwd_launch(q, k, v, o, do, lse, sel, seq, max_n, params, topk, n_init, W, *, qoff=0, dkv_acc=None,
+def bwd_launch(q, k, v, o, do, lse, sel, seq, max_n, params, topk, n_init, W, *, qoff=0, dkv_acc=None, dq_out=None,
                block_n=64, num_warps=None, num_stages=2):
     """dq, dk, dv in the inputs' dtypes. Tuning: ``block_n`` keys per tile, ``num_warps`` (None: 8 for 128-row
     tiles, else 4), ``num_stages``; defaults from the H100 sweep of ``bench/tune.py`` (docs/kernels.md).
     ``dkv_acc``: fp32 (dk, dv) buffers [b, k.shape[1], hk, d] (views of larger ones allowed) that several calls over
     one key sequence accumulate into (the context-parallel chunks); then dk and dv are returned as those
-    buffers, unconverted, and the caller zeroes and converts them once."""
+    buffers, unconverted, and the caller zeroes and converts them once. ``dq_out``: dq's storage, any view with last
+    stride 1 (a context-parallel chunk's rows of the whole dq: no copy afterwards)."""
     import torch
 
     from .fwd import tile_shape
@@ -128,7 +129,8 @@ def bwd_launch(q, k, v, o, do, lse, sel, seq, max_n, params, topk, n_init, W, *,
     hk, dv = k.shape[2], v.shape[3]
     G, B = hq // hk, params.query_block
     QT, NSUB, BM = tile_shape(B, G)
-    dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)  # dense even when q is a strided view
+    # dense even when q is a strided view
+    dq = torch.empty(q.shape, device=q.device, dtype=q.dtype) if dq_out is None else dq_out
     Lk = k.shape[1]
     if dkv_acc is None:
         dk32 = torch.zeros((b, Lk, hk, d), device=q.device, dtype=torch.float32)

@@ -118,17 +118,18 @@ def tile_shape(B, G):
     return QT, NSUB, BM
 
 
-def fwd_launch(q, k, v, sel, seq, max_n, params, topk, n_init, W, *, qoff=0, block_n=None, num_warps=None,
+def fwd_launch(q, k, v, sel, seq, max_n, params, topk, n_init, W, *, qoff=0, out=None, block_n=None, num_warps=None,
                num_stages=3):
-    """o [b, L, hq, dv] in q's dtype and LSE fp32 [b, L, hq] (base 2). Tuning: ``block_n`` keys per tile (None:
-    64 for d <= 128, else 32), ``num_warps`` (None: 8 for 128-row tiles, else 4), ``num_stages``."""
+    """o [b, L, hq, dv] in q's dtype and LSE fp32 [b, L, hq] (base 2). ``out``: o's storage, any view with last
+    stride 1 (a context-parallel chunk's rows of the layer output: no copy afterwards). Tuning: ``block_n`` keys per
+    tile (None: 64 for d <= 128, else 32), ``num_warps`` (None: 8 for 128-row tiles, else 4), ``num_stages``."""
     import torch
 
     b, L, hq, d = q.shape
     hk, dv = k.shape[2], v.shape[3]
     G, B = hq // hk, params.query_block
     QT, NSUB, BM = tile_shape(B, G)
-    o = torch.empty((b, L, hq, dv), device=q.device, dtype=q.dtype)
+    o = torch.empty((b, L, hq, dv), device=q.device, dtype=q.dtype) if out is None else out
     lse = torch.empty((b, L, hq), device=q.device, dtype=torch.float32)
     BN = block_n or (64 if d <= 128 else 32)
     grid = (triton.cdiv(max_n - qoff, B) * NSUB, seq.shape[0], hk)

@@ -45,7 +45,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .select_dot import dot_select_launch
+from .select_dot import NO_SECOND_PIECE, _program_groups, dot_select_launch, program_count
 from .topk import _store_selection, _topk_buffer, _topk_step
 
 
@@ -80,7 +80,7 @@ def _exp2(x, FTZ: tl.constexpr):
 
 
 @triton.jit
-def _query_rows(c, j_first, n_groups, n, W, QOFF, start, b64, g, Q, sq_b, sq_l, sq_h, cols,
+def _query_rows(c, j_first, j_end, n, W, shift, start, b64, g, Q, sq_b, sq_l, sq_h, cols,
                 GRP: tl.constexpr, G: tl.constexpr, QB: tl.constexpr, BM: tl.constexpr, BS: tl.constexpr):
     """Row chunk c of a program: rows are (query, head) pairs of its query groups. Returns q [BM, D], valid,
     t_hi (last eligible block of the row's group, -1 if none), the query row in Q and the head in the KV group."""
@@ -91,9 +91,9 @@ def _query_rows(c, j_first, n_groups, n, W, QOFF, start, b64, g, Q, sq_b, sq_l, 
     hh = wr % G
     i0 = (j_first + gi) * QB
     qi = i0 + ql
-    valid = (ql < QB) & (qi < n) & (j_first + gi < n_groups)
+    valid = (ql < QB) & (qi < n) & (j_first + gi < j_end)
     t_hi = tl.where(i0 >= W, (i0 - W) // BS, -1)
-    row = (start + qi - QOFF).to(tl.int64)
+    row = (start + qi - shift).to(tl.int64)
     q = tl.load(Q + b64 * sq_b + row[:, None] * sq_l + (g * G + hh)[:, None] * sq_h + cols[None, :],
                 mask=valid[:, None], other=0.0)
     return q, valid, t_hi, row, hh
@@ -314,7 +314,7 @@ def _group_sum(s, lse2, t_hi, tt, tmask, masked, scale2, NG: tl.constexpr, RPG: 
 def _select_kernel(
     Q, REP, SEQ, LSEBUF, SEL,
     sq_b, sq_l, sq_h, ss_b, ss_l, ss_h, L, hq, hk,
-    scale2, n_init, W, TOPK, QOFF,
+    scale2, n_init, W, TOPK, QOFF, QROW2, QOFF2,
     PREC: tl.constexpr, FTZ: tl.constexpr,
     G: tl.constexpr, QB: tl.constexpr, GRP: tl.constexpr, BM: tl.constexpr, NCH: tl.constexpr,
     NG: tl.constexpr, BN: tl.constexpr, KB: tl.constexpr, BS: tl.constexpr, D: tl.constexpr,
@@ -328,11 +328,11 @@ def _select_kernel(
     start = tl.load(SEQ + si * 4 + 1)
     n = tl.load(SEQ + si * 4 + 2)
     roff = tl.load(SEQ + si * 4 + 3)
-    n_groups = (n + QB - 1) // QB
-    j_first = pid * NG + QOFF // QB  # QOFF: Q, LSEBUF and SEL hold the query rows [QOFF, n) only
-    if j_first >= n_groups:
+    # Q, LSEBUF and SEL hold the query rows of one piece [QOFF, n) or two (see select_dot._program_groups)
+    j_first, j_end, shift = _program_groups(pid, (n + QB - 1) // QB, QOFF, QROW2, QOFF2, QB, NG)
+    if j_first >= j_end:
         return
-    j_last = tl.minimum(j_first + NG - 1, n_groups - 1)
+    j_last = tl.minimum(j_first + NG - 1, j_end - 1)
     t_lo = n_init // BS
     t_max = (tl.maximum(j_last * QB - W, -BS) + BS) // BS - 1  # -1 when no block is eligible
     # tiles [t_lo, t_full) are eligible for every row of the program (the first group sees the fewest blocks);
@@ -348,14 +348,14 @@ def _select_kernel(
 
     # ---- pass 1: per-row log2-sum-exp over the eligible blocks -----------------------------------------------
     if NCH == 1:  # one chunk: q and the normaliser stay in registers for pass 2
-        q, valid, t_hi, row, hh = _query_rows(0, j_first, n_groups, n, W, QOFF, start, b64, g, Q, sq_b, sq_l, sq_h,
+        q, valid, t_hi, row, hh = _query_rows(0, j_first, j_end, n, W, shift, start, b64, g, Q, sq_b, sq_l, sq_h,
                                               cols, GRP, G, QB, BM, BS)
         lse2 = _pass1(q, valid, t_hi, REPg, roff, cols, hk, t_lo, t_full1, t_max, scale2, BM, BN1, D, PREC, FTZ, LSE,
                       PIPE)
         q_t = _maybe_trans(q, TRANS)
     else:  # a group of more than BM rows: normalisers go through the LSEBUF scratch
         for c in tl.static_range(NCH):
-            q, valid, t_hi, row, hh = _query_rows(c, j_first, n_groups, n, W, QOFF, start, b64, g, Q, sq_b, sq_l,
+            q, valid, t_hi, row, hh = _query_rows(c, j_first, j_end, n, W, shift, start, b64, g, Q, sq_b, sq_l,
                                                   sq_h, cols, GRP, G, QB, BM, BS)
             lse2 = _pass1(q, valid, t_hi, REPg, roff, cols, hk, t_lo, t_full1, t_max, scale2, BM, BN1, D, PREC, FTZ,
                           LSE, False)  # pipelined only with one chunk
@@ -366,7 +366,7 @@ def _select_kernel(
     # ---- pass 2: group scores per tile, running top-k merge -------------------------------------------------
     gidx = tl.arange(0, NG)
     i0g = (j_first + gidx) * QB
-    t_hi_g = tl.where((i0g >= W) & (j_first + gidx < n_groups), (i0g - W) // BS, -1)
+    t_hi_g = tl.where((i0g >= W) & (j_first + gidx < j_end), (i0g - W) // BS, -1)
     buf, thr, slot, MIN64 = _topk_buffer(NG, KB, BN, TOPK)
     if PIPE and NCH == 1:  # the next tile's dot in flight during this tile's exponentials (_row_lse2_pipelined)
         s = _tile_dot(q_t, REPg, roff, t_lo, t_max, cols, hk, BN, D, PREC, TRANS)
@@ -389,15 +389,15 @@ def _select_kernel(
             acc = tl.zeros([NG, BN], tl.float32)
             for c in tl.static_range(NCH):
                 if NCH > 1:
-                    q, valid, t_hi, row, hh = _query_rows(c, j_first, n_groups, n, W, QOFF, start, b64, g, Q, sq_b,
+                    q, valid, t_hi, row, hh = _query_rows(c, j_first, j_end, n, W, shift, start, b64, g, Q, sq_b,
                                                           sq_l, sq_h, cols, GRP, G, QB, BM, BS)
                     lse2 = tl.load(LSEBUF + (b64 * L + row) * hq + g * G + hh, mask=valid, other=float("inf"))
                     q_t = _maybe_trans(q, TRANS)
                 s = _tile_dot(q_t, REPg, roff, t0, t_max, cols, hk, BN, D, PREC, TRANS)
                 acc += _group_sum(s, lse2, t_hi, tt, tmask, t0 >= t_full, scale2, NG, RPG, BN, FTZ, TRANS)
             buf, thr = _topk_step(acc, tt, t_hi_g, tmask, buf, thr, MIN64, PREFILTER)
-    _store_selection(buf, slot, TOPK, SEL, b64 * ss_b, (start + i0g - QOFF).to(tl.int64) * ss_l + g * ss_h,
-                     (j_first + gidx) < n_groups)
+    _store_selection(buf, slot, TOPK, SEL, b64 * ss_b, (start + i0g - shift).to(tl.int64) * ss_l + g * ss_h,
+                     (j_first + gidx) < j_end)
 
 
 _LSE_MODES = ("online", "offset", "offset_t")
@@ -434,11 +434,16 @@ def softmax_select_meta(G, B, d, topk, block_size, half, cuda, *, block_n=64, nu
     return constexprs, options
 
 
-def select_launch(q, rep, seq, max_n, params, topk, sel, lsebuf, *, qoff=0, block_n=64, num_warps=4,
+def select_launch(q, rep, seq, max_n, params, topk, sel, lsebuf, *, qoff=0, pieces=None, block_n=64, num_warps=4,
                   num_stages=3, ftz_exp2=False, lse_mode="online", lse_block_n=32, transposed=True,
                   topk_prefilter=False, pipelined=False, max_registers=None, max_rows=128, dot_groups=16,
                   dot_block_n=128, dot_tensor_cores=True):
     """Fill ``sel`` (int32 [b, L, hk, topk], group-start rows) for every sequence of ``seq``.
+
+    ``qoff``: q, sel (and lsebuf) hold the query rows [qoff, n) of each sequence. ``pieces`` = (row2, qoff2):
+    q's rows [0, row2) are the positions [qoff, qoff + row2) and its rows from row2 on the positions from qoff2
+    (unpacked sequences; row2, qoff and qoff2 multiples of query_block): a context-parallel rank's two chunks in one
+    launch.
 
     Tuning (defaults from the H100 sweeps of ``bench/tune.py`` / ``bench/tune_select_dot.py``, docs/kernels.md;
     softmax score: transposed pass 2 on 64-block tiles, pass 1 on 32-block tiles, 21% faster than the earlier
@@ -466,15 +471,17 @@ def select_launch(q, rep, seq, max_n, params, topk, sel, lsebuf, *, qoff=0, bloc
     n_groups_max = -(-(max_n - qoff) // B)
     half = q.dtype in (torch.bfloat16, torch.float16)
     if params.score == "dot_group_sum":
-        dot_select_launch(q, rep, seq, max_n, params, topk, sel, qoff=qoff, groups=dot_groups, block_n=dot_block_n,
-                          tensor_cores=dot_tensor_cores)
+        dot_select_launch(q, rep, seq, max_n, params, topk, sel, qoff=qoff, pieces=pieces, groups=dot_groups,
+                          block_n=dot_block_n, tensor_cores=dot_tensor_cores)
         return
     meta, options = softmax_select_meta(
         G, B, d, topk, params.block_size, half, q.is_cuda, block_n=block_n, num_warps=num_warps,
         num_stages=num_stages, ftz_exp2=ftz_exp2, lse_mode=lse_mode, lse_block_n=lse_block_n, transposed=transposed,
         topk_prefilter=topk_prefilter, pipelined=pipelined, max_registers=max_registers, max_rows=max_rows)
-    _select_kernel[(triton.cdiv(n_groups_max, meta["NG"]), seq.shape[0], hk)](
+    qrow2, qoff2 = pieces or (NO_SECOND_PIECE, 0)
+    _select_kernel[(program_count(n_groups_max, L, B, meta["NG"], pieces), seq.shape[0], hk)](
         q, rep, seq, lsebuf, sel,
         q.stride(0), q.stride(1), q.stride(2), sel.stride(0), sel.stride(1), sel.stride(2), L, hq, hk,
-        params.scale(d) * 1.4426950408889634, params.n_init, params.local_window, topk, qoff, **meta, **options,
+        params.scale(d) * 1.4426950408889634, params.n_init, params.local_window, topk, qoff, qrow2, qoff2, **meta,
+        **options,
     )

@@ -17,11 +17,35 @@ import triton.language as tl
 from .topk import _store_selection, _topk_buffer, _topk_insert
 
 
+NO_SECOND_PIECE = 1 << 30  # QROW2 when q's rows are one piece (past any row)
+
+
+@triton.jit
+def _program_groups(pid, n_groups, QOFF, QROW2, QOFF2, QB: tl.constexpr, NG: tl.constexpr):
+    """(first group, end group, shift) of the selection program ``pid``: groups are indexed by position // QB, and
+    a query at position p sits in Q's row p - shift. Q's rows [0, QROW2) are the positions QOFF + row; rows from
+    QROW2 on (a second piece: a context-parallel rank's later chunk, selected in the same launch) the positions
+    QOFF2 + row - QROW2. The first piece's programs have the lower pids; no program spans both pieces."""
+    p0 = (QROW2 // QB + NG - 1) // NG
+    in2 = pid >= p0
+    j_first = tl.where(in2, (pid - p0) * NG + QOFF2 // QB, pid * NG + QOFF // QB)
+    j_end = tl.where(in2, n_groups, tl.minimum(n_groups, (QOFF + QROW2 + QB - 1) // QB))
+    return j_first, j_end, tl.where(in2, QOFF2 - QROW2, QOFF)
+
+
+def program_count(n_groups_max: int, rows: int, B: int, NG: int, pieces) -> int:
+    """Programs per (sequence, KV head) of a selection launch: ``n_groups_max`` groups, or with ``pieces`` =
+    (QROW2, QOFF2) each piece's groups of the ``rows`` rows of Q (see ``_program_groups``)."""
+    if pieces is None:
+        return triton.cdiv(n_groups_max, NG)
+    return triton.cdiv(pieces[0] // B, NG) + triton.cdiv(triton.cdiv(rows - pieces[0], B), NG)
+
+
 @triton.jit(do_not_specialize=["TOPK"])  # top-k changes every step of a curriculum ramp: not a JIT key
 def _select_dot_kernel(
     Q, REP, SEQ, SEL,
     sq_b, sq_l, sq_h, ss_b, ss_l, ss_h, hk,
-    scale, n_init, W, TOPK, QOFF,
+    scale, n_init, W, TOPK, QOFF, QROW2, QOFF2,
     TC: tl.constexpr, G: tl.constexpr, QB: tl.constexpr, NG: tl.constexpr,
     BR: tl.constexpr, BN: tl.constexpr, KB: tl.constexpr, BS: tl.constexpr, D: tl.constexpr,
 ):
@@ -36,17 +60,17 @@ def _select_dot_kernel(
     start = tl.load(SEQ + si * 4 + 1)
     n = tl.load(SEQ + si * 4 + 2)
     roff = tl.load(SEQ + si * 4 + 3)
-    n_groups = (n + QB - 1) // QB
-    j_first = pid * NG + QOFF // QB  # QOFF: Q, LSEBUF and SEL hold the query rows [QOFF, n) only
-    if j_first >= n_groups:
+    # Q and SEL hold the query rows of one piece [QOFF, n) or two (see _program_groups)
+    j_first, j_end, shift = _program_groups(pid, (n + QB - 1) // QB, QOFF, QROW2, QOFF2, QB, NG)
+    if j_first >= j_end:
         return
-    j_last = tl.minimum(j_first + NG - 1, n_groups - 1)
+    j_last = tl.minimum(j_first + NG - 1, j_end - 1)
     t_lo = n_init // BS
     t_max = (tl.maximum(j_last * QB - W, -BS) + BS) // BS - 1  # -1 when no block is eligible
     cols = tl.arange(0, D)
     b64 = batch.to(tl.int64)
     gidx = tl.arange(0, NG)
-    gvalid = (j_first + gidx) < n_groups
+    gvalid = (j_first + gidx) < j_end
     i0g = (j_first + gidx) * QB
 
     # the group's query sum, fp32, over its valid (query, head) rows
@@ -57,7 +81,7 @@ def _select_dot_kernel(
         hh = rr % G
         qi = i0g[:, None] + ql[None, :]
         valid = gvalid[:, None] & (ql < QB)[None, :] & (qi < n)
-        qptr = (Q + b64 * sq_b + (start + qi - QOFF).to(tl.int64)[:, :, None] * sq_l
+        qptr = (Q + b64 * sq_b + (start + qi - shift).to(tl.int64)[:, :, None] * sq_l
                 + (g * G + hh)[None, :, None] * sq_h + cols[None, None, :])
         qs += tl.sum(tl.load(qptr, mask=valid[:, :, None], other=0.0).to(tl.float32), axis=1)
 
@@ -79,13 +103,14 @@ def _select_dot_kernel(
             acc = tl.dot(qs, tl.trans(m.to(tl.float32)), input_precision="ieee") * scale
         gel = (tt[None, :] <= t_hi_g[:, None]) & tmask[None, :]
         buf, thr = _topk_insert(acc, tt, gel, buf, thr, MIN64)
-    _store_selection(buf, slot, TOPK, SEL, b64 * ss_b, (start + i0g - QOFF).to(tl.int64) * ss_l + g * ss_h, gvalid)
+    _store_selection(buf, slot, TOPK, SEL, b64 * ss_b, (start + i0g - shift).to(tl.int64) * ss_l + g * ss_h, gvalid)
 
 
-def dot_select_launch(q, rep, seq, max_n, params, topk, sel, *, qoff=0, groups=16, block_n=128, tensor_cores=True):
+def dot_select_launch(q, rep, seq, max_n, params, topk, sel, *, qoff=0, pieces=None, groups=16, block_n=128,
+                      tensor_cores=True):
     """Fill ``sel`` (int32 [b, L, hk, topk], group-start rows) with the dot score's selection (``select_launch``
-    dispatches here). ``groups`` query groups per program (``tl.dot`` needs >= 16 rows), ``block_n`` blocks per
-    tile; defaults from the H100 sweep of ``bench/tune_select_dot.py``."""
+    dispatches here; ``qoff`` / ``pieces`` as there). ``groups`` query groups per program (``tl.dot`` needs >= 16
+    rows), ``block_n`` blocks per tile; defaults from the H100 sweep of ``bench/tune_select_dot.py``."""
     import torch
 
     d = q.shape[3]
@@ -96,10 +121,11 @@ def dot_select_launch(q, rep, seq, max_n, params, topk, sel, *, qoff=0, groups=1
     half = q.dtype in (torch.bfloat16, torch.float16)
     br = max(1, min(triton.next_power_of_2(B * G), 8192 // (groups * d)))  # [groups, br, d] loads: 64 regs/thread
     kb = triton.next_power_of_2(max(topk, 1))
-    _select_dot_kernel[(triton.cdiv(n_groups_max, groups), seq.shape[0], hk)](
+    qrow2, qoff2 = pieces or (NO_SECOND_PIECE, 0)
+    _select_dot_kernel[(program_count(n_groups_max, q.shape[1], B, groups, pieces), seq.shape[0], hk)](
         q, rep, seq, sel,
         q.stride(0), q.stride(1), q.stride(2), sel.stride(0), sel.stride(1), sel.stride(2), hk,
-        params.scale(d), params.n_init, params.local_window, topk, qoff,
+        params.scale(d), params.n_init, params.local_window, topk, qoff, qrow2, qoff2,
         TC=half and tensor_cores, G=G, QB=B, NG=groups, BR=br, BN=block_n,
         KB=kb, BS=params.block_size, D=d, num_warps=4 if kb <= 128 else 8,  # [groups, KB] int64 buffer in registers
     )
