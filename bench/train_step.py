@@ -153,7 +153,7 @@ def main():
     ap.add_argument("--variants", default="dense,phsa",
                     help="comma list of dense, phsa, phsa_softmax (phsa with attention.score=softmax_group_sum), "
                          "phsa_qb64 (phsa with attention.query_block=64), dense_unfused / phsa_unfused "
-                         "(train.fused_kernels=false: Megatron's SwiGLU and cross-entropy unfused)")
+                         "(train.fused_kernels=false: SwiGLU, RMSNorm and RoPE unfused)")
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--cp", type=int, default=1)
     ap.add_argument("--profile", action="store_true",

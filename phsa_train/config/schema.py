@@ -108,7 +108,7 @@ class TrainConfig:
     eval_iters: int = 4
     log_interval: int = 5
     recompute: str = "none"  # none | selective (core attention) | full (whole layers; GPU only)
-    fused_kernels: bool = True  # GPU: Megatron's fused SwiGLU and cross-entropy (torch.compile); CPU runs unfused
+    fused_kernels: bool = True  # GPU: compiled SwiGLU, RMSNorm and RoPE (megatron/fused.py); CPU runs unfused
     exit_after_steps: Optional[int] = None  # stop early (tests, time-boxed jobs); a checkpoint is saved
     max_skipped_steps: int = 0  # steps with a non-finite loss or grad norm to skip (no update) before stopping
 

@@ -6,7 +6,7 @@ unfused RoPE broadcasts cos / sin tensors over the heads and copies its result t
 0.6B model at 32k tokens (one H100) such elementwise kernels took ~600 ms of a 977 ms PHSA training step, GEMMs
 185 ms (``bench/train_step.py --profile``, docs/kernels.md): they, not attention, bound PHSA's step speed-up.
 ``torch.compile`` turns each function below into one forward and one backward kernel, as Megatron does for its
-own fused SwiGLU and cross-entropy. On CPU the same functions run eagerly (tests compare them with Megatron's).
+own fused SwiGLU. On CPU the same functions run eagerly (tests compare them with Megatron's).
 """
 from __future__ import annotations
 

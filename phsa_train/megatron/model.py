@@ -21,9 +21,11 @@ def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
 def transformer_config(cfg, params_dtype: torch.dtype, init_weights: bool = True) -> TransformerConfig:
     m, p = cfg.model, cfg.parallel
     on_gpu = torch.cuda.is_available()
-    # Fused SwiGLU, cross-entropy (Megatron's own) and RoPE (ours where Transformer Engine is absent, see
+    # Fused SwiGLU (Megatron's own), RMSNorm and RoPE (ours where Transformer Engine is absent, see
     # phsa_train/megatron/fused.py): compiled elementwise kernels that take most of the non-GEMM time out of a
-    # GPU step. On CPU the compile time outweighs them.
+    # GPU step. On CPU the compile time outweighs them. Megatron's fused cross-entropy stays off: it keeps an
+    # fp32 copy of the [s, vocab] logits for backward (+18.5 GiB at 32k tokens on the 0.6B model; 128k at CP=2
+    # no longer fit on 80 GB) for ~1 % of the step.
     fused = fused_kernels_enabled(cfg)
     rope_fused = fused and megatron_core_0_16_1.provide_fused_rope(fused_rope)
     return TransformerConfig(
@@ -39,8 +41,7 @@ def transformer_config(cfg, params_dtype: torch.dtype, init_weights: bool = True
         # CPU: weights are initialised identically for every TP size only with CPU init (and CUDA init
         # needs a GPU); fused kernels and sequence parallel need CUDA/TE.
         use_cpu_initialization=not on_gpu, perform_initialization=init_weights, sequence_parallel=False,
-        bias_activation_fusion=fused, cross_entropy_loss_fusion=fused, cross_entropy_fusion_impl="native",
-        bias_dropout_fusion=on_gpu, masked_softmax_fusion=False,
+        bias_activation_fusion=fused, bias_dropout_fusion=on_gpu, masked_softmax_fusion=False,
         persist_layer_norm=False, gradient_accumulation_fusion=False, apply_rope_fusion=rope_fused,
         recompute_granularity=None if cfg.train.recompute == "none" else cfg.train.recompute,
         recompute_method="uniform" if cfg.train.recompute == "full" else None,
