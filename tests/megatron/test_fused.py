@@ -3,29 +3,12 @@
 On CPU the functions run eagerly and must equal Megatron's arithmetic exactly (same ops, same rounding); the
 compiled GPU kernels are compared in tests/gpu/test_fused_gpu.py.
 """
-import pytest
 import torch
-import torch.distributed as dist
 from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
 
-from phsa_train import compat
 from phsa_train.config import compose
 from phsa_train.megatron.fused import FusedRMSNorm, fused_kernels_enabled, rms_norm, rope_bshd
 from phsa_train.megatron.specs import layer_spec_from_config
-from tests.helpers import free_port
-
-
-@pytest.fixture(scope="module")
-def single_process():
-    from megatron.core import parallel_state
-
-    store = dist.TCPStore("127.0.0.1", free_port(), 1, is_master=True)
-    dist.init_process_group("gloo", rank=0, world_size=1, store=store)
-    parallel_state.initialize_model_parallel(1, 1)
-    compat.apply(on_gpu=False)
-    yield
-    parallel_state.destroy_model_parallel()
-    dist.destroy_process_group()
 
 
 def test_rms_norm_is_torch_rms_norm():

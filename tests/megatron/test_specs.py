@@ -1,30 +1,14 @@
 """PHSA as a Megatron-Core spec swap: structure, dense equivalence, and a few training steps on CPU."""
-import pytest
 import torch
-import torch.distributed as dist
 
-from phsa_train import compat
 from phsa_train.attention import PHSAParams
 from phsa_train.megatron import PHSACoreAttention, PHSASettings, get_dense_layer_spec, get_phsa_layer_spec
 from phsa_train.megatron.core_attention import DenseCoreAttention, set_sparsity
 from phsa_train.megatron.token_info import make_token_info
 from phsa_train.megatron.model import build_model
-from tests.helpers import compose, free_port
+from tests.helpers import compose
 
 VOCAB, SEQ = 256, 64
-
-
-@pytest.fixture(scope="module")
-def single_process():
-    from megatron.core import parallel_state
-
-    store = dist.TCPStore("127.0.0.1", free_port(), 1, is_master=True)
-    dist.init_process_group("gloo", rank=0, world_size=1, store=store)  # no MASTER_* left in os.environ
-    parallel_state.initialize_model_parallel(1, 1)
-    compat.apply(on_gpu=False)
-    yield
-    parallel_state.destroy_model_parallel()
-    dist.destroy_process_group()
 
 
 def test_phsa_spec_swaps_only_core_attention():
