@@ -10,6 +10,7 @@
 #                            (f) short ulysses and packed-document (data.reset_attention_mask=true) runs
 #   max_seq.jsonl            (e) longest sequence that trains (only with STAGES containing e)
 #   gpu.txt                  nvidia-smi
+# D_MODES="allgather ulysses" runs stage d (kill and resume) for each CP mode (two GPUs; default allgather).
 # E_VARIANTS="phsa" limits stage e (two GPUs) to those variants (default "dense phsa").
 # CP_PAIR=2,3 with CP_NGPU=2 runs on those two cards (two instances side by side on a 4-GPU machine).
 # TS_LENS="65536 131072" (default) sets the lengths of stage c, PRE_SEQ=65536 that of stages d and f. STAGES (default "abcd") picks stages; e (longest sequence) takes ~5 min on its own: run it in a second call.
@@ -111,9 +112,11 @@ train_step() {  # train_step NAME GPUS NPROC LIMIT ARGS...
 stage_c() {
   for L in "${TS_LENS[@]}"; do train_step "train_cp2_$L" "$1" 2 200 --cp 2 --seq-len "$L"; done
 }
-stage_d() {  # the user's path: curriculum (dense warm-up, ramp, hold), SIGKILL after step 5, resume from step 4
-  local gpus=$1 rd="$TMPD/run_cp2" t0=$SECONDS
-  local args=("${PRE[@]}" attention=phsa parallel=cp2 logging=stdout curriculum=dense_warmup_to_97
+stage_d() {  # stage_d GPUS [MODE]: the user's path (curriculum: dense warm-up, ramp, hold), SIGKILL after step 5,
+  # resume from step 4; MODE = parallel.cp_mode (default allgather)
+  local gpus=$1 mode=${2:-allgather} t0=$SECONDS
+  local rd="$TMPD/run_cp2_$mode"
+  local args=("${PRE[@]}" attention=phsa parallel=cp2 parallel.cp_mode="$mode" logging=stdout curriculum=dense_warmup_to_97
               curriculum.warmup_steps=1 curriculum.ramp_steps=2 curriculum.stats_interval=0 train.steps=8
               train.log_interval=1 train.eval_interval=0 checkpoint.interval=2)
   local f="$LOG.pretrain" pid
@@ -205,7 +208,7 @@ else  # two GPUs: CP_PAIR (default 0,1) picks which, so a second instance can ru
   has a && stage_a "$PAIR"
   has b && stage_b "$PAIR"
   has c && stage_c "$PAIR"
-  has d && stage_d "$PAIR"
+  for m in ${D_MODES:-allgather}; do has d && stage_d "$PAIR" "$m"; done
   if [ "$CPU" = 1 ] && has c; then  # the 4-rank layouts' logic (gloo)
     train_step train_cp2dp2 "" 4 200 --cp 2 --seq-len "$TS_BIG"
   fi
