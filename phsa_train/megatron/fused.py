@@ -40,9 +40,10 @@ def rope_bshd(t: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
 _compiled: dict = {}
 
 
-def compiled(fn):
-    """``torch.compile(fn)`` on a GPU (built once per function), ``fn`` itself on CPU."""
-    if not torch.cuda.is_available():
+def compiled(fn, x: torch.Tensor):
+    """``torch.compile(fn)`` (built once per function) for CUDA tensors ``x``; ``fn`` itself for CPU ones (a model
+    built on a GPU machine may still run on the CPU, e.g. in the checkpoint converter)."""
+    if not x.is_cuda:
         return fn
     if fn not in _compiled:
         _compiled[fn] = torch.compile(fn)
@@ -57,7 +58,7 @@ class FusedRMSNorm(torch.nn.RMSNorm):
         super().__init__(hidden_size, eps=eps)  # fp32 weight, cast with the model as WrappedTorchNorm's is
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return compiled(rms_norm)(x, self.weight, self.eps)
+        return compiled(rms_norm, x)(x, self.weight, self.eps)
 
 
 def fused_rope(t: torch.Tensor, freqs: torch.Tensor, interleaved: bool = False) -> torch.Tensor:
@@ -65,4 +66,4 @@ def fused_rope(t: torch.Tensor, freqs: torch.Tensor, interleaved: bool = False) 
     if interleaved:
         raise ValueError("model.rotary_interleaved is not supported with train.fused_kernels=true; allowed: "
                          "rotary_interleaved=false, or train.fused_kernels=false")
-    return compiled(rope_bshd)(t, freqs)
+    return compiled(rope_bshd, t)(t, freqs)

@@ -22,7 +22,7 @@ def test_compiled_rms_norm(shape):
     torch.manual_seed(0)
     x = (torch.randn(shape, device="cuda") * 3).to(torch.bfloat16).requires_grad_()
     w = (1 + 0.1 * torch.randn(shape[-1], device="cuda")).to(torch.bfloat16).requires_grad_()
-    out, (gx, gw) = _fwd_bwd(lambda a, b: compiled(rms_norm)(a, b, 1e-6), x, w)
+    out, (gx, gw) = _fwd_bwd(lambda a, b: compiled(rms_norm, a)(a, b, 1e-6), x, w)
     ref, (rx, rw) = _fwd_bwd(lambda a, b: rms_norm(a, b, 1e-6), x.detach().float().requires_grad_(),
                              w.detach().float().requires_grad_())
     torch.testing.assert_close(out, ref, rtol=1.6e-2, atol=1e-2)
@@ -40,7 +40,7 @@ def test_compiled_rope(heads):
     inv = 1.0 / (1e6 ** (torch.arange(0, d, 2, device="cuda").float() / d))
     f = torch.outer(torch.arange(s, device="cuda").float(), inv)
     freqs = torch.cat((f, f), -1)[:, None, None, :]
-    out, (gt, _) = _fwd_bwd(lambda a, b: compiled(rope_bshd)(a, b), t, freqs)
+    out, (gt, _) = _fwd_bwd(lambda a, b: compiled(rope_bshd, a)(a, b), t, freqs)
     ref, (rt, _) = _fwd_bwd(rope_bshd, t.detach().float().requires_grad_(), freqs)
     torch.testing.assert_close(out, ref, rtol=1.6e-2, atol=1.6e-2)
     torch.testing.assert_close(gt, rt, rtol=1.6e-2, atol=1.6e-2)
