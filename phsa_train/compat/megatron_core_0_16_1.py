@@ -59,15 +59,14 @@ def apply(on_gpu: bool) -> None:
         cpu_shims()
 
 
-def provide_fused_rope(fn) -> bool:
-    """Make ``fn(t, freqs, interleaved=False)`` Megatron's fused RoPE where Transformer Engine provides none.
-    Returns True (Megatron then applies RoPE through TE's or ``fn``). Idempotent."""
+def provide_fused_rope(fn) -> None:
+    """Make ``fn(t, freqs, interleaved=False)`` Megatron's fused RoPE where Transformer Engine provides none
+    (with TE, ``apply_rope_fusion`` keeps using TE's). Idempotent."""
     check_version()
     from megatron.core.models.common.embeddings import rope_utils
 
     if rope_utils.fused_apply_rotary_pos_emb is None:
         rope_utils.fused_apply_rotary_pos_emb = fn
-    return True
 
 
 def cpu_shims() -> None:

@@ -63,7 +63,6 @@ class FusedRMSNorm(torch.nn.RMSNorm):
 
 def fused_rope(t: torch.Tensor, freqs: torch.Tensor, interleaved: bool = False) -> torch.Tensor:
     """The signature Megatron calls for ``config.apply_rope_fusion`` (Transformer Engine's, bshd layout)."""
-    if interleaved:
-        raise ValueError("model.rotary_interleaved is not supported with train.fused_kernels=true; allowed: "
-                         "rotary_interleaved=false, or train.fused_kernels=false")
+    if interleaved:  # Megatron's rotary_interleaved: no model config of this repository sets it
+        raise NotImplementedError("fused_rope: interleaved RoPE is not implemented")
     return compiled(rope_bshd, t)(t, freqs)

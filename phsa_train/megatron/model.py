@@ -27,7 +27,8 @@ def transformer_config(cfg, params_dtype: torch.dtype, init_weights: bool = True
     # fp32 copy of the [s, vocab] logits for backward (+18.5 GiB at 32k tokens on the 0.6B model; 128k at CP=2
     # no longer fit on 80 GB) for ~1 % of the step.
     fused = fused_kernels_enabled(cfg)
-    rope_fused = fused and megatron_core_0_16_1.provide_fused_rope(fused_rope)
+    if fused:
+        megatron_core_0_16_1.provide_fused_rope(fused_rope)
     return TransformerConfig(
         num_layers=m.num_layers, hidden_size=m.hidden_size, ffn_hidden_size=m.ffn_hidden_size,
         num_attention_heads=m.num_attention_heads, num_query_groups=m.num_query_groups, kv_channels=m.kv_channels,
@@ -42,7 +43,7 @@ def transformer_config(cfg, params_dtype: torch.dtype, init_weights: bool = True
         # needs a GPU); fused kernels and sequence parallel need CUDA/TE.
         use_cpu_initialization=not on_gpu, perform_initialization=init_weights, sequence_parallel=False,
         bias_activation_fusion=fused, bias_dropout_fusion=on_gpu, masked_softmax_fusion=False,
-        persist_layer_norm=False, gradient_accumulation_fusion=False, apply_rope_fusion=rope_fused,
+        persist_layer_norm=False, gradient_accumulation_fusion=False, apply_rope_fusion=fused,
         recompute_granularity=None if cfg.train.recompute == "none" else cfg.train.recompute,
         recompute_method="uniform" if cfg.train.recompute == "full" else None,
         recompute_num_layers=1 if cfg.train.recompute == "full" else None,

@@ -61,7 +61,7 @@ def test_gpt_with_fused_norms_and_rope_equals_megatrons_local_gpt(single_process
     cfg = compose(["model=tiny", "data.seq_len=64", "attention=dense"])
     torch.manual_seed(0)
     ref = build_model(cfg, 256, torch.float32)
-    assert megatron_core_0_16_1.provide_fused_rope(fused_rope)
+    megatron_core_0_16_1.provide_fused_rope(fused_rope)
     config = dataclasses.replace(transformer_config(cfg, torch.float32), apply_rope_fusion=True)
     m = cfg.model
     fused = GPTModel(config=config, transformer_layer_spec=get_dense_layer_spec(fused_norms=True), vocab_size=256,
