@@ -14,8 +14,8 @@
 # E_VARIANTS="phsa" limits stage e (two GPUs) to those variants (default "dense phsa").
 # CP_PAIR=2,3 with CP_NGPU=2 runs on those two cards (two instances side by side on a 4-GPU machine).
 # TS_LENS="65536 131072" (default) sets the lengths of stage c, PRE_SEQ=65536 that of stages d and f. STAGES (default "abcd") picks stages; e (longest sequence) takes ~5 min on its own: run it in a second call.
-# With >= 4 GPUs, stages run as two 2-GPU groups side by side (GPUs 0,1: b then c; GPUs 2,3: a then d), then the
-# 4-GPU parts. CPU logic check (gloo, tiny shapes): CP_GPU_RUN_CPU=1 OUT=/tmp/x bash bench/cp_gpu_run.sh
+# With >= 4 GPUs, stages run as two 2-GPU groups side by side (GPUs 0,1: b then c; GPUs 2,3: a then d per D_MODES),
+# then the 4-GPU parts, then e dense on 0,1 beside e phsa on 2,3; QUAD_ONLY=1 skips the 2-GPU parts of a-d. CPU logic check (gloo, tiny shapes): CP_GPU_RUN_CPU=1 OUT=/tmp/x bash bench/cp_gpu_run.sh
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:?set OUT to a directory}
@@ -180,10 +180,12 @@ stage_f() {  # stage_f GPUS NAME OVERRIDES...: a short user-path run (curriculum
 has() { [[ "$STAGES" == *"$1"* ]]; }
 any_of() { [[ "$STAGES" =~ [$1] ]]; }
 if [ "$NGPU" -ge 4 ] && [ "$CPU" != 1 ]; then
-  if any_of abcd; then
+  if any_of abcd && [ "${QUAD_ONLY:-0}" != 1 ]; then  # QUAD_ONLY=1: only the 4-GPU parts of a-d
     ( port=31000; has b && stage_b 0,1; has c && stage_c 0,1 ) &
-    ( port=32000; has a && stage_a 2,3; has d && stage_d 2,3 ) &
+    ( port=32000; has a && stage_a 2,3; for m in ${D_MODES:-allgather}; do has d && stage_d 2,3 "$m"; done ) &
     wait; flush
+  fi
+  if any_of abc; then
     if has a; then
       run exactness_cp4 0,1,2,3 200 "$PY" -m pytest -q -s -p no:cacheprovider tests/gpu/test_context_parallel_gpu.py -k cp4
       grep -h '^{"mode"' "$LOG.exactness_cp4" >> "$OUT/exactness.jsonl"
@@ -201,7 +203,7 @@ if [ "$NGPU" -ge 4 ] && [ "$CPU" != 1 ]; then
   if any_of ef; then
     ( port=33000; has f && stage_f 0,1 ulysses parallel.cp_mode=ulysses; has e && stage_e 0,1 dense ) &
     ( port=34000; has f && stage_f 2,3 packed_docs data.reset_attention_mask=true; has e && stage_e 2,3 phsa ) &
-    wait
+    wait; flush
   fi
 else  # two GPUs: CP_PAIR (default 0,1) picks which, so a second instance can run on 2,3
   PAIR=${CP_PAIR:-0,1}
