@@ -63,13 +63,14 @@ def build_model(cfg, vocab_size: int, params_dtype: torch.dtype, init_weights: b
     :mod:`phsa_train.convert`); the parameters then hold uninitialised memory.
     """
     m, chunk = cfg.model, cfg.train.loss_chunk_tokens
+    output_loss = functools.partial(linear_cross_entropy, chunk=chunk, fused=fused_kernels_enabled(cfg))
     model = GPTModelWithOutputLoss(
         config=transformer_config(cfg, params_dtype, init_weights), transformer_layer_spec=layer_spec_from_config(cfg),
         vocab_size=vocab_size, max_sequence_length=m.max_position_embeddings,
         pre_process=parallel_state.is_pipeline_first_stage(), post_process=parallel_state.is_pipeline_last_stage(),
         share_embeddings_and_output_weights=m.tie_embeddings, position_embedding_type="rope",
         rotary_base=int(m.rotary_base),
-        output_loss=functools.partial(linear_cross_entropy, chunk=chunk) if chunk > 0 else None,
+        output_loss=output_loss if chunk > 0 else None,
     )
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
