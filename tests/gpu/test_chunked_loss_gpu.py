@@ -19,7 +19,7 @@ def tp1():
     from megatron.core import parallel_state
 
     store = dist.TCPStore("127.0.0.1", free_port(), 1, is_master=True)
-    dist.init_process_group("gloo", rank=0, world_size=1, store=store)
+    dist.init_process_group("nccl", rank=0, world_size=1, store=store)
     parallel_state.initialize_model_parallel(1, 1)
     yield
     parallel_state.destroy_model_parallel()
