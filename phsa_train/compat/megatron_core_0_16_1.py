@@ -99,8 +99,9 @@ class GPTModelWithOutputLoss(GPTModel):
 
     def _postprocess(self, hidden_states, labels=None, mtp_in_postprocess=None, inference_context=None, **kwargs):
         if self._megatron_postprocess_needed(labels, mtp_in_postprocess, inference_context):
-            return super()._postprocess(hidden_states=hidden_states, labels=labels, mtp_in_postprocess=mtp_in_postprocess,
-                                        inference_context=inference_context, **kwargs)
+            return super()._postprocess(hidden_states=hidden_states, labels=labels,
+                                        mtp_in_postprocess=mtp_in_postprocess, inference_context=inference_context,
+                                        **kwargs)
         weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights \
             else self.output_layer.weight
         return self.output_loss(hidden_states, weight, labels, self.output_layer.tp_group)

@@ -20,7 +20,8 @@ The arithmetic is Megatron's, step for step, per chunk: logits in the weight's d
 exp / sum / log, the three reductions over the tensor-parallel group (max, then the target logit and the sum of
 exponentials), and in backward ``softmax - onehot`` scaled by the incoming gradient, cast to the compute dtype
 before the two GEMMs. Only the GEMMs' summation order differs (rows split into chunks; the weight gradient
-summed over chunks in fp32), so fp32 results agree to rounding. The input gradient is all-reduced over the
+summed over chunks in fp32, each chunk's product rounded to the compute dtype first), so fp32 results agree to
+rounding and bf16 ones to bf16 rounding. The input gradient is all-reduced over the
 tensor-parallel group, as ``ColumnParallelLinear``'s backward does for the output layer.
 """
 from __future__ import annotations
@@ -106,7 +107,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         n, chunk = hidden.shape[0], ctx.chunk
         grad_logits_fn = compiled(grad_logits, hidden) if ctx.fused else grad_logits
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
-        # The weight gradient sums over every chunk: in fp32, so splitting the tokens adds no rounding of its own.
+        # The weight gradient sums over the chunks in fp32 (whatever the compute dtype) and is rounded to it once.
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
         for i in range(0, n, chunk):
             rows = slice(i, min(i + chunk, n))
@@ -116,7 +117,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 torch.mm(g, weight, out=grad_hidden[rows])
             if need_weight and weight.dtype == torch.float32:
                 grad_weight.addmm_(g.t(), hidden[rows])
-            elif need_weight:  # each chunk's product rounds once to the compute dtype, as the unchunked GEMM does
+            elif need_weight:  # cuBLAS accumulates each chunk's product in fp32 and rounds it to bf16 once
                 grad_weight += g.t() @ hidden[rows]
         if need_hidden and ctx.tp > 1:
             dist.all_reduce(grad_hidden, group=ctx.tp_group)
