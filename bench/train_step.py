@@ -153,7 +153,8 @@ def main():
     ap.add_argument("--variants", default="dense,phsa",
                     help="comma list of dense, phsa, phsa_softmax (phsa with attention.score=softmax_group_sum), "
                          "phsa_qb64 (phsa with attention.query_block=64), dense_unfused / phsa_unfused "
-                         "(train.fused_kernels=false: SwiGLU, RMSNorm and RoPE unfused)")
+                         "(train.fused_kernels=false: SwiGLU, RMSNorm and RoPE unfused), dense_unchunked / "
+                         "phsa_unchunked (train.loss_chunk_tokens=0: Megatron's output layer + loss on the whole logits)")
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--cp", type=int, default=1)
     ap.add_argument("--profile", action="store_true",
@@ -177,7 +178,9 @@ def main():
                 "phsa_softmax": ["attention=phsa", *args.phsa, "attention.score=softmax_group_sum"],
                 "phsa_qb64": ["attention=phsa", *args.phsa, "attention.query_block=64"],
                 "dense_unfused": ["attention=dense", "train.fused_kernels=false"],
-                "phsa_unfused": ["attention=phsa", *args.phsa, "train.fused_kernels=false"]}
+                "phsa_unfused": ["attention=phsa", *args.phsa, "train.fused_kernels=false"],
+                "dense_unchunked": ["attention=dense", "train.loss_chunk_tokens=0"],
+                "phsa_unchunked": ["attention=phsa", *args.phsa, "train.loss_chunk_tokens=0"]}
     results = {}
     for name in args.variants.split(","):
         try:
@@ -196,8 +199,9 @@ def main():
             print(json.dumps(results[name]), flush=True)
     device = "cpu" if args.cpu else torch.cuda.get_device_name()
     summary = {"device": device, "date": datetime.date.today().isoformat(), "results": list(results.values())}
-    for name in results:  # each PHSA variant against the dense variant built the same way (fused or not)
-        base = "dense_unfused" if name.endswith("_unfused") else "dense"
+    for name in results:  # each PHSA variant against the dense variant built the same way (fused, chunked or not)
+        suffix = next((x for x in ("_unfused", "_unchunked") if name.endswith(x)), "")
+        base = "dense" + suffix
         if name.startswith("phsa") and "tokens_per_s" in results.get(base, {}) and "tokens_per_s" in results[name]:
             summary[f"{name}_over_{base}_tokens_per_s"] = results[name]["tokens_per_s"] / results[base]["tokens_per_s"]
     if env.rank == 0:

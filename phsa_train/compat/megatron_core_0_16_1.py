@@ -27,6 +27,13 @@
   without TE always takes the unfused RoPE, ~5 elementwise kernels and two copies per q and k.
   :func:`provide_fused_rope` installs our compiled bshd RoPE in that slot (only where TE left it empty), called by
   the model builder when ``train.fused_kernels`` is on.
+* ``GPTModel`` has no hook between the decoder's hidden states and the loss: ``_postprocess`` always runs the
+  output layer, materialising the [s, b, vocab / tp] logits, then ``compute_language_model_loss`` (whose fp32
+  copy of them backward keeps), and Megatron-Core has no fused linear + cross-entropy. :class:`GPTModelWithOutputLoss`
+  overrides ``_postprocess`` (an internal: its keyword arguments, and that without multi-token prediction,
+  inference, sequence parallelism or deferred embedding wgrad it is exactly "output layer, then loss") so that
+  a training loss with labels can come from one ``output_loss(hidden_states, weight, labels, tp_group)`` call;
+  every other case is Megatron's own code. Same modules, same parameter names and state-dict keys.
 """
 from __future__ import annotations
 
@@ -36,6 +43,8 @@ import signal
 from multiprocessing.managers import SyncManager
 
 import torch
+from megatron.core.models.gpt import GPTModel
+from megatron.core.config_logger import has_config_logger_enabled
 
 VERSION = "0.16.1"
 _applied: set[str] = set()
@@ -67,6 +76,35 @@ def provide_fused_rope(fn) -> None:
 
     if rope_utils.fused_apply_rotary_pos_emb is None:
         rope_utils.fused_apply_rotary_pos_emb = fn
+
+
+class GPTModelWithOutputLoss(GPTModel):
+    """Megatron's GPTModel whose training loss may be one ``output_loss`` call on the final hidden states.
+
+    ``output_loss(hidden_states [s, b, h], weight [V / tp, h], labels [b, s], tp_group) -> losses [b, s]`` replaces
+    ``output_layer`` + ``compute_language_model_loss`` when labels are given; ``None`` keeps Megatron's path.
+    Calls without labels (evaluation, inference) always return Megatron's logits.
+    """
+
+    def __init__(self, *args, output_loss=None, **kwargs):
+        check_version()
+        super().__init__(*args, **kwargs)
+        self.output_loss = output_loss
+
+    def _megatron_postprocess_needed(self, labels, mtp_in_postprocess, inference_context) -> bool:
+        c = self.config
+        return (self.output_loss is None or labels is None or not self.post_process or bool(mtp_in_postprocess)
+                or c.mtp_num_layers is not None or inference_context is not None or self.output_layer.sequence_parallel
+                or c.defer_embedding_wgrad_compute or has_config_logger_enabled(c))
+
+    def _postprocess(self, hidden_states, labels=None, mtp_in_postprocess=None, inference_context=None, **kwargs):
+        if self._megatron_postprocess_needed(labels, mtp_in_postprocess, inference_context):
+            return super()._postprocess(hidden_states=hidden_states, labels=labels,
+                                        mtp_in_postprocess=mtp_in_postprocess, inference_context=inference_context,
+                                        **kwargs)
+        weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights \
+            else self.output_layer.weight
+        return self.output_loss(hidden_states, weight, labels, self.output_layer.tp_group)
 
 
 def cpu_shims() -> None:

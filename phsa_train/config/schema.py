@@ -109,6 +109,8 @@ class TrainConfig:
     log_interval: int = 5
     recompute: str = "none"  # none | selective (core attention) | full (whole layers; GPU only)
     fused_kernels: bool = True  # GPU: compiled SwiGLU, RMSNorm and RoPE (megatron/fused.py); CPU runs unfused
+    loss_chunk_tokens: int = 8192  # output layer + cross-entropy this many tokens at a time, never the whole
+    #   [tokens, vocab] logits (megatron/chunked_loss.py); 0 = Megatron's unchunked output layer and loss
     exit_after_steps: Optional[int] = None  # stop early (tests, time-boxed jobs); a checkpoint is saved
     max_skipped_steps: int = 0  # steps with a non-finite loss or grad norm to skip (no update) before stopping
 

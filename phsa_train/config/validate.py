@@ -190,6 +190,8 @@ def check_ranges(cfg: DictConfig) -> None:
                                   "no validation)")
     _at_least("train.warmup_steps", t.warmup_steps, 0)
     _at_least("train.max_skipped_steps", t.max_skipped_steps, 0)  # 0 = stop at the first non-finite loss
+    _check(t.loss_chunk_tokens >= 0, f"train.loss_chunk_tokens={t.loss_chunk_tokens} must be >= 0 (tokens per chunk "
+                                     "of the output layer + loss; 0 = Megatron's unchunked path)")
     _check(t.lr >= 0, f"train.lr={t.lr} must be >= 0 (0 = no update)")
     _check(0 <= t.min_lr <= t.lr, f"train.min_lr={t.min_lr} must be in [0, train.lr={t.lr}]")
     _check(t.weight_decay >= 0, f"train.weight_decay={t.weight_decay} must be >= 0")

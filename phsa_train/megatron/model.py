@@ -1,13 +1,16 @@
 """Build the Megatron-Core GPTModel from ``cfg.model`` + ``cfg.attention``."""
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
-from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer import TransformerConfig
 
 from phsa_train.compat import megatron_core_0_16_1
+from phsa_train.compat.megatron_core_0_16_1 import GPTModelWithOutputLoss
+from phsa_train.megatron.chunked_loss import linear_cross_entropy
 from phsa_train.megatron.fused import fused_kernels_enabled, fused_rope
 from phsa_train.megatron.specs import layer_spec_from_config
 
@@ -50,19 +53,24 @@ def transformer_config(cfg, params_dtype: torch.dtype, init_weights: bool = True
     )
 
 
-def build_model(cfg, vocab_size: int, params_dtype: torch.dtype, init_weights: bool = True) -> GPTModel:
-    """GPTModel for this pipeline stage; ``vocab_size`` is already padded.
+def build_model(cfg, vocab_size: int, params_dtype: torch.dtype, init_weights: bool = True) -> GPTModelWithOutputLoss:
+    """Megatron's GPTModel for this pipeline stage; ``vocab_size`` is already padded.
+
+    With ``train.loss_chunk_tokens`` > 0 a forward with labels computes the output layer and the loss in chunks
+    of that many tokens (:mod:`phsa_train.megatron.chunked_loss`); forwards without labels return the logits.
 
     ``init_weights=False`` skips the random initialisation (the weights are loaded right after, e.g. by
     :mod:`phsa_train.convert`); the parameters then hold uninitialised memory.
     """
-    m = cfg.model
-    model = GPTModel(
+    m, chunk = cfg.model, cfg.train.loss_chunk_tokens
+    output_loss = functools.partial(linear_cross_entropy, chunk=chunk, fused=fused_kernels_enabled(cfg))
+    model = GPTModelWithOutputLoss(
         config=transformer_config(cfg, params_dtype, init_weights), transformer_layer_spec=layer_spec_from_config(cfg),
         vocab_size=vocab_size, max_sequence_length=m.max_position_embeddings,
         pre_process=parallel_state.is_pipeline_first_stage(), post_process=parallel_state.is_pipeline_last_stage(),
         share_embeddings_and_output_weights=m.tie_embeddings, position_embedding_type="rope",
         rotary_base=int(m.rotary_base),
+        output_loss=output_loss if chunk > 0 else None,
     )
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
