@@ -308,6 +308,12 @@ def _chunk_of(rank: int, half: int, cp: int) -> int:
     return rank if half == 0 else 2 * cp - 1 - rank
 
 
+# The last dK/dV message of a backward (a rank's sums for the lower ranks' first chunks, final only after both its
+# chunks) is the one no compute hides: it goes in this many pieces, so that rounding the next piece, sending one and
+# adding the one before into the owner's sums overlap (at 128k, CP=2: 128 MiB whose cast and add take ~0.3 ms).
+TAIL_PIECES = 4
+
+
 def _key_end(rank: int, cp: int, c: int) -> int:
     """The last key position (exclusive) any query of ``rank`` reads: the end of its second chunk."""
     return (2 * cp - rank) * c
@@ -413,7 +419,8 @@ class _OverlappedPHSA(torch.autograd.Function):
         """Rank s runs its second chunk (2cp-1-s) first: afterwards its sums for both chunks of every rank t > s are
         final (its first chunk reads keys below (s+1)C only; t's second chunk lies in s's second chunk's prefix), so
         they go out at once, while the first chunk computes; its sums for chunk t of each rank t < s follow the
-        first chunk, last. A rank t < s gets nothing for its second chunk, which no query of s reaches.
+        first chunk, last (in TAIL_PIECES pieces). A rank t < s gets nothing for its second chunk, which no query
+        of s reaches.
         Own gradients = own fp32 sums + the peers' contributions (keys' dtype), added in fp32 and rounded once:
         one rounding fewer than a reduce-scatter of the rounded partial sums."""
         q_local, kv, o, lse0, lse1, sel0, sel1 = ctx.saved_tensors
@@ -432,23 +439,30 @@ class _OverlappedPHSA(torch.autograd.Function):
             tri.attend_backward(q_local[:, r], k_all[:, :end], v_all[:, :end], o[:, r], do[:, r], lse, params, sel,
                                 start, (dk_all[:, :end], dv_all[:, :end]), dq_out=dq[:, r])
 
-        def outgoing(j: int) -> torch.Tensor:  # this rank's final sums over chunk j, in the keys' dtype
-            return kv.new_empty(chunk_shape).copy_(acc[:, rows(j)])
+        def outgoing(j: int, lo: int = 0, hi: int = c) -> torch.Tensor:
+            """This rank's final sums over rows [lo, hi) of chunk j in the keys' dtype: [dk | dv, hi - lo, b, hk, d]."""
+            return kv.new_empty((2, hi - lo, *kv.shape[2:])).copy_(acc[:, j * c + lo:j * c + hi])
 
-        # what arrives: from t < s both own chunks (after t's second chunk), from t > s the first chunk (t's last)
+        # what arrives: from t < s both own chunks (after t's second chunk), from t > s the first chunk (t's last),
+        # in pieces (see TAIL_PIECES)
+        pieces = [(c * i // TAIL_PIECES, c * (i + 1) // TAIL_PIECES) for i in range(min(TAIL_PIECES, c))]
         early = {(t, h): kv.new_empty(chunk_shape) for t in range(rank) for h in range(2)}
-        late = [kv.new_empty(chunk_shape) for _ in range(rank + 1, cp)]
+        late = {(t, p): kv.new_empty((2, hi - lo, *kv.shape[2:]))
+                for t in range(rank + 1, cp) for p, (lo, hi) in enumerate(pieces)}
         chunk_backward(1, lse1, sel1)
         step1 = _start_p2p([(dist.isend, outgoing(_chunk_of(t, h, cp)), t) for t in range(rank + 1, cp)
                             for h in range(2)] + [(dist.irecv, buf, t) for (t, _), buf in early.items()], group)
         chunk_backward(0, lse0, sel0)
-        step2 = _start_p2p([(dist.isend, outgoing(t), t) for t in range(rank)]
-                           + [(dist.irecv, buf, t) for t, buf in zip(range(rank + 1, cp), late)], group)
+        tail = [_start_p2p([(dist.isend, outgoing(t, lo, hi), t) for t in range(rank)]
+                           + [(dist.irecv, late[t, p], t) for t in range(rank + 1, cp)], group)
+                for p, (lo, hi) in enumerate(pieces)]
         home = kv.new_empty((2, 2, c, *kv.shape[2:]))  # [dk | dv, half, C, b, hk, d]: this rank's gradients
         _wait(step1)
         _sum_into(home[:, 1], acc[:, rows(_chunk_of(rank, 1, cp))], [early[t, 1] for t in range(rank)])
-        _wait(step2)
-        _sum_into(home[:, 0], acc[:, rows(rank)], [early[t, 0] for t in range(rank)] + late)
+        for p, (lo, hi) in enumerate(pieces):
+            _wait(tail[p])
+            _sum_into(home[:, 0, lo:hi], acc[:, rank * c + lo:rank * c + hi],
+                      [early[t, 0][:, lo:hi] for t in range(rank)] + [late[t, p] for t in range(rank + 1, cp)])
         dk, dv = (home[g].view(2 * c, *kv.shape[2:]).transpose(0, 1) for g in range(2))  # [b, s_local, hk, d]
         return dq, dk, dv, None, None, None, None
 
