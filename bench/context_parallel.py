@@ -14,9 +14,10 @@ K/V exchange of only the chunks each rank reads, which lands in position order w
 point to point as they become final), ``allgather_chunks`` (the chunk path, the same results: all-gather and
 reorder first, then each chunk its own operator, dK/dV reduce-scattered; to see what the overlapped path buys),
 ``ulysses``. Per (L, mode) a profile of one forward+backward splits the GPU time by stage
-(selection, representatives, attention forward / backward, NCCL, copies and fills, the rest), reports how much
-of the wall time no kernel covered (host gaps), how much NCCL time ran with no other kernel beside it
-(``nccl_exposed_ms``) and a timeline of the first device events with their streams (what waits on what).
+(selection, representatives, attention forward / backward, NCCL, copies and fills, the rest; rank 0's), and per
+rank (``per_rank``) how much of the wall time no kernel covered (host gaps), how much NCCL time ran with no other
+kernel beside it (``nccl_exposed_ms``) and a timeline of the first device events with their streams (what waits
+on what).
 Bytes each rank receives per layer are computed, not measured. ``--nccl-env NCCL_X=V`` sets NCCL knobs for the
 run (recorded in every row). Writes JSON (``--out``).
 """
@@ -171,6 +172,16 @@ def parse_nccl_env(pairs: list[str]) -> dict:
     return env
 
 
+def profile_every_rank(fn, cuda: bool) -> dict:
+    """This rank's :func:`profile_stages` with every rank's timeline and exposed times beside it (``per_rank``, in
+    rank order): the rank that waits is often not rank 0, whose process writes the JSON."""
+    prof = profile_stages(fn, cuda)
+    mine = {k: prof.pop(k) for k in ("timeline", "nccl_exposed_ms", "no_kernel_running_ms", "wall_ms")}
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, mine)
+    return {**prof, "per_rank": every}
+
+
 def shipped_attention(overrides: list[str]) -> dict:
     from phsa_train.config import compose
 
@@ -244,7 +255,7 @@ def main():
             emit({"L": L, "cp": 1, "variant": "phsa", "fwd_bwd_ms": cp1_ms, "settings": kw,
                   "tokens_per_s_per_gpu": L / (cp1_ms / 1e3)})
             if not args.no_profile:
-                rows[-1]["profile"] = profile_stages(fb1, cuda)
+                rows[-1]["profile"] = profile_every_rank(fb1, cuda)
             del qf, kf, vf
         for mode in args.modes:
             if cp > 1:
@@ -266,7 +277,7 @@ def main():
                 if cp1_ms is not None:
                     row["scaling_efficiency"] = cp1_ms / (cp * ms)
                 if not args.no_profile:
-                    row["profile"] = profile_stages(fwd_bwd, cuda)
+                    row["profile"] = profile_every_rank(fwd_bwd, cuda)
                 if args.check and cp > 1:
                     ql.grad = kl.grad = vl.grad = None
                     o = attn()
