@@ -333,30 +333,36 @@ def _wait(works: list) -> None:
     works.clear()
 
 
-def _kv_exchange(kv: torch.Tensor, c: int, group) -> tuple[list, list]:
-    """kv [2, E, b, hk, d] (K and V in position order up to this rank's key end E) with this rank's chunks in place
-    -> the two point-to-point steps that bring in exactly the remote chunks its queries read, as op lists for
-    :func:`_start_p2p`:
+def kv_plan(rank: int, cp: int) -> tuple[list, list]:
+    """The forward K/V exchange of rank ``rank`` in two steps, each [(dist.isend | dist.irecv, natural chunk, peer)]:
 
     1. every rank's first chunk (natural chunk s of rank s) to every other rank: each rank's second chunk reads
        all of them, and rank r's first chunk reads those of ranks s < r;
     2. the second chunk of rank s (natural chunk 2cp-1-s) to the ranks r < s only: their second chunk's prefix
        (0 .. 2cp-1-r) contains it; for r > s it lies past every query of r (causal), so it is never sent.
     A rank's first chunk waits for step 1 (rank 0's for nothing), its second for both. Both steps run in both
-    directions at once, one chunk per link each way in step 1."""
-    cp, rank = dist.get_world_size(group), dist.get_rank(group)
-    rows = lambda j: slice(j * c, (j + 1) * c)  # noqa: E731
+    directions at once, one chunk per link each way in step 1. Ops between two ranks are listed in the same order
+    on both sides (they match in order)."""
     first, second = [], []
     for s in range(cp):
-        if s == rank:
-            continue
-        for g in range(2):
-            first += [(dist.isend, kv[g, rows(rank)], s), (dist.irecv, kv[g, rows(s)], s)]
-            if s < rank:
-                second.append((dist.isend, kv[g, rows(_chunk_of(rank, 1, cp))], s))
-            else:
-                second.append((dist.irecv, kv[g, rows(_chunk_of(s, 1, cp))], s))
+        if s != rank:
+            first += [(dist.isend, rank, s), (dist.irecv, s, s)]
+            second.append((dist.isend, _chunk_of(rank, 1, cp), s) if s < rank else
+                          (dist.irecv, _chunk_of(s, 1, cp), s))
     return first, second
+
+
+def dkv_plan(rank: int, cp: int) -> tuple[list, list]:
+    """The backward dK/dV messages of rank ``rank`` = s, [(dist.isend | dist.irecv, natural chunk, peer)]: (after
+    the second chunk's backward, after the first's). s's second chunk (2cp-1-s) reads keys of chunks 0..2cp-1-s, its
+    first chunk of chunks 0..s. So after the second chunk's backward s's sums for both chunks of every rank t > s
+    are final (t's first chunk is above s, t's second within 0..2cp-1-s); its sums for the first chunk of each rank
+    t < s are final only after the first chunk's backward; a rank t < s gets nothing for its second chunk, which
+    no query of s reaches. Received in rank order, so the owner sums them in rank order."""
+    early = ([(dist.isend, _chunk_of(t, h, cp), t) for t in range(rank + 1, cp) for h in range(2)]
+             + [(dist.irecv, _chunk_of(rank, h, cp), t) for t in range(rank) for h in range(2)])
+    last = [(dist.isend, t, t) for t in range(rank)] + [(dist.irecv, rank, t) for t in range(rank + 1, cp)]
+    return early, last
 
 
 class _OverlappedPHSA(torch.autograd.Function):
@@ -368,8 +374,8 @@ class _OverlappedPHSA(torch.autograd.Function):
 
     Forward:
     1. the representatives of the local blocks (the chunks are block-aligned, so these are the rows the whole
-       sequence gives those blocks), all-gathered while step 2's copies run: L / block_size rows, 1/16 of K;
-    2. the local K/V chunks copied into their places, then the two point-to-point steps of :func:`_kv_exchange`
+       sequence gives those blocks), all-gathered while the copies of 2. run: L / block_size rows, 1/16 of K;
+    2. the local K/V chunks copied into their places, then the two point-to-point steps of :func:`kv_plan`
        launched without waiting: only the chunks a peer reads, the ones its first chunk reads first;
     3. both chunks' selections from the gathered representatives (they need no keys), one launch, while K and V
        travel;
@@ -392,7 +398,8 @@ class _OverlappedPHSA(torch.autograd.Function):
         for half, (start, end) in enumerate(spans):
             for g, x in enumerate((k_local, v_local)):
                 kv[g, start:end].copy_(x[:, half * c:(half + 1) * c].transpose(0, 1))
-        steps = [_start_p2p(ops, group) for ops in _kv_exchange(kv, c, group)]
+        steps = [_start_p2p([(fn, kv[g, j * c:(j + 1) * c], peer) for fn, j, peer in plan for g in range(2)], group)
+                 for plan in kv_plan(rank, cp)]  # (K, then V, of every chunk: the same order on both sides)
         rows = [slice(i * c, (i + 1) * c) for i in range(2)]
         sel = tri.select_from_reps(q_local, reps(), params, q_offset=tuple(start for start, _ in spans))
         sels = [sel[:, r] for r in rows] if sel.shape[1] == s_local else [sel, sel]  # (dense shortcut: [1, 1, 1, 1])
@@ -416,11 +423,8 @@ class _OverlappedPHSA(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do):
-        """Rank s runs its second chunk (2cp-1-s) first: afterwards its sums for both chunks of every rank t > s are
-        final (its first chunk reads keys below (s+1)C only; t's second chunk lies in s's second chunk's prefix), so
-        they go out at once, while the first chunk computes; its sums for chunk t of each rank t < s follow the
-        first chunk, last (in TAIL_PIECES pieces). A rank t < s gets nothing for its second chunk, which no query
-        of s reaches.
+        """Each rank runs its second chunk first, then sends what :func:`dkv_plan` says is final (while the first
+        chunk computes), then the rest, last (in TAIL_PIECES pieces).
         Own gradients = own fp32 sums + the peers' contributions (keys' dtype), added in fp32 and rounded once:
         one rounding fewer than a reduce-scatter of the rounded partial sums."""
         q_local, kv, o, lse0, lse1, sel0, sel1 = ctx.saved_tensors
@@ -443,26 +447,26 @@ class _OverlappedPHSA(torch.autograd.Function):
             """This rank's final sums over rows [lo, hi) of chunk j in the keys' dtype: [dk | dv, hi - lo, b, hk, d]."""
             return kv.new_empty((2, hi - lo, *kv.shape[2:])).copy_(acc[:, j * c + lo:j * c + hi])
 
-        # what arrives: from t < s both own chunks (after t's second chunk), from t > s the first chunk (t's last),
-        # in pieces (see TAIL_PIECES)
+        # the last messages go in pieces (see TAIL_PIECES)
+        early, last = dkv_plan(rank, cp)
         pieces = [(c * i // TAIL_PIECES, c * (i + 1) // TAIL_PIECES) for i in range(min(TAIL_PIECES, c))]
-        early = {(t, h): kv.new_empty(chunk_shape) for t in range(rank) for h in range(2)}
-        late = {(t, p): kv.new_empty((2, hi - lo, *kv.shape[2:]))
-                for t in range(rank + 1, cp) for p, (lo, hi) in enumerate(pieces)}
+        inbox = {(t, j): kv.new_empty(chunk_shape) for fn, j, t in early if fn is dist.irecv}
+        inbox_last = {(t, p): kv.new_empty((2, hi - lo, *kv.shape[2:]))
+                      for fn, _, t in last if fn is dist.irecv for p, (lo, hi) in enumerate(pieces)}
         chunk_backward(1, lse1, sel1)
-        step1 = _start_p2p([(dist.isend, outgoing(_chunk_of(t, h, cp)), t) for t in range(rank + 1, cp)
-                            for h in range(2)] + [(dist.irecv, buf, t) for (t, _), buf in early.items()], group)
+        step1 = _start_p2p([(fn, outgoing(j) if fn is dist.isend else inbox[t, j], t) for fn, j, t in early], group)
         chunk_backward(0, lse0, sel0)
-        tail = [_start_p2p([(dist.isend, outgoing(t, lo, hi), t) for t in range(rank)]
-                           + [(dist.irecv, late[t, p], t) for t in range(rank + 1, cp)], group)
-                for p, (lo, hi) in enumerate(pieces)]
+        tail = [_start_p2p([(fn, outgoing(j, lo, hi) if fn is dist.isend else inbox_last[t, p], t)
+                            for fn, j, t in last], group) for p, (lo, hi) in enumerate(pieces)]
         home = kv.new_empty((2, 2, c, *kv.shape[2:]))  # [dk | dv, half, C, b, hk, d]: this rank's gradients
         _wait(step1)
-        _sum_into(home[:, 1], acc[:, rows(_chunk_of(rank, 1, cp))], [early[t, 1] for t in range(rank)])
+        own = _chunk_of(rank, 1, cp)
+        _sum_into(home[:, 1], acc[:, rows(own)], [buf for (_, j), buf in inbox.items() if j == own])
         for p, (lo, hi) in enumerate(pieces):
             _wait(tail[p])
             _sum_into(home[:, 0, lo:hi], acc[:, rank * c + lo:rank * c + hi],
-                      [early[t, 0][:, lo:hi] for t in range(rank)] + [late[t, p] for t in range(rank + 1, cp)])
+                      [buf[:, lo:hi] for (_, j), buf in inbox.items() if j == rank]
+                      + [buf for (_, q), buf in inbox_last.items() if q == p])
         dk, dv = (home[g].view(2 * c, *kv.shape[2:]).transpose(0, 1) for g in range(2))  # [b, s_local, hk, d]
         return dq, dk, dv, None, None, None, None
 
