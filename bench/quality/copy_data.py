@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
             while j < len(kinds) and slots[j] == i:
                 length = int(rng.integers(a.min_len, a.max_len + 1))
                 if kinds[j] == "repeat":
-                    span_lens = rng.integers(SPAN[0], SPAN[1] + 1, max(1, length // a.repeats_every))
+                    span_lens = rng.integers(SPAN[0], min(SPAN[1], length // 4) + 1, max(1, length // a.repeats_every))
                     span_lens = span_lens[np.cumsum(2 * span_lens) <= length // 2]  # at least half is prose
                     sp = [unigram[rng.integers(0, len(unigram), n)] if rng.random() < a.random_share
                           else haystack_slice(source, int(n), rng) for n in span_lens]

@@ -2,6 +2,8 @@
 
     python bench/quality/copy_summary.py RUNS_DIR [--json summary.json]     (prints markdown)
 
+Also the induction probe (bench/quality/copy_probe.py) of the dense weights, dense and under each selection rule.
+
 RUNS_DIR holds dense-s<seed>/{eval_dense,eval_a_lam0.5,eval_a_lam1}/results.json and
 ft-lam<lam>-s<seed>/eval_b/results.json. "beyond" = the depths strictly between 0 and 1 (the fact is neither in
 INIT nor in the local window, so a sparse layer reaches it only through its selected blocks); depth 0 and 1 are
@@ -75,6 +77,37 @@ def markdown(table: dict) -> str:
     return "\n".join(lines)
 
 
+PROBES = (("dense", "probe_dense"), ("(a) λ=0.5", "probe_a_lam0.5"), ("(a) λ=1", "probe_a_lam1"))
+
+
+def collect_probes(runs: Path) -> dict:
+    """{variant: {seed: [rows of copy_probe.py]}}."""
+    out = {}
+    for label, name in PROBES:
+        for rd in sorted(runs.glob("dense-s*")):
+            f = rd / f"{name}.json"
+            if f.exists():
+                out.setdefault(label, {})[re.sub(r".*-s", "", rd.name)] = json.loads(f.read_text())
+    return out
+
+
+def probe_markdown(probes: dict) -> str:
+    """Copy gain (loss on a random span's first copy minus its second) per distance and top-k."""
+    dists = sorted({r["distance"] for v in probes.values() for rows in v.values() for r in rows})
+    ks = sorted({r["topk"] for v in probes.values() for rows in v.values() for r in rows if r["topk"] is not None})
+    lines = ["**induction probe: copy gain in nats (second-copy accuracy)**, random 32-token span repeated after "
+             "D tokens of prose; mean ± half the range over seeds", "",
+             "| variant | D | " + " | ".join(f"k={k}" for k in ks) + " |", "|---|---|" + "---|" * max(1, len(ks))]
+    for label, seeds in probes.items():
+        for dist in dists:
+            cells = []
+            for k in (ks if label != "dense" else [None]):
+                rows = [r for rs in seeds.values() for r in rs if r["distance"] == dist and r["topk"] == k]
+                cells.append(f"{fmt([r['copy_gain'] for r in rows], 2)} ({fmt([r['second_copy_accuracy'] for r in rows], 2)})")
+            lines.append(f"| {label} | {dist} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("runs")
@@ -83,11 +116,15 @@ def main(argv: list[str] | None = None) -> int:
     runs = Path(a.runs)
     if not runs.is_dir():
         sys.exit(f"copy_summary.py: {runs}: no such directory")
-    table = collect(runs)
+    table, probes = collect(runs), collect_probes(runs)
     if a.json:
-        Path(a.json).write_text(json.dumps({lab: {s: {str(k): v for k, v in c.items()} for s, c in seeds.items()}
-                                            for lab, seeds in table.items()}, indent=1))
-    print(markdown(table) if table else f"no evaluation results under {runs}")
+        Path(a.json).write_text(json.dumps({"retrieval": {lab: {s: {str(k): v for k, v in c.items()}
+                                                               for s, c in seeds.items()}
+                                                         for lab, seeds in table.items()},
+                                            "probe": probes}, indent=1))
+    print(markdown(table) if table else f"no retrieval results under {runs}")
+    if probes:
+        print(probe_markdown(probes))
     return 0
 
 

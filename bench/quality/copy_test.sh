@@ -12,8 +12,8 @@
 #     env: GPUS="0 1" SEEDS="1234 2345" BUDGET_S=490 MODEL=small SEQ=2048 STEPS=900 GBS=16 FT_STEPS=160
 #          RESERVE_S=230 (seconds kept after dense training for steps 2-3) FT_EVAL_S=60 WORK_DIR=/tmp/phsa_copy
 #          COPY_TOY=1: the whole pipeline on CPU at toy scale (tiny model, seq 512), to check it end to end
-# OUT_DIR gets runs.tar.gz (logs, metrics.jsonl, eval results.json per run; no checkpoints), summary.json and
-# summary.md (bench/quality/copy_summary.py), env.txt. Every stage is bounded by the deadline; a stage that would
+# OUT_DIR gets three files: runs.tar.gz (env.txt, data_stats.json, and per run its logs, metrics.jsonl, eval
+# results.json and probe JSON; no checkpoints), summary.json and summary.md (bench/quality/copy_summary.py). Every stage is bounded by the deadline; a stage that would
 # start with too little time left is skipped, and what finished is written.
 set -uo pipefail
 DATA="$(cd "$1" && pwd)"; OUT="$(mkdir -p "$2" && cd "$2" && pwd)"
@@ -22,11 +22,11 @@ TOY="${COPY_TOY:-0}"
 if [ "$TOY" = 1 ]; then
   : "${BUDGET_S:=900}" "${MODEL:=tiny}" "${SEQ:=512}" "${STEPS:=600}" "${GBS:=8}" "${FT_STEPS:=20}" \
     "${RESERVE_S:=330}" "${FT_EVAL_S:=110}" "${GPUS:=cpu}" "${SEEDS:=1234}"
-  LR=3e-3 MIN_LR=3e-4 LENGTHS="[512]" RSAMPLES=16 INIT=16 WIN=128 BACKEND=reference
+  LR=3e-3 MIN_LR=3e-4 LENGTHS="[512]" RSAMPLES=16 INIT=16 WIN=128 BACKEND=reference PROBE_D="16 256"
 else
   : "${BUDGET_S:=490}" "${MODEL:=small}" "${SEQ:=2048}" "${STEPS:=900}" "${GBS:=16}" "${FT_STEPS:=160}" \
     "${RESERVE_S:=230}" "${FT_EVAL_S:=60}" "${GPUS:=0 1}" "${SEEDS:=1234 2345}"
-  LR=2e-3 MIN_LR=2e-4 LENGTHS="[$SEQ]" RSAMPLES=32 INIT=16 WIN=128 BACKEND=triton
+  LR=2e-3 MIN_LR=2e-4 LENGTHS="[$SEQ]" RSAMPLES=32 INIT=16 WIN=128 BACKEND=triton PROBE_D="16 256 1024"
 fi
 TOPKS="${TOPKS:-[1,2,4,8,16]}"
 # Depths 0 (fact in INIT) and 1 (fact in the local window) are the controls; 0.1-0.9 put the fact beyond
@@ -76,6 +76,13 @@ evaluate() {  # gpu run_dir out_name extra_overrides(comma-separated, quoted)...
   echo "${name}_rc=$? ${name}_s=$(( $(date +%s) - t ))" >> "$rd/status.txt"
 }
 
+probe() {  # gpu run_dir out_name probe_args...  (bench/quality/copy_probe.py -> run_dir/out_name.json)
+  local gpu=$1 rd=$2 name=$3 t; shift 3; t=$(date +%s)
+  CUDA_VISIBLE_DEVICES=$(dev "$gpu") timeout -k 10 "$(limit $(( $(left) - 5 )))" "$PY" bench/quality/copy_probe.py \
+      "$rd/checkpoints" --distances $PROBE_D --samples 32 --json "$rd/$name.json" "$@" > "$rd/$name.log" 2>&1
+  echo "${name}_rc=$? ${name}_s=$(( $(date +%s) - t ))" >> "$rd/status.txt"
+}
+
 pipeline() {  # gpu seed
   local gpu=$1 seed=$2 d="$W/runs/dense-s$2"
   echo "[copy_test] GPU $gpu seed $seed: dense training ($(left) s left)"
@@ -90,7 +97,15 @@ pipeline() {  # gpu seed
   evaluate "$gpu" "$d" eval_dense "" &
   evaluate "$gpu" "$d" eval_a_lam0.5 "$sel,'attention.lam=0.5'" &
   evaluate "$gpu" "$d" eval_a_lam1 "$sel,'attention.lam=1.0'" &
+  probe "$gpu" "$d" probe_dense &
   wait; pack
+  # The induction probe (random spans copied at a distance) under each selection rule, if time allows.
+  if [ "$(left)" -gt $((FT_EVAL_S + 60)) ]; then
+    local po=(attention.name=phsa attention.backend=$BACKEND curriculum.name=none "${GEOM[@]}")
+    probe "$gpu" "$d" probe_a_lam0.5 --override "${po[@]}" attention.lam=0.5 --topks ${TOPKS//[\[\],]/ } &
+    probe "$gpu" "$d" probe_a_lam1 --override "${po[@]}" attention.lam=1.0 --topks ${TOPKS//[\[\],]/ } &
+    wait; pack
+  fi
   # (b) sparse fine-tune from the dense weights with each lam: linear ramp from dense to k=2 over half the
   # steps, hold; evaluated at every k of TOPKS.
   if [ "$(left)" -lt $((FT_EVAL_S + 40)) ]; then echo "[copy_test] GPU $gpu: no time for (b)"; return; fi
@@ -112,8 +127,8 @@ pipeline() {  # gpu seed
   git rev-parse HEAD 2>/dev/null || true; git status --short 2>/dev/null | head -20
   nvidia-smi --query-gpu=index,name,memory.total --format=csv 2>/dev/null || echo "no GPU"
   "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" 2>&1
-  nproc; } > "$OUT/env.txt"
-cp "$DATA/cmix_stats.json" "$OUT/data_stats.json" 2>/dev/null || true
+  nproc; } > "$W/runs/env.txt"
+cp "$DATA/cmix_stats.json" "$W/runs/data_stats.json" 2>/dev/null || true
 
 for i in "${!GPU_LIST[@]}"; do
   pipeline "${GPU_LIST[$i]}" "${SEED_LIST[$i]}" &
