@@ -2,7 +2,8 @@
 # The mechanism test on a model that copies, in one sitting: per GPU (one seed each, side by side)
 #   1. train a dense model on the copy curriculum (bench/quality/copy_data.py: prose + exact-repeat documents +
 #      key-value facts written into prose), stopped gracefully by the deadline;
-#   2. (a) training-free: retrieval of a fact planted in held-out prose, dense, then the same weights with PHSA
+#   2. (a) training-free: retrieval of a fact planted in held-out prose and the induction probe
+#      (bench/quality/copy_probe.py), dense, then the same weights with PHSA
 #      selection at lam=0.5 and at lam=1 (mean pooling), at k in TOPKS; the three evaluations run side by side;
 #   3. (b) if time is left: a short sparse fine-tune from the dense weights with each lam (the curriculum ramps
 #      the top-k down from dense), then the same retrieval evaluation.
@@ -45,7 +46,7 @@ TRAIN=(model="$MODEL" train.global_batch_size="$GBS" train.micro_batch_size="$GB
        train.eval_iters=2 train.log_interval=25 checkpoint.keep_last=1 logging=stdout)
 # The PHSA geometry of the quality recipe (block 16, INIT 16, local window 128); query_block and score as shipped.
 GEOM=(attention.block_size=16 attention.n_init=$INIT attention.local_window=$WIN)
-EVAL=(eval.topks="$TOPKS" eval.retrieval.kind=kv eval.retrieval.lengths="$LENGTHS" eval.retrieval.depths="$DEPTHS"
+EVAL=(eval.topks="$TOPKS" eval.retrieval.topks="$TOPKS" eval.retrieval.kind=kv eval.retrieval.lengths="$LENGTHS" eval.retrieval.depths="$DEPTHS"
       eval.retrieval.samples=$RSAMPLES eval.retrieval.batch_size=8 eval.recall.enabled=false eval.valid_iters=4)
 
 left() { echo $((DEADLINE - $(date +%s))); }
@@ -97,22 +98,20 @@ pipeline() {  # gpu seed
   evaluate "$gpu" "$d" eval_dense "" &
   evaluate "$gpu" "$d" eval_a_lam0.5 "$sel,'attention.lam=0.5'" &
   evaluate "$gpu" "$d" eval_a_lam1 "$sel,'attention.lam=1.0'" &
+  # The induction probe (random spans copied at a distance), dense and under each selection rule.
+  local po=(attention.name=phsa attention.backend=$BACKEND curriculum.name=none "${GEOM[@]}")
   probe "$gpu" "$d" probe_dense &
+  probe "$gpu" "$d" probe_a_lam0.5 --override "${po[@]}" attention.lam=0.5 --topks ${TOPKS//[\[\],]/ } &
+  probe "$gpu" "$d" probe_a_lam1 --override "${po[@]}" attention.lam=1.0 --topks ${TOPKS//[\[\],]/ } &
   wait; pack
-  # The induction probe (random spans copied at a distance) under each selection rule, if time allows.
-  if [ "$(left)" -gt $((FT_EVAL_S + 60)) ]; then
-    local po=(attention.name=phsa attention.backend=$BACKEND curriculum.name=none "${GEOM[@]}")
-    probe "$gpu" "$d" probe_a_lam0.5 --override "${po[@]}" attention.lam=0.5 --topks ${TOPKS//[\[\],]/ } &
-    probe "$gpu" "$d" probe_a_lam1 --override "${po[@]}" attention.lam=1.0 --topks ${TOPKS//[\[\],]/ } &
-    wait; pack
-  fi
   # (b) sparse fine-tune from the dense weights with each lam: linear ramp from dense to k=2 over half the
   # steps, hold; evaluated at every k of TOPKS.
   if [ "$(left)" -lt $((FT_EVAL_S + 40)) ]; then echo "[copy_test] GPU $gpu: no time for (b)"; return; fi
   echo "[copy_test] GPU $gpu seed $seed: fine-tunes (b) ($(left) s left)"
   for lam in 0.5 1.0; do
     ( local f="$W/runs/ft-lam$lam-s$seed"
-      train "$gpu" "$f" $((DEADLINE - FT_EVAL_S)) attention=phsa attention.lam=$lam "${GEOM[@]}" \
+      # backend explicit: auto would run cuDNN dense at <= 4096 tokens (the speed crossover), i.e. not sparse.
+      train "$gpu" "$f" $((DEADLINE - FT_EVAL_S)) attention=phsa attention.lam=$lam "${GEOM[@]}" attention.backend=$BACKEND \
           attention.eval_topk=4 curriculum=linear curriculum.warmup_steps=0 curriculum.ramp_steps=$((FT_STEPS / 2)) \
           curriculum.target_activation=null curriculum.target_topk=2 checkpoint.init_from="$d/checkpoints" \
           train.seed="$seed" train.steps="$FT_STEPS" train.warmup_steps=10 train.lr=$MIN_LR train.min_lr=$MIN_LR \
