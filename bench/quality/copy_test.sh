@@ -10,7 +10,7 @@
 # Usage (from the repository root):
 #   bash bench/quality/copy_test.sh DATA_DIR OUT_DIR
 #     DATA_DIR: cmix.bin/.idx, cmix_punct.json, prose_tokenizer.json (bench/quality/copy_data.py)
-#     env: GPUS="0 1" SEEDS="1234 2345" BUDGET_S=490 MODEL=small SEQ=2048 STEPS=900 GBS=16 FT_STEPS=160
+#     env: GPUS="0 1" SEEDS="1234 2345" BUDGET_S=490 MODEL=small SEQ=2048 STEPS=1000 GBS=16 FT_STEPS=160
 #          RESERVE_S=230 (seconds kept after dense training for steps 2-3) FT_EVAL_S=60 WORK_DIR=/tmp/phsa_copy
 #          COPY_TOY=1: the whole pipeline on CPU at toy scale (tiny model, seq 512), to check it end to end
 # OUT_DIR gets three files: runs.tar.gz (env.txt, data_stats.json, and per run its logs, metrics.jsonl, eval
@@ -25,7 +25,7 @@ if [ "$TOY" = 1 ]; then
     "${RESERVE_S:=330}" "${FT_EVAL_S:=110}" "${GPUS:=cpu}" "${SEEDS:=1234}"
   LR=3e-3 MIN_LR=3e-4 LENGTHS="[512]" RSAMPLES=16 INIT=16 WIN=128 BACKEND=reference PROBE_D="16 256"
 else
-  : "${BUDGET_S:=490}" "${MODEL:=small}" "${SEQ:=2048}" "${STEPS:=900}" "${GBS:=16}" "${FT_STEPS:=160}" \
+  : "${BUDGET_S:=490}" "${MODEL:=small}" "${SEQ:=2048}" "${STEPS:=1000}" "${GBS:=16}" "${FT_STEPS:=160}" \
     "${RESERVE_S:=230}" "${FT_EVAL_S:=60}" "${GPUS:=0 1}" "${SEEDS:=1234 2345}"
   LR=2e-3 MIN_LR=2e-4 LENGTHS="[$SEQ]" RSAMPLES=32 INIT=16 WIN=128 BACKEND=triton PROBE_D="16 256 1024"
 fi
