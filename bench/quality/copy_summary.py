@@ -1,0 +1,132 @@
+"""Tables of bench/quality/copy_test.sh: retrieval vs k for dense, (a) training-free and (b) fine-tuned selection.
+
+    python bench/quality/copy_summary.py RUNS_DIR [--json summary.json]     (prints markdown)
+
+Also the induction probe (bench/quality/copy_probe.py) of the dense weights, dense and under each selection rule.
+
+RUNS_DIR holds dense-s<seed>/{eval_dense,eval_a_lam0.5,eval_a_lam1}/results.json and
+ft-lam<lam>-s<seed>/eval_b/results.json. "beyond" = the depths strictly between 0 and 1 (the fact is neither in
+INIT nor in the local window, so a sparse layer reaches it only through its selected blocks); depth 0 and 1 are
+the controls. Each cell is the mean over seeds, with +- half the range when there are two or more.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+
+VARIANTS = (("dense", "dense-s*", "eval_dense"), ("(a) λ=0.5", "dense-s*", "eval_a_lam0.5"),
+            ("(a) λ=1", "dense-s*", "eval_a_lam1"), ("(b) λ=0.5", "ft-lam0.5-s*", "eval_b"),
+            ("(b) λ=1", "ft-lam1.0-s*", "eval_b"))
+
+
+def cell(res: dict) -> dict:
+    """Per top-k (None for dense): exact match / answer log-prob beyond the window, and at the controls."""
+    out = {}
+    for row in res["retrieval"]["by_topk"]:
+        d = np.asarray(row["depths"])
+        mid, ctl = (d > 0) & (d < 1), (d == 0) | (d == 1)
+        em, lp = np.asarray(row["exact_match"]).mean(0), np.asarray(row["answer_logprob"]).mean(0)
+        out[row["topk"]] = {"em_beyond": float(em[mid].mean()), "logprob_beyond": float(lp[mid].mean()),
+                            "em_controls": float(em[ctl].mean()), "logprob_controls": float(lp[ctl].mean()),
+                            "em_by_depth": dict(zip(map(str, d.tolist()), em.tolist()))}
+    for row in res.get("perplexity", []):
+        if row["topk"] in out or row["topk"] is None:
+            out.setdefault(row["topk"], {})["loss"] = row["loss"]
+    return out
+
+
+def collect(runs: Path) -> dict:
+    table = {}
+    for label, pattern, sub in VARIANTS:
+        for rd in sorted(runs.glob(pattern)):
+            f = rd / sub / "results.json"
+            if f.exists():
+                seed = re.sub(r".*-s", "", rd.name)
+                table.setdefault(label, {})[seed] = cell(json.loads(f.read_text()))
+    return table
+
+
+def fmt(vals: list[float], digits: int) -> str:
+    if not vals:
+        return "—"
+    m = float(np.mean(vals))
+    return f"{m:.{digits}f}" + (f" ± {(max(vals) - min(vals)) / 2:.{digits}f}" if len(vals) > 1 else "")
+
+
+def markdown(table: dict) -> str:
+    ks = sorted({k for v in table.values() for s in v.values() for k in s if k is not None})
+    lines = []
+    for metric, digits, title in (("em_beyond", 2, "exact match, fact beyond INIT + local window"),
+                                  ("logprob_beyond", 2, "answer log-prob, fact beyond INIT + local window"),
+                                  ("em_controls", 2, "exact match, controls (depth 0 and 1)")):
+        lines += [f"**{title}** (mean ± half the range over seeds; dense: one value for every k)", "",
+                  "| variant | seeds | " + " | ".join(f"k={k}" for k in ks) + " |",
+                  "|---|---|" + "---|" * len(ks)]
+        for label, seeds in table.items():
+            row = []
+            for k in ks:
+                kk = None if label == "dense" else k
+                row.append(fmt([s[kk][metric] for s in seeds.values() if kk in s and metric in s[kk]], digits))
+            lines.append(f"| {label} | {len(seeds)} | " + " | ".join(row) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+PROBES = (("dense", "probe_dense"), ("(a) λ=0.5", "probe_a_lam0.5"), ("(a) λ=1", "probe_a_lam1"))
+
+
+def collect_probes(runs: Path) -> dict:
+    """{variant: {seed: [rows of copy_probe.py]}}."""
+    out = {}
+    for label, name in PROBES:
+        for rd in sorted(runs.glob("dense-s*")):
+            f = rd / f"{name}.json"
+            if f.exists():
+                out.setdefault(label, {})[re.sub(r".*-s", "", rd.name)] = json.loads(f.read_text())
+    return out
+
+
+def probe_markdown(probes: dict) -> str:
+    """Copy gain (loss on a random span's first copy minus its second) per distance and top-k."""
+    dists = sorted({r["distance"] for v in probes.values() for rows in v.values() for r in rows})
+    ks = sorted({r["topk"] for v in probes.values() for rows in v.values() for r in rows if r["topk"] is not None})
+    lines = ["**induction probe: copy gain in nats (second-copy accuracy)**, random 32-token span repeated after "
+             "D tokens of prose; mean ± half the range over seeds", "",
+             "| variant | D | " + " | ".join(f"k={k}" for k in ks) + " |", "|---|---|" + "---|" * max(1, len(ks))]
+    for label, seeds in probes.items():
+        for dist in dists:
+            cells = []
+            for k in (ks if label != "dense" else [None]):
+                rows = [r for rs in seeds.values() for r in rs if r["distance"] == dist and r["topk"] == k]
+                cells.append(f"{fmt([r['copy_gain'] for r in rows], 2)} ({fmt([r['second_copy_accuracy'] for r in rows], 2)})")
+            lines.append(f"| {label} | {dist} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("runs")
+    p.add_argument("--json", help="also write the table as JSON")
+    a = p.parse_args(argv)
+    runs = Path(a.runs)
+    if not runs.is_dir():
+        sys.exit(f"copy_summary.py: {runs}: no such directory")
+    table, probes = collect(runs), collect_probes(runs)
+    if a.json:
+        Path(a.json).write_text(json.dumps({"retrieval": {lab: {s: {str(k): v for k, v in c.items()}
+                                                               for s, c in seeds.items()}
+                                                         for lab, seeds in table.items()},
+                                            "probe": probes}, indent=1))
+    print(markdown(table) if table else f"no retrieval results under {runs}")
+    if probes:
+        print(probe_markdown(probes))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
