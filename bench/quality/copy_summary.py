@@ -1,6 +1,6 @@
 """Tables of bench/quality/copy_test.sh: retrieval vs k for dense, (a) training-free and (b) fine-tuned selection.
 
-    python bench/quality/copy_summary.py RUNS_DIR [--json summary.json]     (prints markdown)
+    python bench/quality/copy_summary.py RUNS_DIR [--json summary.json] [--plot retrieval_vs_k.png]   (prints markdown)
 
 Also the induction probe (bench/quality/copy_probe.py) of the dense weights, dense and under each selection rule.
 
@@ -108,10 +108,38 @@ def probe_markdown(probes: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot(table: dict, path: str) -> None:
+    """Exact match and answer log-prob beyond the window vs k, one line per variant (dense: a level), bars = the
+    seeds' range."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ks = sorted({k for v in table.values() for s in v.values() for k in s if k is not None})
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, metric, ylabel in ((axes[0], "em_beyond", "exact match"), (axes[1], "logprob_beyond", "answer log-prob")):
+        for label, seeds in table.items():
+            vals = [[s[None if label == "dense" else k][metric] for s in seeds.values()] for k in ks]
+            mean = np.array([np.mean(v) for v in vals])
+            half = np.array([(max(v) - min(v)) / 2 for v in vals])
+            style = dict(ls="--", color="k") if label == "dense" else dict(marker="o", capsize=3)
+            ax.errorbar(ks, mean, yerr=half, label=f"{label} ({len(seeds)} seeds)", **style)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ks, [str(k) for k in ks])
+        ax.set_xlabel("selected blocks k")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    axes[0].set_title("fact beyond INIT + local window")
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("runs")
     p.add_argument("--json", help="also write the table as JSON")
+    p.add_argument("--plot", help="also plot retrieval vs k (PNG)")
     a = p.parse_args(argv)
     runs = Path(a.runs)
     if not runs.is_dir():
@@ -122,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
                                                                for s, c in seeds.items()}
                                                          for lab, seeds in table.items()},
                                             "probe": probes}, indent=1))
+    if a.plot and table:
+        plot(table, a.plot)
     print(markdown(table) if table else f"no retrieval results under {runs}")
     if probes:
         print(probe_markdown(probes))
