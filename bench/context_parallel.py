@@ -9,13 +9,17 @@ Times forward+backward of one PHSA attention layer (Qwen3-0.6B shape: hq=16, hk=
     scaling efficiency ``cp1_ms / (cp * cpN_ms)`` compares numbers from one process on one card;
   * the dense layer: cuDNN SDPA at CP=1, and the all-gather CP path at CP=N (its chunks need a bottom-right
     causal mask, which torch's SDPA runs through Flash, not cuDNN: the row says which).
-Modes: ``allgather`` (what training runs: selection, one launch for both local chunks, overlaps the K/V exchange,
-which lands in position order with no copy, where it can), ``allgather_chunks`` (the chunk path, the same results:
-gather and reorder first, then each chunk its own operator and dK/dV buffer; to see what the overlapped path buys),
+Modes: ``allgather`` (what training runs: selection, one launch for both local chunks, overlaps the point-to-point
+K/V exchange of only the chunks each rank reads, which lands in position order with no copy, and sends dK/dV home
+point to point as they become final), ``allgather_chunks`` (the chunk path, the same results: all-gather and
+reorder first, then each chunk its own operator, dK/dV reduce-scattered; to see what the overlapped path buys),
 ``ulysses``. Per (L, mode) a profile of one forward+backward splits the GPU time by stage
-(selection, representatives, attention forward / backward, NCCL, copies and fills, the rest) and reports how much
-of the wall time no kernel covered (host gaps) and how much NCCL time ran with no other kernel beside it
-(``nccl_exposed_ms``). Bytes each rank moves per layer are computed, not measured. Writes JSON (``--out``).
+(selection, representatives, attention forward / backward, NCCL, copies and fills, the rest; rank 0's), and per
+rank (``per_rank``) how much of the wall time no kernel covered (host gaps), how much NCCL time ran with no other
+kernel beside it (``nccl_exposed_ms``) and a timeline of the first device events with their streams (what waits
+on what).
+Bytes each rank receives per layer are computed, not measured. ``--nccl-env NCCL_X=V`` sets NCCL knobs for the
+run (recorded in every row). Writes JSON (``--out``).
 """
 from __future__ import annotations
 
@@ -50,10 +54,12 @@ def bytes_per_layer(mode: str, L: int, cp: int, hq: int, hk: int, d: int, elem: 
     """Bytes one rank receives per layer, forward + backward."""
     if cp == 1:
         return 0
-    if mode.startswith("allgather"):  # K and V gathered (fwd); dK and dV reduce-scattered (bwd), keys' dtype
-        kv = 2 * (2 * L * hk * d * elem * (cp - 1) // cp)
-        # the overlapped path also gathers the block representatives (L / block rows of K's width)
-        return kv + (L // block * hk * d * elem * (cp - 1) // cp if mode == "allgather" else 0)
+    kv_chunk = 2 * (L // (2 * cp)) * hk * d * elem  # K+V (or dK+dV) of one of the 2cp chunks
+    if mode == "allgather":  # only what causality reads: 3(cp-1) chunks (context_parallel's module docstring), and
+        # the block representatives of the other ranks (L / block rows of K's width)
+        return 3 * (cp - 1) * kv_chunk + L // block * hk * d * elem * (cp - 1) // cp
+    if mode == "allgather_chunks":  # K and V all-gathered (fwd), dK and dV reduce-scattered (bwd)
+        return 4 * (cp - 1) * kv_chunk
     # ulysses: q, k, v in and o out forward; the same four backward
     return 2 * ((2 * hq + 2 * hk) * d * (L // cp) * elem * (cp - 1) // cp)
 
@@ -108,9 +114,10 @@ def largest_gaps(named: list[tuple[float, float, str]], n: int = 5) -> list:
     return [[round(g, 3), a[:60], b[:60]] for g, a, b in sorted(gaps, key=lambda x: -x[0])[:n]]
 
 
-def profile_stages(fn, cuda: bool = True, top: int = 10) -> dict:
+def profile_stages(fn, cuda: bool = True, top: int = 10, timeline: int = 60) -> dict:
     """Device milliseconds per stage of one ``fn()`` call (kernel names matched against STAGES), the wall time,
-    and the part of the kernels' span that no kernel on any stream covered (host gaps, waits).
+    the part of the kernels' span that no kernel on any stream covered (host gaps, waits), and the first
+    ``timeline`` device events with their streams.
     ``cuda=False`` profiles CPU ops instead (a logic check of this function on CPU)."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -124,7 +131,7 @@ def profile_stages(fn, cuda: bool = True, top: int = 10) -> dict:
         if cuda:
             torch.cuda.synchronize()
         wall = (time.perf_counter() - t0) * 1e3
-    per_stage, per_kernel, spans, compute = defaultdict(float), defaultdict(float), [], []
+    per_stage, per_kernel, spans, compute, streams = defaultdict(float), defaultdict(float), [], [], []
     for ev in prof.events():
         if ev.device_type != kind or (not cuda and ev.cpu_parent is not None):
             continue
@@ -133,9 +140,11 @@ def profile_stages(fn, cuda: bool = True, top: int = 10) -> dict:
         per_stage[stage] += e - s
         per_kernel[(stage, ev.name[:90])] += e - s
         spans.append((s, e, ev.name))
+        streams.append((s, e, ev.name, ev.device_resource_id))
         if stage != "nccl":
             compute.append((s, e))
     span = (max(e for _, e, _ in spans) - min(s for s, _, _ in spans)) if spans else 0.0
+    t0 = min((s for s, _, _ in spans), default=0.0)
     covered = union_ms([(s, e) for s, e, _ in spans])
     return {"ms_by_stage": {k: round(v, 3) for k, v in sorted(per_stage.items())}, "wall_ms": round(wall, 3),
             "kernel_span_ms": round(span, 3), "no_kernel_running_ms": round(span - covered, 3),
@@ -143,9 +152,34 @@ def profile_stages(fn, cuda: bool = True, top: int = 10) -> dict:
             "largest_gaps": largest_gaps(spans),
             # communication that no other kernel ran alongside (what overlapping it with compute can still hide)
             "nccl_exposed_ms": round(covered - union_ms(compute), 3),
+            # what waits on what: the first device events in start order, [name, stream, start, end] in ms from the
+            # first (one row per kernel or copy; NCCL kernels run on their own streams)
+            "timeline": [[name[:48], stream, round(s - t0, 3), round(e - t0, 3)]
+                         for s, e, name, stream in sorted(streams)[:timeline]],
             # the costliest kernels outside the attention stages: what a stage total like copy_fill is made of
             "top_other_kernels": [[st, name, round(ms, 3)] for (st, name), ms in sorted(
                 per_kernel.items(), key=lambda kv: -kv[1]) if st not in ("attn_fwd", "attn_bwd")][:top]}
+
+
+def parse_nccl_env(pairs: list[str]) -> dict:
+    """["NCCL_X=V", ...] -> {"NCCL_X": "V"}; anything else is refused in one line naming the flag."""
+    env = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not (sep and value and name.startswith("NCCL_") and name[5:].replace("_", "").isalnum()):
+            raise SystemExit(f"--nccl-env {pair!r}: expected NCCL_<NAME>=<value>, e.g. NCCL_MIN_P2P_NCHANNELS=32")
+        env[name] = value
+    return env
+
+
+def profile_every_rank(fn, cuda: bool) -> dict:
+    """This rank's :func:`profile_stages` with every rank's timeline and exposed times beside it (``per_rank``, in
+    rank order): the rank that waits is often not rank 0, whose process writes the JSON."""
+    prof = profile_stages(fn, cuda)
+    mine = {k: prof.pop(k) for k in ("timeline", "nccl_exposed_ms", "no_kernel_running_ms", "wall_ms")}
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, mine)
+    return {**prof, "per_rank": every}
 
 
 def shipped_attention(overrides: list[str]) -> dict:
@@ -168,8 +202,14 @@ def main():
     ap.add_argument("--no-profile", action="store_true")
     ap.add_argument("--check", action="store_true", help="also compare o/dq/dk/dv with the CP=1 run")
     ap.add_argument("--cpu", action="store_true", help="gloo on CPU, tiny head shapes, reference backend")
+    ap.add_argument("--nccl-env", nargs="+", default=[], metavar="NCCL_X=V",
+                    help="NCCL settings for this run, set before NCCL starts and recorded in every row, e.g. "
+                         "NCCL_MIN_P2P_NCHANNELS=32 (more channels for each point-to-point peer) or "
+                         "NCCL_P2P_NVL_CHUNKSIZE=1048576 (default 512 KiB)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    nccl_env = parse_nccl_env(args.nccl_env)
+    os.environ.update(nccl_env)
 
     from megatron.core import parallel_state
 
@@ -193,7 +233,7 @@ def main():
     rows = []
 
     def emit(row):
-        row.update(device=device_name, world=cp)
+        row.update(device=device_name, world=cp, **({"nccl_env": nccl_env} if nccl_env else {}))
         rows.append(row)
         if rank == 0:
             print(json.dumps(row), flush=True)
@@ -215,7 +255,7 @@ def main():
             emit({"L": L, "cp": 1, "variant": "phsa", "fwd_bwd_ms": cp1_ms, "settings": kw,
                   "tokens_per_s_per_gpu": L / (cp1_ms / 1e3)})
             if not args.no_profile:
-                rows[-1]["profile"] = profile_stages(fb1, cuda)
+                rows[-1]["profile"] = profile_every_rank(fb1, cuda)
             del qf, kf, vf
         for mode in args.modes:
             if cp > 1:
@@ -237,7 +277,7 @@ def main():
                 if cp1_ms is not None:
                     row["scaling_efficiency"] = cp1_ms / (cp * ms)
                 if not args.no_profile:
-                    row["profile"] = profile_stages(fwd_bwd, cuda)
+                    row["profile"] = profile_every_rank(fwd_bwd, cuda)
                 if args.check and cp > 1:
                     ql.grad = kl.grad = vl.grad = None
                     o = attn()

@@ -5,17 +5,19 @@ holds Megatron's load-balanced ("zigzag") slice of every sequence: chunks ``r`` 
 ``2*cp`` equal chunks (``get_batch_on_this_cp_rank``; RoPE is sliced the same way).
 
 ``allgather`` (default)
-    Keep the local queries; all-gather K and V over the CP group and undo the zigzag so every rank sees the
-    whole causal prefix; run the PHSA operator for each local chunk against its prefix; in backward, dK/dV are
-    reduce-scattered back to their owners (all-reduce + slice on gloo, which has no reduce-scatter). Selection
-    sees exactly the keys and punctuation of the CP=1 run, so the selected blocks are identical. Bytes moved per
-    layer and rank: (cp-1)/cp of K+V forward, the same for dK+dV backward.
-    With the Triton kernels and unpacked sequences the K/V exchange overlaps selection
-    (:class:`_OverlappedPHSA`): each rank computes the representatives of its own key blocks (chunks are
-    block-aligned), those are all-gathered (1/block_size of K), and both chunks select from them while K and V
-    are in flight, sent point-to-point straight into position order (the same bytes as an all-gather, no
-    reordering copy). Otherwise (the reference backend, packed documents) token_info is gathered once per batch
-    and each chunk runs the whole operator after the gather (:func:`_attend_chunks`).
+    Keep the local queries; gather the K and V each local chunk's causal prefix reads; run the PHSA operator for
+    each local chunk against its prefix; in backward, send each chunk's dK/dV home. Selection sees exactly the keys
+    and punctuation of the CP=1 run, so the selected blocks are identical.
+    With the Triton kernels and unpacked sequences (:class:`_OverlappedPHSA`) only what causality reads moves:
+    rank r's chunk r reads chunks 0..r, its chunk 2cp-1-r chunks 0..2cp-1-r, so a peer gets a rank's first chunk
+    always and its second chunk only if the peer's rank is lower; dK/dV go point to point, each peer getting only
+    the chunks this rank's queries reached, as soon as they are final. Each rank computes the representatives of its
+    own key blocks (chunks are block-aligned), those are all-gathered (1/block_size of K), and both chunks select from
+    them while K and V are in flight, straight into position order (no reordering copy). Bytes received per layer
+    and rank: 3(cp-1) chunks of K+V (a chunk is L/(2cp) tokens), forward and backward together, against 4(cp-1) for
+    an all-gather and a reduce-scatter. Otherwise (the reference backend, packed documents) K/V are all-gathered,
+    token_info is gathered once per batch, each chunk runs the whole operator after the gather and dK/dV are
+    reduce-scattered (all-reduce + slice on gloo, which has no reduce-scatter) (:func:`_attend_chunks`).
 ``ulysses``
     Head-parallel all-to-all through DeepSpeed's ``DistributedAttention``: every rank gets the full
     sequence for ``hk/cp`` KV heads (and their ``hq/cp`` query heads), runs the unchanged single-GPU
@@ -31,9 +33,9 @@ or end: the chunk then runs padded to its prefix, with the query_block - 1 real 
 chunks on either side (one small all-gather), so a straddling group's selection sums over all its rows as at
 CP=1.
 
-Communication per layer and rank (allgather, CP=2, 0.6B shape hk=8, d=128, bf16): K+V all-gather receives
-2 * (L/2) * 8 * 128 * 2 B = 2 MiB per 1k tokens of L (128 MiB at 64k, 256 MiB at 128k), the dK+dV
-reduce-scatter the same; at ~350 GB/s of NVLink that is ~0.4 / 0.8 ms each way at 64k / 128k.
+Communication per layer and rank (allgather, CP=2, 0.6B shape hk=8, d=128, bf16): a chunk of K+V is
+2 * (L/4) * 8 * 128 * 2 B = 1 MiB per 1k tokens of L (64 MiB at 64k, 128 MiB at 128k). Rank 0 receives chunks 1
+and 2 forward and chunk 0's dK/dV backward; rank 1 receives chunk 0 forward and chunks 1 and 2's dK/dV backward.
 """
 from __future__ import annotations
 
@@ -63,25 +65,15 @@ def _all_gather_ranks(x: torch.Tensor, group, async_op: bool = False):
     return out, work
 
 
-def _start_reduce_scatter_into(out: torch.Tensor, per_rank: torch.Tensor, group) -> Callable[[], None]:
-    """per_rank [cp, ...] (contiguous; index r = this rank's contribution to rank r's slice) -> a function that waits
-    and leaves the sum over ranks of index ``rank`` in ``out`` (contiguous). One reduce-scatter on NCCL (all-reduce,
-    then this rank's index, on gloo, which has none)."""
-    if _is_nccl(group):
-        return dist.reduce_scatter_tensor(out, per_rank, group=group, async_op=True).wait
-    work = dist.all_reduce(per_rank, group=group, async_op=True)
-
-    def finish() -> None:
-        work.wait()
-        out.copy_(per_rank[dist.get_rank(group)])
-    return finish
-
-
 def _reduce_scatter_home(per_rank: torch.Tensor, group) -> torch.Tensor:
-    """:func:`_start_reduce_scatter_into` into a new tensor, waited for."""
-    out = per_rank.new_empty(per_rank.shape[1:])
-    _start_reduce_scatter_into(out, per_rank, group)()
-    return out
+    """per_rank [cp, ...] (contiguous; index r = this rank's contribution to rank r's slice) -> the sum over ranks of
+    index ``rank``. One reduce-scatter on NCCL (all-reduce, then this rank's index, on gloo, which has none)."""
+    if _is_nccl(group):
+        out = per_rank.new_empty(per_rank.shape[1:])
+        dist.reduce_scatter_tensor(out, per_rank, group=group)
+        return out
+    dist.all_reduce(per_rank, group=group)
+    return per_rank[dist.get_rank(group)].clone()
 
 
 def zigzag_to_natural(parts: torch.Tensor, cp: int) -> torch.Tensor:
@@ -316,41 +308,82 @@ def _chunk_of(rank: int, half: int, cp: int) -> int:
     return rank if half == 0 else 2 * cp - 1 - rank
 
 
-def _start_chunk_exchange(kv: torch.Tensor, c: int, half: int, group) -> list:
-    """kv [2, L, b, hk, d] (K and V in position order) with this rank's chunk of ``half`` in place -> the works that
-    write every other rank's chunk of that half into its place (point-to-point: an all-gather would put the chunks
-    in rank order, which for the second halves is the reverse of position order, and cost a copy into it)."""
-    cp, rank = dist.get_world_size(group), dist.get_rank(group)
-    own = _chunk_of(rank, half, cp)
-    ops = []
-    for s in range(cp):
-        if s == rank:
-            continue
-        peer, j = dist.get_global_rank(group, s), _chunk_of(s, half, cp)
-        for g in range(2):  # sends and receives in the same order on every rank: matched in order
-            ops.append(dist.P2POp(dist.isend, kv[g, own * c:(own + 1) * c], peer, group))
-            ops.append(dist.P2POp(dist.irecv, kv[g, j * c:(j + 1) * c], peer, group))
+# The last dK/dV message of a backward (a rank's sums for the lower ranks' first chunks, final only after both its
+# chunks) is the one no compute hides: it goes in this many pieces, so that rounding the next piece, sending one and
+# adding the one before into the owner's sums overlap (at 128k, CP=2: 128 MiB whose cast and add take ~0.3 ms).
+TAIL_PIECES = 4
+
+
+def _key_end(rank: int, cp: int, c: int) -> int:
+    """The last key position (exclusive) any query of ``rank`` reads: the end of its second chunk."""
+    return (2 * cp - rank) * c
+
+
+def _start_p2p(ops: list, group) -> list:
+    """[(isend | irecv, tensor, group rank)] -> the works of one batched point-to-point call ([] when none). Ops
+    between two ranks are listed in the same order on both sides, so they match in order (NCCL and gloo)."""
+    ops = [dist.P2POp(fn, t, dist.get_global_rank(group, peer), group) for fn, t, peer in ops]
     return dist.batch_isend_irecv(ops) if ops else []
+
+
+def _wait(works: list) -> None:
+    """Wait for ``works`` and empty the list: a gloo work waited for a second time never returns."""
+    for w in works:
+        w.wait()
+    works.clear()
+
+
+def kv_plan(rank: int, cp: int) -> tuple[list, list]:
+    """The forward K/V exchange of rank ``rank`` in two steps, each [(dist.isend | dist.irecv, natural chunk, peer)]:
+
+    1. every rank's first chunk (natural chunk s of rank s) to every other rank: each rank's second chunk reads
+       all of them, and rank r's first chunk reads those of ranks s < r;
+    2. the second chunk of rank s (natural chunk 2cp-1-s) to the ranks r < s only: their second chunk's prefix
+       (0 .. 2cp-1-r) contains it; for r > s it lies past every query of r (causal), so it is never sent.
+    A rank's first chunk waits for step 1 (rank 0's for nothing), its second for both. Both steps run in both
+    directions at once, one chunk per link each way in step 1. Ops between two ranks are listed in the same order
+    on both sides (they match in order)."""
+    first, second = [], []
+    for s in range(cp):
+        if s != rank:
+            first += [(dist.isend, rank, s), (dist.irecv, s, s)]
+            second.append((dist.isend, _chunk_of(rank, 1, cp), s) if s < rank else
+                          (dist.irecv, _chunk_of(s, 1, cp), s))
+    return first, second
+
+
+def dkv_plan(rank: int, cp: int) -> tuple[list, list]:
+    """The backward dK/dV messages of rank ``rank`` = s, [(dist.isend | dist.irecv, natural chunk, peer)]: (after
+    the second chunk's backward, after the first's). s's second chunk (2cp-1-s) reads keys of chunks 0..2cp-1-s, its
+    first chunk of chunks 0..s. So after the second chunk's backward s's sums for both chunks of every rank t > s
+    are final (t's first chunk is above s, t's second within 0..2cp-1-s); its sums for the first chunk of each rank
+    t < s are final only after the first chunk's backward; a rank t < s gets nothing for its second chunk, which
+    no query of s reaches. Received in rank order, so the owner sums them in rank order."""
+    early = ([(dist.isend, _chunk_of(t, h, cp), t) for t in range(rank + 1, cp) for h in range(2)]
+             + [(dist.irecv, _chunk_of(rank, h, cp), t) for t in range(rank) for h in range(2)])
+    last = [(dist.isend, t, t) for t in range(rank)] + [(dist.irecv, rank, t) for t in range(rank + 1, cp)]
+    return early, last
 
 
 class _OverlappedPHSA(torch.autograd.Function):
     """The all-gather path with the K/V exchange hidden behind selection and the first chunk's attention (see
-    :func:`overlap_kernels`). K/V live in one [2, L, b, hk, d] buffer in position order; the kernels read it through
-    strided [b, L, hk, d] views, so no full-length copy is made anywhere.
+    :func:`overlap_kernels`). K/V live in one [2, E, b, hk, d] buffer in position order (E: the end of this rank's
+    second chunk, past which none of its queries reads); the kernels read it through strided [b, E, hk, d] views,
+    so no full-length copy is made anywhere. Chunk j = natural positions [j*C, (j+1)*C); rank r holds chunks r and
+    2cp-1-r.
 
     Forward:
     1. the representatives of the local blocks (the chunks are block-aligned, so these are the rows the whole
-       sequence gives those blocks), all-gathered while step 2's copies run: L / block_size rows, 1/16 of K;
-    2. the local K/V chunks copied into their places, then two point-to-point exchanges launched without waiting:
-       the first halves (natural chunks 0 .. cp-1), then the second halves;
+       sequence gives those blocks), all-gathered while the copies of 2. run: L / block_size rows, 1/16 of K;
+    2. the local K/V chunks copied into their places, then the two point-to-point steps of :func:`kv_plan`
+       launched without waiting: only the chunks a peer reads, the ones its first chunk reads first;
     3. both chunks' selections from the gathered representatives (they need no keys), one launch, while K and V
        travel;
-    4. the first chunk (natural chunk r, keys [0, (r+1)C): first halves only) attends once the first exchange is
-       in, the second chunk once the second is; outputs are written in place.
-    Backward: both chunks accumulate dK/dV into one fp32 buffer over the whole sequence (one zero fill), dq in place;
-    sent home in the keys' dtype by a reduce-scatter per half and tensor, straight into the returned gradients:
-    the second half (natural chunks cp .. 2cp-1) gets nothing from any rank's first chunk, whose prefix ends by
-    L/2, so its reduce-scatter runs while the first chunk's backward computes.
+    4. the first chunk (keys [0, (r+1)C)) attends once step 1 is in (rank 0's at once), the second once step 2 is;
+       outputs are written in place.
+    Backward (:meth:`backward`): both chunks accumulate dK/dV into one fp32 buffer over [0, E) (one zero fill), dq
+    in place; each peer gets only its nonzero chunks, in the keys' dtype, as soon as they are final, point to point;
+    the received contributions are added to this rank's fp32 sums and rounded once into the returned gradients.
     Selections, outputs and dq are those of the chunk path (and of CP=1): the same kernels on the same inputs.
     """
 
@@ -361,66 +394,92 @@ class _OverlappedPHSA(torch.autograd.Function):
         c = s_local // 2
         spans = local_chunk_positions(s_local, cp, rank)
         reps = start_gathered_reps(k_local, token_info, group, tri, params)  # in flight during the K/V copies
-        kv = k_local.new_empty((2, cp * s_local, b, *k_local.shape[2:]))  # [2, L, b, hk, d]
-        works = []
+        kv = k_local.new_empty((2, _key_end(rank, cp, c), b, *k_local.shape[2:]))  # [2, E, b, hk, d]
         for half, (start, end) in enumerate(spans):
             for g, x in enumerate((k_local, v_local)):
                 kv[g, start:end].copy_(x[:, half * c:(half + 1) * c].transpose(0, 1))
-            works.append(_start_chunk_exchange(kv, c, half, group))
+        steps = [_start_p2p([(fn, kv[g, j * c:(j + 1) * c], peer) for fn, j, peer in plan for g in range(2)], group)
+                 for plan in kv_plan(rank, cp)]  # (K, then V, of every chunk: the same order on both sides)
         rows = [slice(i * c, (i + 1) * c) for i in range(2)]
         sel = tri.select_from_reps(q_local, reps(), params, q_offset=tuple(start for start, _ in spans))
         sels = [sel[:, r] for r in rows] if sel.shape[1] == s_local else [sel, sel]  # (dense shortcut: [1, 1, 1, 1])
-        k_all, v_all = kv[0].transpose(0, 1), kv[1].transpose(0, 1)  # [b, L, hk, d] views
+        k_all, v_all = kv[0].transpose(0, 1), kv[1].transpose(0, 1)  # [b, E, hk, d] views
         o = q_local.new_empty((b, s_local, q_local.shape[2], v_local.shape[3]))
         lses = []
-        for i, ((start, end), r, sel) in enumerate(zip(spans, rows, sels)):
-            for w in works[i]:
-                w.wait()
+        # the steps each chunk waits for: rank 0's first chunk (natural chunk 0) reads only its own keys; the last
+        # rank's step 2 only sends, which none of its own chunks waits for
+        needs = ((0,) if rank > 0 else (), (0, 1) if rank < cp - 1 else (0,))
+        for (start, end), r, sel, need in zip(spans, rows, sels, needs):
+            for i in need:
+                _wait(steps[i])
             lses.append(tri.attend_forward(q_local[:, r], k_all[:, :end], v_all[:, :end], params, sel,
                                            q_offset=start, out=o[:, r])[1])
+        _wait(steps[1])  # (the last rank's sends: done long before, its peers' second chunks wait for them)
         ctx.save_for_backward(q_local, kv, o, *lses, *sels)  # (the attention stays one launch per chunk: the first
-        # chunk starts before the second halves arrive, and in backward the second half's reduce-scatter runs
-        # while the first chunk computes)
+        # chunk starts before step 2 arrives, and in backward the second chunk's contributions travel while the first
+        # chunk computes)
         ctx.group, ctx.tri, ctx.params, ctx.spans = group, tri, params, spans
         return o
 
     @staticmethod
     def backward(ctx, do):
+        """Each rank runs its second chunk first, then sends what :func:`dkv_plan` says is final (while the first
+        chunk computes), then the rest, last (in TAIL_PIECES pieces).
+        Own gradients = own fp32 sums + the peers' contributions (keys' dtype), added in fp32 and rounded once:
+        one rounding fewer than a reduce-scatter of the rounded partial sums."""
         q_local, kv, o, lse0, lse1, sel0, sel1 = ctx.saved_tensors
         group, tri, params, spans = ctx.group, ctx.tri, ctx.params, ctx.spans
-        cp = dist.get_world_size(group)
+        cp, rank = dist.get_world_size(group), dist.get_rank(group)
         c = q_local.shape[1] // 2
-        acc = torch.zeros(kv.shape, dtype=torch.float32, device=kv.device)  # [2, L, b, hk, d]
-        # this rank's dK and dV, [dk | dv, half, C, b, hk, d]: each (tensor, half) is one reduce-scatter's output
-        home = kv.new_empty((2, 2, c, *kv.shape[2:]))
+        rows = lambda j: slice(j * c, (j + 1) * c)  # noqa: E731
+        acc = torch.zeros(kv.shape, dtype=torch.float32, device=kv.device)  # [2, E, b, hk, d]: only keys read here
         dq = torch.empty_like(q_local)
         k_all, v_all = kv[0].transpose(0, 1), kv[1].transpose(0, 1)
         dk_all, dv_all = acc[0].transpose(0, 1), acc[1].transpose(0, 1)
+        chunk_shape = (2, c, *kv.shape[2:])  # [dk | dv, C, b, hk, d]: one message per chunk
 
         def chunk_backward(i: int, lse, sel) -> None:
             (start, end), r = spans[i], slice(i * c, (i + 1) * c)
             tri.attend_backward(q_local[:, r], k_all[:, :end], v_all[:, :end], o[:, r], do[:, r], lse, params, sel,
                                 start, (dk_all[:, :end], dv_all[:, :end]), dq_out=dq[:, r])
 
-        def send_home(half: int) -> list:
-            """Every rank's ``half`` chunk of the fp32 sums, in the keys' dtype (each a contiguous range), reduce-
-            scattered into ``home``: the functions that wait for it."""
-            finish = []
-            for g in range(2):
-                buf = kv.new_empty((cp, c, *kv.shape[2:]))
-                for r in range(cp):
-                    j = _chunk_of(r, half, cp)
-                    buf[r].copy_(acc[g, j * c:(j + 1) * c])
-                finish.append(_start_reduce_scatter_into(home[g, half], buf, group))
-            return finish
+        def outgoing(j: int, lo: int = 0, hi: int = c) -> torch.Tensor:
+            """This rank's final sums over rows [lo, hi) of chunk j in the keys' dtype: [dk | dv, hi - lo, b, hk, d]."""
+            return kv.new_empty((2, hi - lo, *kv.shape[2:])).copy_(acc[:, j * c + lo:j * c + hi])
 
+        # the last messages go in pieces (see TAIL_PIECES)
+        early, last = dkv_plan(rank, cp)
+        pieces = [(c * i // TAIL_PIECES, c * (i + 1) // TAIL_PIECES) for i in range(min(TAIL_PIECES, c))]
+        inbox = {(t, j): kv.new_empty(chunk_shape) for fn, j, t in early if fn is dist.irecv}
+        inbox_last = {(t, p): kv.new_empty((2, hi - lo, *kv.shape[2:]))
+                      for fn, _, t in last if fn is dist.irecv for p, (lo, hi) in enumerate(pieces)}
         chunk_backward(1, lse1, sel1)
-        late = send_home(1)  # final: no first chunk reaches past L/2
+        step1 = _start_p2p([(fn, outgoing(j) if fn is dist.isend else inbox[t, j], t) for fn, j, t in early], group)
         chunk_backward(0, lse0, sel0)
-        for f in (*send_home(0), *late):
-            f()
+        tail = [_start_p2p([(fn, outgoing(j, lo, hi) if fn is dist.isend else inbox_last[t, p], t)
+                            for fn, j, t in last], group) for p, (lo, hi) in enumerate(pieces)]
+        home = kv.new_empty((2, 2, c, *kv.shape[2:]))  # [dk | dv, half, C, b, hk, d]: this rank's gradients
+        _wait(step1)
+        own = _chunk_of(rank, 1, cp)
+        _sum_into(home[:, 1], acc[:, rows(own)], [buf for (_, j), buf in inbox.items() if j == own])
+        for p, (lo, hi) in enumerate(pieces):
+            _wait(tail[p])
+            _sum_into(home[:, 0, lo:hi], acc[:, rank * c + lo:rank * c + hi],
+                      [buf[:, lo:hi] for (_, j), buf in inbox.items() if j == rank]
+                      + [buf for (_, q), buf in inbox_last.items() if q == p])
         dk, dv = (home[g].view(2 * c, *kv.shape[2:]).transpose(0, 1) for g in range(2))  # [b, s_local, hk, d]
         return dq, dk, dv, None, None, None, None
+
+
+def _sum_into(out: torch.Tensor, own: torch.Tensor, received: list) -> None:
+    """out (keys' dtype) = own (fp32, consumed) + the received contributions (keys' dtype), summed in fp32 in rank
+    order and rounded once."""
+    for part in received[:-1]:
+        own.add_(part)
+    if received:
+        torch.add(own, received[-1], out=out)
+    else:
+        out.copy_(own)
 
 
 def cp_phsa_attention(q, k, v, token_info, group, mode: str, phsa_kwargs: dict, *,

@@ -24,13 +24,16 @@ def test_cp_operator_matches_single_rank(tmp_path, mode, nproc, extra):
 
 
 @pytest.mark.slow
-def test_cp2_triton_kernels_with_query_offset(tmp_path):
-    """The all-gather chunk path through the Triton kernels (interpreter on CPU): each chunk runs as suffix
-    queries (native q_offset, no padded rows) and must equal the kernels' own CP=1 run."""
+@pytest.mark.parametrize("nproc,batch", [(2, 2), (4, 1)], ids=["cp2", "cp4"])
+def test_triton_kernels_with_query_offset(tmp_path, nproc, batch):
+    """The all-gather path through the Triton kernels (interpreter on CPU), the one that selects while K/V travel
+    and exchanges only the chunks each rank reads: each chunk runs as suffix queries (native q_offset, no padded
+    rows) and must equal the kernels' own CP=1 run. CP=4 has ranks that both send and receive in every step
+    (one sequence there: the interpreter is slow)."""
     out = tmp_path / "ok"
-    torchrun(2, ["tests/workers/cp_operator.py", "--out", str(out), "--backend", "triton", "--query-block", "4"],
-             env={**subprocess_env(), "TRITON_INTERPRET": "1"})
-    assert sorted(p.read_text() for p in tmp_path.glob("ok.*")) == ["ok"] * 2
+    torchrun(nproc, ["tests/workers/cp_operator.py", "--out", str(out), "--backend", "triton", "--query-block", "4",
+                     "--batch", str(batch)], env={**subprocess_env(), "TRITON_INTERPRET": "1"})
+    assert sorted(p.read_text() for p in tmp_path.glob("ok.*")) == ["ok"] * nproc
 
 
 @pytest.mark.slow

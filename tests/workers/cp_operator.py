@@ -36,6 +36,7 @@ def main():
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--query-block", type=int, default=1)
     ap.add_argument("--backend", default="reference", choices=["reference", "triton"])
+    ap.add_argument("--batch", type=int, default=2)
     args = ap.parse_args()
     init_distributed()
     init_model_parallel(args.tp, 1, dist.get_world_size() // args.tp)
@@ -43,7 +44,7 @@ def main():
     cp, cp_rank = dist.get_world_size(cp_group), dist.get_rank(cp_group)
     tp, tp_rank = args.tp, parallel_state.get_tensor_model_parallel_rank()
 
-    b, L, hq, hk, d = 2, 256, 8, 4, 16
+    b, L, hq, hk, d = args.batch, 256, 8, 4, 16
     kw = dict(block_size=8, n_init=8, local_window=16, topk=3, lam=0.5, score="softmax_group_sum",
               query_block=args.query_block, backend=args.backend)
     dtype, tol = torch.float64, dict(rtol=1e-9, atol=1e-10)
