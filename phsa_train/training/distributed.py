@@ -119,11 +119,15 @@ def new_group_like(group, high_priority_stream: bool):
     return dist.new_group(ranks, pg_options=dist.ProcessGroupNCCL.Options(is_high_priority_stream=high_priority_stream))
 
 
-def is_high_priority_stream(group) -> bool:
-    """Whether ``group``'s NCCL streams are high-priority (False on gloo)."""
+def is_high_priority_stream(group) -> bool | None:
+    """Whether ``group``'s NCCL streams are high-priority (False on gloo; None where this torch build does not say:
+    the NCCL backend's options are read through a private accessor)."""
     if dist.get_backend(group) != "nccl":
         return False
-    return bool(group._get_backend(torch.device("cuda")).options.is_high_priority_stream)
+    try:
+        return bool(group._get_backend(torch.device("cuda")).options.is_high_priority_stream)
+    except (AttributeError, RuntimeError):
+        return None
 
 
 def shutdown() -> None:
