@@ -112,8 +112,11 @@ def init_model_parallel(tp: int, pp: int, cp: int, cp_high_priority_stream: bool
 
 def new_group_like(group, high_priority_stream: bool):
     """A second process group over ``group``'s ranks whose NCCL streams have the given priority (gloo: the same
-    ranks, no option): lets one process compare both kinds on the same ranks. Collective: every rank calls it."""
+    ranks, no option): lets one process compare both kinds on the same ranks. ``group`` must span the whole world:
+    every rank of the world calls ``new_group`` with the same ranks."""
     ranks = dist.get_process_group_ranks(group)
+    if len(ranks) != dist.get_world_size():
+        raise ValueError(f"new_group_like needs a group over all {dist.get_world_size()} ranks, got {len(ranks)}")
     if dist.get_backend(group) != "nccl":
         return dist.new_group(ranks)
     return dist.new_group(ranks, pg_options=dist.ProcessGroupNCCL.Options(is_high_priority_stream=high_priority_stream))
