@@ -1,6 +1,7 @@
 """PHSA layer throughput under context parallelism (run with torchrun, one process per GPU).
 
     torchrun --nproc-per-node=2 bench/context_parallel.py --seq-lens 65536 131072 --modes allgather allgather_chunks ulysses
+    torchrun --nproc-per-node=2 bench/context_parallel.py --modes allgather_nohp allgather_hp   # stream priority
     torchrun --nproc-per-node=2 bench/context_parallel.py --cpu --seq-lens 512     # logic check on CPU (gloo)
 
 Times forward+backward of one PHSA attention layer (Qwen3-0.6B shape: hq=16, hk=8, d=128, the shipped
@@ -13,7 +14,10 @@ Modes: ``allgather`` (what training runs: selection, one launch for both local c
 K/V exchange of only the chunks each rank reads, which lands in position order with no copy, and sends dK/dV home
 point to point as they become final), ``allgather_chunks`` (the chunk path, the same results: all-gather and
 reorder first, then each chunk its own operator, dK/dV reduce-scattered; to see what the overlapped path buys),
-``ulysses``. Per (L, mode) a profile of one forward+backward splits the GPU time by stage
+``ulysses``. A mode's suffix ``_hp`` / ``_nohp`` runs it on a CP group whose NCCL streams are high-priority / not
+(``parallel.cp_high_priority_stream``); without one, the shipped setting (the row's ``cp_high_priority_stream`` says
+which): one run compares both on the same ranks. Per (L, mode) a profile of one forward+backward splits the GPU
+time by stage
 (selection, representatives, attention forward / backward, NCCL, copies and fills, the rest; rank 0's), and per
 rank (``per_rank``) how much of the wall time no kernel covered (host gaps), how much NCCL time ran with no other
 kernel beside it (``nccl_exposed_ms``) and a timeline of the first device events with their streams (what waits
@@ -54,6 +58,7 @@ def bytes_per_layer(mode: str, L: int, cp: int, hq: int, hk: int, d: int, elem: 
     """Bytes one rank receives per layer, forward + backward."""
     if cp == 1:
         return 0
+    mode = split_mode(mode)[0]
     kv_chunk = 2 * (L // (2 * cp)) * hk * d * elem  # K+V (or dK+dV) of one of the 2cp chunks
     if mode == "allgather":  # only what causality reads: 3(cp-1) chunks (context_parallel's module docstring), and
         # the block representatives of the other ranks (L / block rows of K's width)
@@ -62,6 +67,18 @@ def bytes_per_layer(mode: str, L: int, cp: int, hq: int, hk: int, d: int, elem: 
         return 4 * (cp - 1) * kv_chunk
     # ulysses: q, k, v in and o out forward; the same four backward
     return 2 * ((2 * hq + 2 * hk) * d * (L // cp) * elem * (cp - 1) // cp)
+
+
+PRIORITY_SUFFIXES = {"_hp": True, "_nohp": False}
+
+
+def split_mode(mode: str) -> tuple[str, bool | None]:
+    """'allgather_chunks_hp' -> ('allgather_chunks', True): the mode and the CP group's stream priority (None: no
+    suffix, the shipped setting)."""
+    for suffix, high in PRIORITY_SUFFIXES.items():
+        if mode.endswith(suffix):
+            return mode.removesuffix(suffix), high
+    return mode, None
 
 
 def fwd_bwd_of(o: torch.Tensor, inputs: tuple, do: torch.Tensor) -> tuple:
@@ -213,7 +230,8 @@ def main():
 
     from megatron.core import parallel_state
 
-    from phsa_train.training.distributed import init_distributed, init_model_parallel
+    from phsa_train.training.distributed import (init_distributed, init_model_parallel, is_high_priority_stream,
+                                                 new_group_like)
     from phsa_train.megatron.context_parallel import cp_attention, cp_phsa_attention, natural_to_zigzag
     from phsa_train.megatron.local_attention import dense_causal_attention, phsa_local
     from phsa_train.megatron.token_info import PUNCT_BIT
@@ -221,6 +239,12 @@ def main():
     env = init_distributed()
     init_model_parallel(1, 1, env.world_size)
     group = parallel_state.get_context_parallel_group()
+    # a CP group of each stream priority the modes ask for: Megatron's (the shipped setting) and, where a suffix asks
+    # for the other, a second group over the same ranks (created here, in the same order on every rank)
+    shipped = is_high_priority_stream(group)  # (False on gloo, which has no streams)
+    groups = {None: group, shipped: group}
+    for high in sorted({split_mode(m)[1] for m in args.modes} - set(groups), key=str):
+        groups[high] = new_group_like(group, high)
     cp, rank = env.world_size, env.rank
     cuda = env.device.type == "cuda" and not args.cpu
     dev, dtype = (env.device, torch.bfloat16) if cuda else (torch.device("cpu"), torch.float32)
@@ -259,8 +283,9 @@ def main():
             del qf, kf, vf
         for mode in args.modes:
             if cp > 1:
-                attn = lambda: cp_phsa_attention(ql, kl, vl, il, group, mode.removesuffix("_chunks"), kw,  # noqa: E731
-                                                 overlap=mode != "allgather_chunks")
+                base, high = split_mode(mode)
+                attn = lambda: cp_phsa_attention(  # noqa: E731
+                    ql, kl, vl, il, groups[high], base.removesuffix("_chunks"), kw, overlap=base != "allgather_chunks")
             else:
                 attn = lambda: phsa_local(ql, kl, vl, il, kw)  # noqa: E731
             try:  # a failing mode leaves a row saying why; the other modes still run
@@ -274,6 +299,8 @@ def main():
                        "fwd_ms": ms_fwd, "tokens_per_s_per_gpu": (L / cp) / (ms / 1e3),
                        "bytes_per_layer_per_rank": bytes_per_layer(mode, L, cp, hq, hk, d, q.element_size(),
                                                                    kw["block_size"])}
+                if cp > 1:  # as built: the streams this mode's NCCL work ran on
+                    row["cp_high_priority_stream"] = is_high_priority_stream(groups[high])
                 if cp1_ms is not None:
                     row["scaling_efficiency"] = cp1_ms / (cp * ms)
                 if not args.no_profile:

@@ -135,6 +135,8 @@ def cfg_overrides(cfg, overrides, args) -> list[str]:
     """The exact Hydra overrides that reproduce this variant through launch/pretrain.sh."""
     shown = [f"model={args.model}", f"data.seq_len={args.seq_len}", f"train.recompute={args.recompute}",
              f"parallel.tensor_model_parallel_size={args.tp}", f"parallel.context_parallel_size={args.cp}", *overrides]
+    if args.cp_high_priority_stream is not None:
+        shown.append(f"parallel.cp_high_priority_stream={str(args.cp_high_priority_stream).lower()}")
     # the knob the speed depends on most, shown even when left at its default
     if cfg.attention.name == "phsa" and not any(o.startswith("attention.query_block=") for o in overrides):
         shown.append(f"attention.query_block={cfg.attention.query_block}")
@@ -157,20 +159,26 @@ def main():
                          "phsa_unchunked (train.loss_chunk_tokens=0: Megatron's output layer + loss on the whole logits)")
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--cp", type=int, default=1)
+    ap.add_argument("--cp-high-priority-stream", choices=("true", "false"), default=None,
+                    help="the CP group's NCCL streams high-priority or not (default: the shipped "
+                         "parallel.cp_high_priority_stream); one setting for every variant, the groups are built once")
     ap.add_argument("--profile", action="store_true",
                     help="profile one extra step per variant: device ms by stage (gemm, sdpa, PHSA kernels, "
                          "copy_fill, ...) and the 25 costliest kernels outside attention")
     ap.add_argument("--cpu", action="store_true", help="gloo on CPU (fp32, AdamW): a logic check of the layouts")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    if args.cp_high_priority_stream is not None:
+        args.cp_high_priority_stream = args.cp_high_priority_stream == "true"
 
     from megatron.core import parallel_state
 
-    from phsa_train.training.distributed import init_distributed, init_model_parallel, prepare_device
+    from phsa_train.training.distributed import (init_distributed, init_model_parallel, is_high_priority_stream,
+                                                 prepare_device)
 
     os.environ.setdefault("MASTER_PORT", "29533")
     env = init_distributed()
-    init_model_parallel(args.tp, 1, args.cp)
+    init_model_parallel(args.tp, 1, args.cp, args.cp_high_priority_stream)
     if args.cpu or env.device.type != "cuda":
         args.cpu = True
         prepare_device(env, 0)  # Megatron's CPU shims
@@ -199,6 +207,8 @@ def main():
             print(json.dumps(results[name]), flush=True)
     device = "cpu" if args.cpu else torch.cuda.get_device_name()
     summary = {"device": device, "date": datetime.date.today().isoformat(), "results": list(results.values())}
+    if args.cp > 1:  # as built, not as asked: what the CP group's NCCL streams really are
+        summary["cp_high_priority_stream"] = is_high_priority_stream(parallel_state.get_context_parallel_group())
     for name in results:  # each PHSA variant against the dense variant built the same way (fused, chunked or not)
         suffix = next((x for x in ("_unfused", "_unchunked") if name.endswith(x)), "")
         base = "dense" + suffix

@@ -70,6 +70,9 @@ class ParallelConfig:
     pipeline_model_parallel_size: int = 1
     context_parallel_size: int = 1
     cp_mode: str = "allgather"  # allgather | ulysses
+    # the CP group's NCCL work on high-priority CUDA streams: its kernels get SMs when a wave of the attention kernel
+    # they overlap ends, not after its last wave (NCCL only; a no-op on gloo and at CP=1)
+    cp_high_priority_stream: bool = True
     use_distributed_optimizer: bool = True  # GPU only; CPU uses AdamW + explicit all-reduce
     nproc_per_node: int = 2  # used by launch/pretrain.sh outside Slurm
 

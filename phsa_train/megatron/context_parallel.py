@@ -39,6 +39,7 @@ and 2 forward and chunk 0's dK/dV backward; rank 1 receives chunk 0 forward and 
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, NamedTuple, Optional
 
 import torch
@@ -365,6 +366,38 @@ def dkv_plan(rank: int, cp: int) -> tuple[list, list]:
     return early, last
 
 
+_SIDE_STREAMS: dict = {}  # device index -> the stream :func:`_issued_after` issues on
+
+
+def _mark_issued(device: torch.device) -> Optional[torch.cuda.Event]:
+    """An event recorded on the current stream now (None on CPU): what :func:`_issued_after` waits for."""
+    if device.type != "cuda":
+        return None
+    event = torch.cuda.Event()
+    event.record()
+    return event
+
+
+@contextlib.contextmanager
+def _issued_after(ready: Optional[torch.cuda.Event], device: torch.device):
+    """Issue the block's work on a side stream that waits only for ``ready``, so kernels issued on the current stream
+    after ``ready`` but before this block run beside it. NCCL's stream waits for the stream a call is issued on: a
+    point-to-point call issued here starts once ``ready`` has, not after the selection the host issued just before
+    it. After the block the current stream waits for the side stream: for the block's kernels (copies), not for its
+    NCCL work, which runs on NCCL's own streams (the caller waits for the works). Buffers are allocated on the
+    current stream before the block. On CPU (gloo, no streams) the block runs as is."""
+    if ready is None:
+        yield
+        return
+    side = _SIDE_STREAMS.get(device.index)
+    if side is None:
+        side = _SIDE_STREAMS[device.index] = torch.cuda.Stream(device)
+    side.wait_event(ready)
+    with torch.cuda.stream(side):
+        yield
+    torch.cuda.current_stream(device).wait_stream(side)
+
+
 class _OverlappedPHSA(torch.autograd.Function):
     """The all-gather path with the K/V exchange hidden behind selection and the first chunk's attention (see
     :func:`overlap_kernels`). K/V live in one [2, E, b, hk, d] buffer in position order (E: the end of this rank's
@@ -374,13 +407,14 @@ class _OverlappedPHSA(torch.autograd.Function):
 
     Forward:
     1. the representatives of the local blocks (the chunks are block-aligned, so these are the rows the whole
-       sequence gives those blocks), all-gathered while the copies of 2. run: L / block_size rows, 1/16 of K;
-    2. the local K/V chunks copied into their places, then the two point-to-point steps of :func:`kv_plan`
-       launched without waiting: only the chunks a peer reads, the ones its first chunk reads first;
-    3. both chunks' selections from the gathered representatives (they need no keys), one launch, while K and V
-       travel;
-    4. the first chunk (keys [0, (r+1)C)) attends once step 1 is in (rank 0's at once), the second once step 2 is;
-       outputs are written in place.
+       sequence gives those blocks), all-gathered while the copies of 3. run: L / block_size rows, 1/16 of K;
+    2. both chunks' selections from the gathered representatives (they need no keys), one launch, issued first:
+       the host takes ~0.5-1 ms to issue the point-to-point calls of 3. (2 x H100 profile);
+    3. on a side stream that waits only for the inputs (:func:`_issued_after`), so 2. runs beside it: the local K/V
+       chunks copied into their places, then the two point-to-point steps of :func:`kv_plan` launched without
+       waiting: only the chunks a peer reads, the ones its first chunk reads first;
+    4. the first chunk (keys [0, (r+1)C)) attends once step 1 of :func:`kv_plan` is in (rank 0's at once), the
+       second once step 2 is; outputs are written in place.
     Backward (:meth:`backward`): both chunks accumulate dK/dV into one fp32 buffer over [0, E) (one zero fill), dq
     in place; each peer gets only its nonzero chunks, in the keys' dtype, as soon as they are final, point to point;
     the received contributions are added to this rank's fp32 sums and rounded once into the returned gradients.
@@ -393,15 +427,19 @@ class _OverlappedPHSA(torch.autograd.Function):
         b, s_local = q_local.shape[:2]
         c = s_local // 2
         spans = local_chunk_positions(s_local, cp, rank)
-        reps = start_gathered_reps(k_local, token_info, group, tri, params)  # in flight during the K/V copies
+        inputs_ready = _mark_issued(q_local.device)
+        reps = start_gathered_reps(k_local, token_info, group, tri, params)
         kv = k_local.new_empty((2, _key_end(rank, cp, c), b, *k_local.shape[2:]))  # [2, E, b, hk, d]
-        for half, (start, end) in enumerate(spans):
-            for g, x in enumerate((k_local, v_local)):
-                kv[g, start:end].copy_(x[:, half * c:(half + 1) * c].transpose(0, 1))
-        steps = [_start_p2p([(fn, kv[g, j * c:(j + 1) * c], peer) for fn, j, peer in plan for g in range(2)], group)
-                 for plan in kv_plan(rank, cp)]  # (K, then V, of every chunk: the same order on both sides)
         rows = [slice(i * c, (i + 1) * c) for i in range(2)]
         sel = tri.select_from_reps(q_local, reps(), params, q_offset=tuple(start for start, _ in spans))
+        with _issued_after(inputs_ready, q_local.device):  # (the current stream then waits for these copies: rank
+            # 0's first chunk waits for no step)
+            for half, (start, end) in enumerate(spans):
+                for g, x in enumerate((k_local, v_local)):
+                    kv[g, start:end].copy_(x[:, half * c:(half + 1) * c].transpose(0, 1))
+            steps = [_start_p2p([(fn, kv[g, j * c:(j + 1) * c], peer) for fn, j, peer in plan for g in range(2)],
+                                group) for plan in kv_plan(rank, cp)]  # (K, then V, of every chunk: the same order
+            # on both sides)
         sels = [sel[:, r] for r in rows] if sel.shape[1] == s_local else [sel, sel]  # (dense shortcut: [1, 1, 1, 1])
         k_all, v_all = kv[0].transpose(0, 1), kv[1].transpose(0, 1)  # [b, E, hk, d] views
         o = q_local.new_empty((b, s_local, q_local.shape[2], v_local.shape[3]))

@@ -91,9 +91,46 @@ def prepare_device(env: DistEnv, seed: int) -> bool:
     return on_gpu
 
 
-def init_model_parallel(tp: int, pp: int, cp: int) -> None:
+# Megatron-Core's name for the context-parallel group in its NCCL communicator settings (parallel_state)
+MEGATRON_CP_GROUP = "cp"
+
+
+def init_model_parallel(tp: int, pp: int, cp: int, cp_high_priority_stream: bool | None = None) -> None:
+    """Megatron's parallel groups. ``cp_high_priority_stream`` (None: the ``parallel.cp_high_priority_stream``
+    default) puts the CP group's NCCL work on high-priority CUDA streams, so its kernels get SMs as soon as a wave of
+    the attention kernels they overlap frees some, rather than after that kernel's last wave. NCCL only (gloo has no
+    streams) and CP > 1 only."""
+    if cp_high_priority_stream is None:
+        from phsa_train.config.schema import ParallelConfig
+
+        cp_high_priority_stream = ParallelConfig.cp_high_priority_stream
+    on_nccl = dist.is_initialized() and dist.get_backend() == "nccl"
+    high = [MEGATRON_CP_GROUP] if cp_high_priority_stream and cp > 1 and on_nccl else None
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                                             context_parallel_size=cp)
+                                             context_parallel_size=cp, high_priority_stream_groups=high)
+
+
+def new_group_like(group, high_priority_stream: bool):
+    """A second process group over ``group``'s ranks whose NCCL streams have the given priority (gloo: the same
+    ranks, no option): lets one process compare both kinds on the same ranks. ``group`` must span the whole world:
+    every rank of the world calls ``new_group`` with the same ranks."""
+    ranks = dist.get_process_group_ranks(group)
+    if len(ranks) != dist.get_world_size():
+        raise ValueError(f"new_group_like needs a group over all {dist.get_world_size()} ranks, got {len(ranks)}")
+    if dist.get_backend(group) != "nccl":
+        return dist.new_group(ranks)
+    return dist.new_group(ranks, pg_options=dist.ProcessGroupNCCL.Options(is_high_priority_stream=high_priority_stream))
+
+
+def is_high_priority_stream(group) -> bool | None:
+    """Whether ``group``'s NCCL streams are high-priority (False on gloo; None where this torch build does not say:
+    the NCCL backend's options are read through a private accessor)."""
+    if dist.get_backend(group) != "nccl":
+        return False
+    try:
+        return bool(group._get_backend(torch.device("cuda")).options.is_high_priority_stream)
+    except (AttributeError, RuntimeError):
+        return None
 
 
 def shutdown() -> None:

@@ -35,7 +35,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     watcher = PreemptionWatcher()  # early: a signal during set-up stops the run after its first step
     validate(cfg, env.world_size)
     p, t = cfg.parallel, cfg.train
-    init_model_parallel(p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.context_parallel_size)
+    init_model_parallel(p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.context_parallel_size,
+                        p.cp_high_priority_stream)
     on_gpu = prepare_device(env, t.seed)
     ckpt_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else run_dir / "checkpoints"
     if env.is_main:

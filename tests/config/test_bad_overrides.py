@@ -48,6 +48,8 @@ BAD = [
              "attention.eval_topk=2"], 2,
      "data.seq_len=96 must be divisible by 2 x parallel.context_parallel_size x attention.block_size = 64 for "
      "PHSA context parallelism"),
+    (["parallel.cp_high_priority_stream=maybe"], 1,
+     "Error merging override parallel.cp_high_priority_stream=maybe; Value 'maybe' is not a valid bool (type str)"),
     (["checkpoint.interval=0"], 1, "checkpoint.interval=0 must be >= 1"),
     (["data.split='90,10'"], 1, "data.split='90,10' must be three non-negative weights 'train,valid,test', e.g. 949,50,1"),
     (["data=megatron_bin", "data.prefixes=[/nonexistent/corpus]"], 1,
