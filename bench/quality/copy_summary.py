@@ -143,7 +143,7 @@ def training_markdown(training: dict) -> str:
     for label, seeds in training.items():
         for seed, r in seeds.items():
             tl, vl = (f"{r[k]:.3f}" if r[k] is not None else "—" for k in ("train_loss", "valid_loss"))
-            lines.append(f"| {label} | {seed} | {r['steps']} | {r['tokens'] / 1e6:.1f}M | {tl} | {vl} |")
+            lines.append(f"| {label} | {seed} | {r['steps']} | {r['tokens']:,} | {tl} | {vl} |")
     return "\n".join(lines) + "\n"
 
 

@@ -170,7 +170,7 @@ def test_copy_summary_labels_the_length_extension_stage(tmp_path):
     tr = json.loads(out.read_text())["training"]
     assert tr["stage 1 (short seq)"]["1"]["steps"] == 10 and tr["stage 1 (short seq)"]["1"]["valid_loss"] == 2.0
     md = cs.training_markdown(cs.collect_training(tmp_path))
-    assert "| stage 1 (short seq) | 1 | 10 | 0.0M | 2.200 | 2.000 |" in md and "| dense (extended) | 1 |" in md
+    assert "| stage 1 (short seq) | 1 | 10 | 10,000 | 2.200 | 2.000 |" in md and "| dense (extended) | 1 |" in md
 
 
 def test_copy_test_refuses_a_bad_stage1_in_one_line(tmp_path):
