@@ -8,6 +8,9 @@ RUNS_DIR holds dense-s<seed>/{eval_dense,eval_a_lam0.5,eval_a_lam1}/results.json
 ft-lam<lam>-s<seed>/eval_b/results.json. "beyond" = the depths strictly between 0 and 1 (the fact is neither in
 INIT nor in the local window, so a sparse layer reaches it only through its selected blocks); depth 0 and 1 are
 the controls. Each cell is the mean over seeds, with +- half the range when there are two or more.
+
+With length extension (STAGE1_STEPS > 0) the short-sequence stage lives in dense1-s<seed>: it is never evaluated,
+and only its training (and that of the extended dense-s<seed>) gets a table, so the two stages can be compared.
 """
 from __future__ import annotations
 
@@ -108,6 +111,42 @@ def probe_markdown(probes: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+STAGES = (("stage 1 (short seq)", "dense1-s*"), ("dense (extended)", "dense-s*"))
+
+
+def collect_training(runs: Path) -> dict:
+    """{stage: {seed: {steps, tokens, train_loss (mean of the last 5 logged), valid_loss (last)}}}, from each
+    dense run's metrics.jsonl; empty unless there is a stage-1 run (a single-stage test needs no such table)."""
+    if not any(runs.glob("dense1-s*/metrics.jsonl")):
+        return {}
+    out = {}
+    for label, pattern in STAGES:
+        for rd in sorted(runs.glob(pattern)):
+            f = rd / "metrics.jsonl"
+            if not f.exists():
+                continue
+            rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+            train = [r["train/loss"] for r in rows if "train/loss" in r]
+            valid = [r["valid/loss"] for r in rows if "valid/loss" in r]
+            out.setdefault(label, {})[re.sub(r".*-s", "", rd.name)] = {
+                "steps": max((r["step"] for r in rows), default=0),
+                "tokens": max((r.get("train/tokens_seen", 0) for r in rows), default=0),
+                "train_loss": float(np.mean(train[-5:])) if train else None,
+                "valid_loss": valid[-1] if valid else None}
+    return out
+
+
+def training_markdown(training: dict) -> str:
+    lines = ["**dense training** (train loss: mean of the last 5 logged steps; valid loss: the last evaluation, on "
+             "each stage's own data and sequence length)", "",
+             "| stage | seed | steps | tokens | train loss | valid loss |", "|---|---|---|---|---|---|"]
+    for label, seeds in training.items():
+        for seed, r in seeds.items():
+            tl, vl = (f"{r[k]:.3f}" if r[k] is not None else "—" for k in ("train_loss", "valid_loss"))
+            lines.append(f"| {label} | {seed} | {r['steps']} | {r['tokens']:,} | {tl} | {vl} |")
+    return "\n".join(lines) + "\n"
+
+
 def plot(table: dict, path: str) -> None:
     """Exact match and answer log-prob beyond the window vs k, one line per variant (dense: a level), bars = the
     seeds' range."""
@@ -144,17 +183,21 @@ def main(argv: list[str] | None = None) -> int:
     runs = Path(a.runs)
     if not runs.is_dir():
         sys.exit(f"copy_summary.py: {runs}: no such directory")
-    table, probes = collect(runs), collect_probes(runs)
+    table, probes, training = collect(runs), collect_probes(runs), collect_training(runs)
     if a.json:
-        Path(a.json).write_text(json.dumps({"retrieval": {lab: {s: {str(k): v for k, v in c.items()}
-                                                               for s, c in seeds.items()}
-                                                         for lab, seeds in table.items()},
-                                            "probe": probes}, indent=1))
+        doc = {"retrieval": {lab: {s: {str(k): v for k, v in c.items()} for s, c in seeds.items()}
+                             for lab, seeds in table.items()},
+               "probe": probes}
+        if training:
+            doc["training"] = training
+        Path(a.json).write_text(json.dumps(doc, indent=1))
     if a.plot and table:
         plot(table, a.plot)
     print(markdown(table) if table else f"no retrieval results under {runs}")
     if probes:
         print(probe_markdown(probes))
+    if training:
+        print(training_markdown(training))
     return 0
 
 

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The mechanism test on a model that copies, in one sitting: per GPU (one seed each, side by side)
 #   1. train a dense model on the copy curriculum (bench/quality/copy_data.py: prose + exact-repeat documents +
-#      key-value facts written into prose), stopped gracefully by the deadline;
+#      key-value facts written into prose), stopped gracefully by the deadline; with STAGE1_STEPS > 0 in two
+#      stages (length extension): first STAGE1_STEPS at STAGE1_SEQ on STAGE1_DATA (run dir dense1-s<seed>), then
+#      STEPS at SEQ on DATA from those weights (fresh optimizer and schedule, peak lr STAGE2_LR);
 #   2. (a) training-free: retrieval of a fact planted in held-out prose and the induction probe
 #      (bench/quality/copy_probe.py), dense, then the same weights with PHSA
 #      selection at lam=0.5 and at lam=1 (mean pooling), at k in TOPKS; the three evaluations run side by side;
@@ -13,9 +15,16 @@
 #     env: GPUS="0 1" SEEDS="1234 2345" BUDGET_S=490 MODEL=small SEQ=2048 STEPS=1000 GBS=16 FT_STEPS=160
 #          RESERVE_S=230 (seconds kept after dense training for steps 2-3) FT_EVAL_S=60 WORK_DIR=/tmp/phsa_copy
 #          COPY_TOY=1: the whole pipeline on CPU at toy scale (tiny model, seq 512), to check it end to end
+#     length extension (off unless STAGE1_STEPS > 0): STAGE1_DATA (a copy_data.py dir with the same tokenizer,
+#          e.g. shorter documents) STAGE1_SEQ=2048 STAGE1_GBS=16 STAGE1_STEPS=0 STAGE2_LR=1e-3 (toy: 256, 8, 1.5e-3)
+#          STAGE1_STOP_S (stage 1 stops this many seconds after the start; default: its share of
+#          BUDGET_S - RESERVE_S in proportion to its tokens, STAGE1_STEPS*STAGE1_GBS*STAGE1_SEQ vs STEPS*GBS*SEQ)
+#     e.g. 8k by extension from 2k: STAGE1_DATA=.gpu_quality_data_c STAGE1_STEPS=1600 SEQ=8192 GBS=4 STEPS=600 \
+#          bash bench/quality/copy_test.sh .gpu_quality_data_c8k OUT
 # OUT_DIR gets three files: runs.tar.gz (env.txt, data_stats.json, and per run its logs, metrics.jsonl, eval
-# results.json and probe JSON; no checkpoints), summary.json and summary.md (bench/quality/copy_summary.py). Every stage is bounded by the deadline; a stage that would
-# start with too little time left is skipped, and what finished is written.
+# results.json and probe JSON; no checkpoints), summary.json and summary.md (bench/quality/copy_summary.py).
+# Every stage is bounded by the deadline; a stage that would start with too little time left is skipped, and
+# what finished is written.
 set -uo pipefail
 DATA="$(cd "$1" && pwd)"; OUT="$(mkdir -p "$2" && cd "$2" && pwd)"
 T0=$(date +%s)
@@ -24,10 +33,22 @@ if [ "$TOY" = 1 ]; then
   : "${BUDGET_S:=900}" "${MODEL:=tiny}" "${SEQ:=512}" "${STEPS:=600}" "${GBS:=8}" "${FT_STEPS:=20}" \
     "${RESERVE_S:=330}" "${FT_EVAL_S:=110}" "${GPUS:=cpu}" "${SEEDS:=1234}"
   LR=3e-3 MIN_LR=3e-4 LENGTHS="[512]" RSAMPLES=16 INIT=16 WIN=128 BACKEND=reference PROBE_D="16 256"
+  : "${STAGE1_SEQ:=256}" "${STAGE1_GBS:=8}" "${STAGE2_LR:=1.5e-3}"
 else
   : "${BUDGET_S:=490}" "${MODEL:=small}" "${SEQ:=2048}" "${STEPS:=1000}" "${GBS:=16}" "${FT_STEPS:=160}" \
     "${RESERVE_S:=230}" "${FT_EVAL_S:=60}" "${GPUS:=0 1}" "${SEEDS:=1234 2345}"
   LR=2e-3 MIN_LR=2e-4 LENGTHS="[$SEQ]" RSAMPLES=32 INIT=16 WIN=128 BACKEND=triton PROBE_D="16 256 1024"
+  : "${STAGE1_SEQ:=2048}" "${STAGE1_GBS:=16}" "${STAGE2_LR:=1e-3}"
+fi
+STAGE1_STEPS="${STAGE1_STEPS:-0}"
+[[ "$STAGE1_STEPS" =~ ^[0-9]+$ ]] || { echo "copy_test.sh: STAGE1_STEPS=$STAGE1_STEPS: must be an integer >= 0 (0: no stage 1)"; exit 2; }
+if [ "$STAGE1_STEPS" -gt 0 ]; then
+  [ -f "${STAGE1_DATA:-}/cmix.idx" ] || { echo "copy_test.sh: STAGE1_DATA=${STAGE1_DATA:-}: must be a copy_data.py dir (cmix.bin/.idx) when STAGE1_STEPS > 0"; exit 2; }
+  STAGE1_DATA="$(cd "$STAGE1_DATA" && pwd)"
+  cmp -s "$DATA/prose_tokenizer.json" "$STAGE1_DATA/prose_tokenizer.json" || {
+    echo "copy_test.sh: STAGE1_DATA=$STAGE1_DATA: its prose_tokenizer.json must be the one of DATA_DIR ($DATA)"; exit 2; }
+  T1=$((STAGE1_STEPS * STAGE1_GBS * STAGE1_SEQ)) T2=$((STEPS * GBS * SEQ))
+  : "${STAGE1_STOP_S:=$(( (BUDGET_S - RESERVE_S) * T1 / (T1 + T2) ))}"
 fi
 TOPKS="${TOPKS:-[1,2,4,8,16]}"
 # Depths 0 (fact in INIT) and 1 (fact in the local window) are the controls; 0.1-0.9 put the fact beyond
@@ -84,11 +105,26 @@ probe() {  # gpu run_dir out_name probe_args...  (bench/quality/copy_probe.py ->
   echo "${name}_rc=$? ${name}_s=$(( $(date +%s) - t ))" >> "$rd/status.txt"
 }
 
+dense_stage1() {  # gpu seed run_dir  (length extension: the short-sequence stage, on STAGE1_DATA)
+  echo "[copy_test] GPU $1 seed $2: dense stage 1, seq $STAGE1_SEQ ($(left) s left)"
+  # Later overrides win: the data prefix, sequence length and batch of stage 1 replace those of DATA_ARGS / TRAIN.
+  train "$1" "$3" $((T0 + STAGE1_STOP_S)) attention=dense train.seed="$2" train.steps="$STAGE1_STEPS" train.lr=$LR \
+      train.min_lr=$MIN_LR train.warmup_steps=$((STAGE1_STEPS / 20)) train.eval_interval=$((STAGE1_STEPS / 6)) \
+      checkpoint.interval="$STAGE1_STEPS" "data.prefixes=[$STAGE1_DATA/cmix]" data.seq_len="$STAGE1_SEQ" \
+      train.global_batch_size="$STAGE1_GBS" train.micro_batch_size="$STAGE1_GBS"
+  pack
+}
+
 pipeline() {  # gpu seed
-  local gpu=$1 seed=$2 d="$W/runs/dense-s$2"
+  local gpu=$1 seed=$2 d="$W/runs/dense-s$2" lr=$LR ext=()
+  if [ "$STAGE1_STEPS" -gt 0 ]; then
+    dense_stage1 "$gpu" "$seed" "$W/runs/dense1-s$seed"
+    [ -d "$W/runs/dense1-s$seed/checkpoints" ] || { echo "[copy_test] GPU $gpu: no stage-1 checkpoint"; return; }
+    lr=$STAGE2_LR ext=(checkpoint.init_from="$W/runs/dense1-s$seed/checkpoints")
+  fi
   echo "[copy_test] GPU $gpu seed $seed: dense training ($(left) s left)"
-  train "$gpu" "$d" $((DEADLINE - RESERVE_S)) attention=dense train.seed="$seed" train.steps="$STEPS" train.lr=$LR train.min_lr=$MIN_LR \
-      train.warmup_steps=$((STEPS / 20)) train.eval_interval=$((STEPS / 6)) checkpoint.interval="$STEPS"
+  train "$gpu" "$d" $((DEADLINE - RESERVE_S)) attention=dense train.seed="$seed" train.steps="$STEPS" train.lr=$lr train.min_lr=$MIN_LR \
+      train.warmup_steps=$((STEPS / 20)) train.eval_interval=$((STEPS / 6)) checkpoint.interval="$STEPS" ${ext[@]+"${ext[@]}"}
   pack
   [ -d "$d/checkpoints" ] || { echo "[copy_test] GPU $gpu: no dense checkpoint"; return; }
   # (a) the dense weights: dense, then PHSA selection with lam=0.5 and lam=1 (training-free), side by side.
@@ -123,6 +159,8 @@ pipeline() {  # gpu seed
 }
 
 { echo "start $(date -u +%FT%TZ) budget ${BUDGET_S}s model $MODEL seq $SEQ steps $STEPS gbs $GBS toy $TOY"
+  [ "$STAGE1_STEPS" -gt 0 ] && echo "stage 1: data $STAGE1_DATA seq $STAGE1_SEQ steps $STAGE1_STEPS gbs $STAGE1_GBS" \
+    "stop at +${STAGE1_STOP_S}s; stage 2 lr $STAGE2_LR"
   git rev-parse HEAD 2>/dev/null || true; git status --short 2>/dev/null | head -20
   nvidia-smi --query-gpu=index,name,memory.total --format=csv 2>/dev/null || echo "no GPU"
   "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" 2>&1

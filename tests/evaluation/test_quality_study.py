@@ -146,3 +146,46 @@ def test_copy_summary_tables_and_plot(tmp_path):
     md = cs.markdown(cs.collect(tmp_path))
     assert "| (a) λ=0.5 | 2 | 0.31 ± 0.01 | 0.50 ± 0.00 |" in md and "| dense | 2 | 0.90 ± 0.00 | 0.90 ± 0.00 |" in md
     assert png.stat().st_size > 0
+
+
+def test_copy_summary_labels_the_length_extension_stage(tmp_path):
+    """copy_test.sh with STAGE1_STEPS > 0: dense1-s<seed> (the short-sequence stage) gets a training row and
+    never a retrieval row; without it the summary has no training table (the single-stage output is unchanged)."""
+    cs = _module("copy_summary")
+    d = tmp_path / "dense-s1" / "eval_dense"
+    d.mkdir(parents=True)
+    (d / "results.json").write_text(json.dumps(_copy_result({0: 0.9}, topk_none=True)))
+    assert cs.collect_training(tmp_path) == {}
+    for run, losses in (("dense1-s1", (3.0, 2.0)), ("dense-s1", (2.5, 1.5))):
+        rows = [{"step": 0, "valid/loss": losses[0] + 1}] + [
+            {"step": i, "train/loss": losses[0] - i * 0.1, "train/tokens_seen": i * 1000} for i in range(1, 11)]
+        rows[-1]["valid/loss"] = losses[1]
+        (tmp_path / run).mkdir(exist_ok=True)
+        (tmp_path / run / "metrics.jsonl").write_text("\n".join(map(json.dumps, rows)))
+    (tmp_path / "dense1-s1" / "eval_dense").mkdir()  # a stray evaluation of stage 1 stays out of the tables
+    (tmp_path / "dense1-s1" / "eval_dense" / "results.json").write_text(json.dumps(_copy_result({0: 0.0}, True)))
+    assert list(cs.collect(tmp_path)["dense"]) == ["1"] and cs.collect(tmp_path)["dense"]["1"][None]["em_beyond"] == 0.9
+    out = tmp_path / "s.json"
+    assert cs.main([str(tmp_path), "--json", str(out)]) == 0
+    tr = json.loads(out.read_text())["training"]
+    assert tr["stage 1 (short seq)"]["1"]["steps"] == 10 and tr["stage 1 (short seq)"]["1"]["valid_loss"] == 2.0
+    md = cs.training_markdown(cs.collect_training(tmp_path))
+    assert "| stage 1 (short seq) | 1 | 10 | 10,000 | 2.200 | 2.000 |" in md and "| dense (extended) | 1 |" in md
+
+
+def test_copy_test_refuses_a_bad_stage1_in_one_line(tmp_path):
+    """The length-extension knobs are checked before anything runs: one line naming the knob, exit 2."""
+    data, other = tmp_path / "data", tmp_path / "other"
+    for d, tok in ((data, "a"), (other, "b")):
+        d.mkdir()
+        (d / "cmix.idx").write_text("")
+        (d / "prose_tokenizer.json").write_text(tok)
+    cases = (({"STAGE1_STEPS": "x"}, "STAGE1_STEPS=x: must be an integer >= 0"),
+             ({"STAGE1_STEPS": "5"}, "STAGE1_DATA=: must be a copy_data.py dir"),
+             ({"STAGE1_STEPS": "5", "STAGE1_DATA": str(other)}, "its prose_tokenizer.json must be the one of DATA_DIR"))
+    for env, msg in cases:
+        r = subprocess.run(["bash", str(REPO / "bench/quality/copy_test.sh"), str(data), str(tmp_path / "out")],
+                           env={"PATH": "/usr/bin:/bin", "WORK_DIR": str(tmp_path / "w"), **env},
+                           capture_output=True, text=True, timeout=30)
+        assert r.returncode == 2 and r.stdout.count("\n") == 1 and msg in r.stdout, (env, r.stdout, r.stderr)
+    assert not (tmp_path / "w").exists()  # nothing ran
