@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import faulthandler
 import gc
 import json
 import os
@@ -167,6 +168,9 @@ def main():
                          "copy_fill, ...) and the 25 costliest kernels outside attention")
     ap.add_argument("--cpu", action="store_true", help="gloo on CPU (fp32, AdamW): a logic check of the layouts")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--dump-stacks-after", type=float, default=0, metavar="S",
+                    help="if the run is still going after S seconds, every rank writes its Python stacks to "
+                         "<out or train_step>.stacks.rank<R>.txt (one file per rank: what each waits in when a run hangs)")
     args = ap.parse_args()
     if args.cp_high_priority_stream is not None:
         args.cp_high_priority_stream = args.cp_high_priority_stream == "true"
@@ -178,6 +182,9 @@ def main():
 
     os.environ.setdefault("MASTER_PORT", "29533")
     env = init_distributed()
+    if args.dump_stacks_after > 0:
+        stacks = open(f"{Path(args.out or 'train_step').with_suffix('')}.stacks.rank{env.rank}.txt", "w")  # noqa: SIM115
+        faulthandler.dump_traceback_later(args.dump_stacks_after, exit=False, file=stacks)
     init_model_parallel(args.tp, 1, args.cp, args.cp_high_priority_stream)
     if args.cpu or env.device.type != "cuda":
         args.cpu = True
@@ -220,6 +227,7 @@ def main():
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(summary, indent=1))
     dist.barrier()
+    faulthandler.cancel_dump_traceback_later()  # finished: no stacks
     dist.destroy_process_group()
 
 

@@ -278,10 +278,11 @@ def overlap_kernels(q, k, v, token_info, group, phsa_kwargs: dict, documents: bo
     if tri == "reference":
         return None
     c = q.shape[1] // 2
-    first_end = min(end for _, end in local_chunk_positions(q.shape[1], dist.get_world_size(group),
-                                                            dist.get_rank(group)))
+    # Every rank must decide alike: the two paths run different collectives, so a rank on the chunk path beside
+    # ranks on this one waits forever. Hence the shortest prefix of any rank's chunk (rank 0's first: c keys) decides
+    # the dense fallback for all, not this rank's own.
     if (c % params.block_size or c % params.query_block or params.topk > tri.SELECT_MAX_TOPK
-            or (phsa_kwargs.get("backend", "auto") == "auto" and first_end <= tri.DENSE_FALLBACK_MAX_SEQLEN)):
+            or (phsa_kwargs.get("backend", "auto") == "auto" and c <= tri.DENSE_FALLBACK_MAX_SEQLEN)):
         return None
     return tri, params
 
