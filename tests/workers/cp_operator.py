@@ -31,6 +31,29 @@ from tests.workers.cp_selection import cp_select_blocks  # noqa: E402
 from tests.helpers import assert_no_near_ties  # noqa: E402
 
 
+def full_sequence_run(q, k, v, punct, w, kw: dict) -> list[torch.Tensor]:
+    """The CP=1 run of the whole sequence: o, dq, dk, dv of loss = sum(o * w), and the selected blocks.
+
+    Heads are independent, so each rank of the world runs its contiguous share of the KV heads (with their query
+    heads) and the shares are gathered: every rank gets the whole result for 1 / world of the work (under the
+    Triton interpreter this run is most of the worker's time)."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    hk, group = k.shape[2], q.shape[2] // k.shape[2]
+    assert hk % world == 0, f"{hk} KV heads do not split over {world} ranks"
+    kh = slice(rank * hk // world, (rank + 1) * hk // world)
+    qh = slice(kh.start * group, kh.stop * group)
+    x = [t[:, :, h].clone().requires_grad_() for t, h in ((q, qh), (k, kh), (v, kh))]
+    o = phsa_attention(*x, punct, **kw)
+    (o * w[:, :, qh]).sum().backward()
+    sel = select_blocks(q[:, :, qh], k[:, :, kh], punct, **kw)
+    gathered = []
+    for part in (o.detach(), *(t.grad for t in x), sel):
+        shares = [torch.empty_like(part) for _ in range(world)]
+        dist.all_gather(shares, part.contiguous())
+        gathered.append(torch.cat(shares, dim=2))
+    return gathered
+
+
 def check(args, cp_group, mode: str, query_block: int) -> None:
     """This rank's CP slice of one (mode, query block) case against the full-sequence run; raises on a mismatch."""
     cp, cp_rank = dist.get_world_size(cp_group), dist.get_rank(cp_group)
@@ -49,10 +72,7 @@ def check(args, cp_group, mode: str, query_block: int) -> None:
     punct = torch.rand(b, L, generator=g) < 0.15
     w = torch.randn(b, L, hq, d, generator=g, dtype=dtype)
 
-    ref_q, ref_k, ref_v = (x.clone().requires_grad_() for x in (q, k, v))
-    o_ref = phsa_attention(ref_q, ref_k, ref_v, punct, **kw)
-    (o_ref * w).sum().backward()
-    sel_ref = select_blocks(q, k, punct, **{x: y for x, y in kw.items()})
+    o_ref, dq_ref, dk_ref, dv_ref, sel_ref = full_sequence_run(q, k, v, punct, w, kw)
 
     # This rank's share: its TP heads, its CP zigzag slice.
     qh, kh = slice(tp_rank * hq // tp, (tp_rank + 1) * hq // tp), slice(tp_rank * hk // tp, (tp_rank + 1) * hk // tp)
@@ -64,10 +84,9 @@ def check(args, cp_group, mode: str, query_block: int) -> None:
     o = cp_phsa_attention(q_l, k_l, v_l, info_l, cp_group, mode, kw)
     (o * mine(w[:, :, qh])).sum().backward()
 
-    torch.testing.assert_close(o, mine(o_ref[:, :, qh]).detach(), **tol, msg=lambda m: f"{case}: o: {m}")
-    for name, got, ref in (("dq", q_l, ref_q), ("dk", k_l, ref_k), ("dv", v_l, ref_v)):
-        heads = qh if name == "dq" else kh
-        torch.testing.assert_close(got.grad, mine(ref.grad[:, :, heads]), **tol, msg=lambda m: f"{case}: {name}: {m}")
+    torch.testing.assert_close(o, mine(o_ref[:, :, qh]), **tol, msg=lambda m: f"{case}: o: {m}")
+    for name, got, ref, heads in (("dq", q_l, dq_ref, qh), ("dk", k_l, dk_ref, kh), ("dv", v_l, dv_ref, kh)):
+        torch.testing.assert_close(got.grad, mine(ref[:, :, heads]), **tol, msg=lambda m: f"{case}: {name}: {m}")
     if mode == "allgather":
         # exact comparison of two differently rounded runs: only sound away from near-ties
         assert_no_near_ties(q, k, punct, PHSAParams(**{x: y for x, y in kw.items() if x != "backend"}))
