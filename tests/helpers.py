@@ -2,6 +2,7 @@
 tensor comparisons for the attention operators."""
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -42,10 +43,16 @@ def torchrun(nproc: int, target: list[str], *, env: dict | None = None, timeout:
     return proc
 
 
-def run_layout(tmp_path, nproc, *args):
-    out = tmp_path / f"out_{nproc}_{'_'.join(a.replace('/', '') for a in args)}.pt"
-    torchrun(nproc, ["tests/workers/parallel_step.py", "--out", str(out), *args])
+def run_layouts(tmp_path, nproc, cases: dict[str, list[str]]) -> dict[str, dict]:
+    """One torchrun start of ``nproc`` ranks running every case of ``tests/workers/parallel_step.py`` (name ->
+    its layout arguments): name -> {"loss", "grads"}."""
+    out = tmp_path / f"layouts_{nproc}_{'_'.join(cases)}.pt"
+    torchrun(nproc, ["tests/workers/parallel_step.py", "--out", str(out), "--cases", json.dumps(cases)])
     return torch.load(out)
+
+
+def run_layout(tmp_path, nproc, *args):
+    return run_layouts(tmp_path, nproc, {"case": list(args)})["case"]
 
 
 def assert_same(ref, got, rtol=1e-5, atol=1e-6):

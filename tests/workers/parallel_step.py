@@ -1,10 +1,14 @@
 """One training forward/backward of the tiny GPT on a fixed global batch, under any TP x CP x DP layout.
 
-Run under torchrun. Writes (rank 0) the loss and the full (TP-gathered) gradients to ``--out`` so a
-test can compare layouts with the single-process run. Uses the real training step
-(``phsa_train.training.step.forward_step`` / ``loss_func``) and the real grad sync of the CPU path.
+Run under torchrun. ``--cases`` is a JSON object {name: [layout arguments]} (``--tp``, ``--cp``,
+``--reset-docs``, then Hydra overrides after ``--``); every case runs in this one process group (Megatron's
+model-parallel groups rebuilt per case: one torchrun start serves a whole test module). Writes (rank 0)
+{name: {"loss", "grads"}}, the loss and the full (TP-gathered) gradients, to ``--out`` so a test can compare
+layouts with the single-process run. Uses the real training step (``phsa_train.training.step.forward_step`` /
+``loss_func``) and the real grad sync of the CPU path.
 """
 import argparse
+import json
 
 import torch
 import torch.distributed as dist
@@ -47,16 +51,14 @@ def gather_tp(name: str, param: torch.Tensor, grad: torch.Tensor) -> torch.Tenso
     return torch.cat(parts, dim=param.partition_dim)
 
 
-def main():
+def run_case(argv: list[str], is_rank0: bool) -> dict | None:
+    """One layout's forward/backward: rank 0 gets {"loss", "grads"}, the other ranks None."""
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", required=True)
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--cp", type=int, default=1)
     ap.add_argument("--reset-docs", action="store_true")
     ap.add_argument("overrides", nargs="*")
-    args = ap.parse_args()
-    env = init_distributed()
-    compat.apply(on_gpu=False)
+    args = ap.parse_args(argv)
     init_model_parallel(args.tp, 1, args.cp)
     cfg = compose(["model=tiny", f"data.seq_len={SEQ}", f"parallel.tensor_model_parallel_size={args.tp}",
                    f"parallel.context_parallel_size={args.cp}",
@@ -74,8 +76,20 @@ def main():
     loss = out[0]["loss"].clone()
     dist.all_reduce(loss, group=parallel_state.get_data_parallel_group())
     grads = {n: gather_tp(n, p, p.grad) for n, p in model.named_parameters()}
+    parallel_state.destroy_model_parallel()
+    return {"loss": loss.item() / dp, "grads": grads} if is_rank0 else None
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--cases", required=True, help='JSON: {"name": ["--tp", "2", "--", "attention=phsa"], ...}')
+    args = ap.parse_args()
+    env = init_distributed()
+    compat.apply(on_gpu=False)
+    results = {name: run_case(argv, env.rank == 0) for name, argv in json.loads(args.cases).items()}
     if env.rank == 0:
-        torch.save({"loss": loss.item() / dp, "grads": grads}, args.out)
+        torch.save(results, args.out)
     dist.barrier()
     dist.destroy_process_group()
 
