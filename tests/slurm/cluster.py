@@ -49,7 +49,9 @@ def _free_port() -> int:
 
 class SlurmCluster:
     def __init__(self, root: str | Path, cpus: int = 8, kill_wait: int = 30, cred_expire: int = 5):
-        # cred_expire is also how long a requeued job waits before it may start again (Slurm's default: 120 s)
+        # cred_expire is also how long a requeued job waits before it may start again (Slurm's default: 120 s).
+        # Once that wait is over no event wakes the scheduler: the job starts on the next periodic pass, which
+        # is why slurm.conf sets sched_interval/bf_interval to 1 s (defaults 60/30 s: a requeue took ~30 s).
         self.root = Path(root)
         self.cpus, self.kill_wait, self.cred_expire = cpus, kill_wait, cred_expire
         self.node = socket.gethostname().split(".")[0]
@@ -92,6 +94,7 @@ TaskPlugin=task/none
 MpiDefault=none
 SwitchType=switch/none
 SchedulerType=sched/backfill
+SchedulerParameters=sched_interval=1,bf_interval=1
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 SlurmdParameters=config_overrides
