@@ -74,7 +74,7 @@ def test_grouped_selection(hq, hk, d, m, B, dtype):
     [
         (2, 2, 64, 16, torch.bfloat16, "softmax_group_sum"),
         (4, 1, 128, 16, torch.float16, "dot_group_sum"),
-        (16, 4, 64, 32, torch.bfloat16, "softmax_group_sum"),
+        (8, 2, 64, 32, torch.bfloat16, "softmax_group_sum"),  # G=4 over 2 KV heads: time is linear in hk
     ],
 )
 def test_per_token_selection(hq, hk, d, m, dtype, score):
@@ -307,7 +307,7 @@ def test_widest_register_topk_matches_the_reference(score):
     """topk up to SELECT_MAX_TOPK (the curriculum's hold at 128k needs k = 184) stays in the kernel: same blocks."""
     import phsa_train.attention.phsa.triton as T
 
-    q, k, _, pm, _ = _inputs(1, 3072, 4, 2, 16, torch.bfloat16, 5)
+    q, k, _, pm, _ = _inputs(1, 3072, 2, 1, 16, torch.bfloat16, 5)  # one KV head: the width is what is tested
     p = PHSAParams(block_size=16, n_init=16, local_window=16, topk=150, query_block=64, score=score)
     assert 128 < p.topk <= T.SELECT_MAX_TOPK
     assert torch.equal(select_blocks_triton(q, k, pm, p), R.select_blocks_reference(q, k, pm, p))
