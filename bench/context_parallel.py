@@ -91,27 +91,40 @@ def fwd_bwd_of(o: torch.Tensor, inputs: tuple, do: torch.Tensor) -> tuple:
     return torch.autograd.grad(o, inputs, do)
 
 
-def timed(fn, reps: int, cuda: bool) -> float:
-    """Median milliseconds of ``fn`` over ``reps`` runs, every run started together on all ranks."""
-    times = []
+HOLD_CYCLES = 200_000_000  # ~100 ms at an H100/H200 SM clock: far longer than any layer's host-side launch time
+
+
+def _median_ms(fn, reps: int, cuda: bool, hold_cycles: int = 0) -> tuple[float, bool]:
+    """(median ms of ``fn`` over ``reps`` runs started together on all ranks, whether the host stayed ahead).
+    ``hold_cycles`` > 0 (GPU): a spin kernel holds the stream while ``fn`` is launched behind it, and the events
+    bracket only ``fn``'s device work; the flag is False if launching took longer than the hold."""
+    times, ahead = [], True
     for _ in range(reps):
         dist.barrier()
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
+        if not cuda:
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
+            continue
+        held, start, end = (torch.cuda.Event(enable_timing=True) for _ in range(3))
+        held.record()
+        if hold_cycles:
+            torch.cuda._sleep(hold_cycles)
+        start.record()
+        t0 = time.perf_counter()
+        fn()
+        launch_ms = (time.perf_counter() - t0) * 1e3
+        end.record()
+        torch.cuda.synchronize()
+        ahead &= not hold_cycles or launch_ms < held.elapsed_time(start)
+        times.append(start.elapsed_time(end))
     times.sort()
-    return times[len(times) // 2]
+    return times[len(times) // 2], ahead
 
 
-HOLD_CYCLES = 200_000_000  # ~100 ms at an H100/H200 SM clock: far longer than any layer's host-side launch time
+def timed(fn, reps: int, cuda: bool) -> float:
+    """Median milliseconds of ``fn`` over ``reps`` runs, every run started together on all ranks."""
+    return _median_ms(fn, reps, cuda)[0]
 
 
 def timed_host_ahead(fn, reps: int) -> tuple[float, bool]:
@@ -119,25 +132,8 @@ def timed_host_ahead(fn, reps: int) -> tuple[float, bool]:
 
     ``timed`` measures one layer alone, so every gap in which the GPU waits for Python to launch the next kernel
     counts. Inside a training step the host runs ahead (the GEMMs and MLPs of the layers around keep the GPU
-    busy while it launches), so those gaps vanish. Here the stream is held by a spin kernel while ``fn`` is
-    launched behind it; the events bracket only ``fn``'s device work. The flag is False if launching took longer
-    than the hold (the number then includes host gaps again)."""
-    times, ahead = [], True
-    for _ in range(reps):
-        dist.barrier()
-        held, start, end = (torch.cuda.Event(enable_timing=True) for _ in range(3))
-        held.record()
-        torch.cuda._sleep(HOLD_CYCLES)
-        start.record()
-        t0 = time.perf_counter()
-        fn()
-        launch_ms = (time.perf_counter() - t0) * 1e3
-        end.record()
-        torch.cuda.synchronize()
-        ahead &= launch_ms < held.elapsed_time(start)
-        times.append(start.elapsed_time(end))
-    times.sort()
-    return times[len(times) // 2], ahead
+    busy while it launches), so those gaps vanish; here a spin kernel plays that part (``HOLD_CYCLES``)."""
+    return _median_ms(fn, reps, True, HOLD_CYCLES)
 
 
 def union_ms(spans: list[tuple[float, float]]) -> float:
