@@ -36,7 +36,9 @@ def forward_step(data_iterator, model):
     if parallel_state.get_context_parallel_world_size() > 1:
         from megatron.core.utils import get_batch_on_this_cp_rank
 
-        batch = get_batch_on_this_cp_rank(batch)
+        # a copy: Megatron's slicer writes each rank's slice back into the dict it is given, so a caller that
+        # reuses its batch (a benchmark timing the same batch) would get half of a half on the next step
+        batch = get_batch_on_this_cp_rank(dict(batch))
     output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"],
                    extra_block_kwargs={"attention_bias": batch["token_info"]})
     return output, functools.partial(loss_func, batch["loss_mask"].float(), n_tokens)

@@ -55,3 +55,6 @@ def training_steps(tmp_path_factory):
 def test_cp2_training_step_matches_cp1(training_steps, attention):
     ref, got = training_steps
     assert_same(ref[attention], got[attention], rtol=2e-4, atol=2e-6)
+    # the step slices its own copy of the batch for CP: a caller that reuses the batch dict (bench/train_step.py
+    # times the same batch every step) gets the full sequence again, not half of the last slice
+    assert got[attention]["batch_kept"]

@@ -3,7 +3,8 @@
 Run under torchrun. ``--cases`` is a JSON object {name: [layout arguments]} (``--tp``, ``--cp``,
 ``--reset-docs``, then Hydra overrides after ``--``); every case runs in this one process group (Megatron's
 model-parallel groups rebuilt per case: one torchrun start serves a whole test module). Writes (rank 0)
-{name: {"loss", "grads"}}, the loss and the full (TP-gathered) gradients, to ``--out`` so a test can compare
+{name: {"loss", "grads", "batch_kept"}}, the loss, the full (TP-gathered) gradients and whether the step left the
+caller's micro-batch as it was, to ``--out`` so a test can compare
 layouts with the single-process run. Uses the real training step (``phsa_train.training.step.forward_step`` /
 ``loss_func``) and the real grad sync of the CPU path.
 """
@@ -69,15 +70,18 @@ def run_case(argv: list[str], is_rank0: bool) -> dict | None:
     batch = global_batch(args.reset_docs)
     dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
     rows = slice(dp_rank * GLOBAL_BATCH // dp, (dp_rank + 1) * GLOBAL_BATCH // dp)
-    local = iter([{k: v[rows] for k, v in batch.items()}])
-    out = forward_backward_local(forward_step_func=forward_step, data_iterator=local, model=[model],
+    micro = {k: v[rows] for k, v in batch.items()}
+    given = dict(micro)
+    out = forward_backward_local(forward_step_func=forward_step, data_iterator=iter([micro]), model=[model],
                                  num_microbatches=1)
+    # the caller's micro-batch as it was (a benchmark reuses it: a CP slice written back would halve it each step)
+    kept = micro.keys() == given.keys() and all(micro[k] is given[k] for k in given)
     allreduce_grads(model)
     loss = out[0]["loss"].clone()
     dist.all_reduce(loss, group=parallel_state.get_data_parallel_group())
     grads = {n: gather_tp(n, p, p.grad) for n, p in model.named_parameters()}
     parallel_state.destroy_model_parallel()
-    return {"loss": loss.item() / dp, "grads": grads} if is_rank0 else None
+    return {"loss": loss.item() / dp, "grads": grads, "batch_kept": kept} if is_rank0 else None
 
 
 def main():
