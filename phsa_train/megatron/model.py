@@ -24,6 +24,11 @@ def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
 def transformer_config(cfg, params_dtype: torch.dtype, init_weights: bool = True) -> TransformerConfig:
     m, p = cfg.model, cfg.parallel
     on_gpu = torch.cuda.is_available()
+    if cfg.train.recompute == "full" and not on_gpu:  # Megatron's checkpoint saves and restores CUDA RNG states
+        from phsa_train.config import ConfigError
+
+        raise ConfigError("train.recompute=full needs a GPU (Megatron's layer recompute restores CUDA RNG states); "
+                          "on CPU use train.recompute=none | selective")
     # Fused SwiGLU (Megatron's own), RMSNorm and RoPE (ours where Transformer Engine is absent, see
     # phsa_train/megatron/fused.py): compiled elementwise kernels that take most of the non-GEMM time out of a
     # GPU step. On CPU the compile time outweighs them. Megatron's fused cross-entropy stays off: it keeps an

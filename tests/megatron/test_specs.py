@@ -1,4 +1,5 @@
 """PHSA as a Megatron-Core spec swap: structure, dense equivalence, and a few training steps on CPU."""
+import pytest
 import torch
 
 from phsa_train.attention import PHSAParams
@@ -64,3 +65,12 @@ def test_tiny_phsa_gpt_trains_on_cpu(single_process):
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.5, losses
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for CPU runs")
+def test_full_recompute_on_cpu_is_refused_in_one_line(single_process):
+    from phsa_train.config import ConfigError
+
+    cfg = compose(["model=tiny", "data.seq_len=64", "train.recompute=full"])
+    with pytest.raises(ConfigError, match=r"train.recompute=full needs a GPU.*none \| selective"):
+        build_model(cfg, VOCAB, torch.float32)
