@@ -21,6 +21,7 @@ import faulthandler
 import gc
 import json
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -52,6 +53,12 @@ def run_variant(name: str, overrides: list[str], args) -> dict:
     vocab = padded_vocab_size(args.vocab, 128, args.tp)
     model = build_model(cfg, vocab, torch.bfloat16 if cuda else torch.float32)
     optimizer = build_optimizer(cfg, model, on_gpu=cuda)  # GPU: Megatron DDP + distributed optimizer
+    if args.dump_stacks_after > 0:  # which layer each rank is in, for the hang dump
+        from phsa_train.megatron.core_attention import DenseCoreAttention
+
+        for m in model.modules():
+            if isinstance(m, DenseCoreAttention):
+                m.register_forward_pre_hook(_note_attention_call)
     if name != "dense":
         from phsa_train.megatron import set_sparsity
 
@@ -132,6 +139,27 @@ def top_ops(step, n: int = 25) -> list:
     return [[e.key, str(e.input_shapes)[:160], round(e.self_device_time_total / 1e3, 2), e.count] for e in ops]
 
 
+def dump_flight_recorder(path: str) -> None:
+    """Write this rank's NCCL flight recorder (every collective and point-to-point call with its sequence number and
+    state: scheduled, started, completed) as JSON: where the ranks' call sequences part when a run hangs. Needs
+    ``TORCH_NCCL_TRACE_BUFFER_SIZE`` > 0 (otherwise the record is empty); best effort, never raises."""
+    import torch._C._distributed_c10d as c10d
+
+    dump = getattr(c10d, "_dump_nccl_trace_json", None) or getattr(c10d, "_dump_fr_trace_json", None)
+    try:
+        record = json.loads(dump()) if dump else "no flight recorder in this torch"
+    except Exception as e:  # noqa: BLE001 (a diagnostic: never take the run down)
+        record = repr(e)
+    Path(path).write_text(json.dumps({"attention_calls": PROGRESS, "flight_recorder": record}, indent=1, default=str))
+
+
+PROGRESS = {"calls": 0, "last_layer": None, "grad_enabled": None}  # the last attention layer this rank entered
+
+
+def _note_attention_call(module, _args) -> None:
+    PROGRESS.update(calls=PROGRESS["calls"] + 1, last_layer=module.layer_number, grad_enabled=torch.is_grad_enabled())
+
+
 def cfg_overrides(cfg, overrides, args) -> list[str]:
     """The exact Hydra overrides that reproduce this variant through launch/pretrain.sh."""
     shown = [f"model={args.model}", f"data.seq_len={args.seq_len}", f"train.recompute={args.recompute}",
@@ -151,7 +179,8 @@ def main():
     ap.add_argument("--vocab", type=int, default=151936)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--recompute", default="full", help="none | selective | full (0.6B at 32k needs full on 80 GB)")
+    ap.add_argument("--recompute", default=None,
+                    help="none | selective | full (default: full on GPU, as 0.6B at 32k needs on 80 GB; none with --cpu)")
     ap.add_argument("--phsa", nargs="*", default=[], help="extra Hydra overrides for the PHSA variant")
     ap.add_argument("--variants", default="dense,phsa",
                     help="comma list of dense, phsa, phsa_softmax (phsa with attention.score=softmax_group_sum), "
@@ -163,6 +192,9 @@ def main():
     ap.add_argument("--cp-high-priority-stream", choices=("true", "false"), default=None,
                     help="the CP group's NCCL streams high-priority or not (default: the shipped "
                          "parallel.cp_high_priority_stream); one setting for every variant, the groups are built once")
+    ap.add_argument("--no-overlap", action="store_true",
+                    help="CP allgather on the chunk path (K/V all-gathered, dK/dV reduce-scattered) instead of the "
+                         "overlapped point-to-point schedule: the same result; an A/B of the schedule")
     ap.add_argument("--profile", action="store_true",
                     help="profile one extra step per variant: device ms by stage (gemm, sdpa, PHSA kernels, "
                          "copy_fill, ...) and the 25 costliest kernels outside attention")
@@ -170,7 +202,8 @@ def main():
     ap.add_argument("--out", default=None)
     ap.add_argument("--dump-stacks-after", type=float, default=0, metavar="S",
                     help="if the run is still going after S seconds, every rank writes its Python stacks to "
-                         "<out or train_step>.stacks.rank<R>.txt (one file per rank: what each waits in when a run hangs)")
+                         "<out or train_step>.stacks.rank<R>.txt (one file per rank: what each waits in when a run hangs) "
+                         "and its NCCL flight recorder to <out>.nccl.rank<R>.json (set TORCH_NCCL_TRACE_BUFFER_SIZE)")
     args = ap.parse_args()
     if args.cp_high_priority_stream is not None:
         args.cp_high_priority_stream = args.cp_high_priority_stream == "true"
@@ -183,12 +216,22 @@ def main():
     os.environ.setdefault("MASTER_PORT", "29533")
     env = init_distributed()
     if args.dump_stacks_after > 0:
-        stacks = open(f"{Path(args.out or 'train_step').with_suffix('')}.stacks.rank{env.rank}.txt", "w")  # noqa: SIM115
+        stem = f"{Path(args.out or 'train_step').with_suffix('')}"
+        stacks = open(f"{stem}.stacks.rank{env.rank}.txt", "w")  # noqa: SIM115
         faulthandler.dump_traceback_later(args.dump_stacks_after, exit=False, file=stacks)
+        flight = threading.Timer(args.dump_stacks_after, dump_flight_recorder, (f"{stem}.nccl.rank{env.rank}.json",))
+        flight.daemon = True
+        flight.start()
     init_model_parallel(args.tp, 1, args.cp, args.cp_high_priority_stream)
     if args.cpu or env.device.type != "cuda":
         args.cpu = True
         prepare_device(env, 0)  # Megatron's CPU shims
+    if args.no_overlap:
+        from phsa_train.megatron import context_parallel
+
+        context_parallel.overlap_kernels = lambda *_a, **_k: None
+    if args.recompute is None:
+        args.recompute = "none" if args.cpu else "full"
     variants = {"dense": ["attention=dense"], "phsa": ["attention=phsa", *args.phsa],
                 "phsa_softmax": ["attention=phsa", *args.phsa, "attention.score=softmax_group_sum"],
                 "phsa_qb64": ["attention=phsa", *args.phsa, "attention.query_block=64"],
@@ -228,6 +271,8 @@ def main():
         out.write_text(json.dumps(summary, indent=1))
     dist.barrier()
     faulthandler.cancel_dump_traceback_later()  # finished: no stacks
+    if args.dump_stacks_after > 0:
+        flight.cancel()
     dist.destroy_process_group()
 
 
