@@ -9,6 +9,9 @@ ft-lam<lam>-s<seed>/eval_b/results.json. "beyond" = the depths strictly between 
 INIT nor in the local window, so a sparse layer reaches it only through its selected blocks); depth 0 and 1 are
 the controls. Each cell is the mean over seeds, with +- half the range when there are two or more.
 
+λ=0.5 and λ=1 share each seed's weights (in (a) the same dense model, in (b) fine-tunes of it), so whether λ=0.5
+is ahead is read from the paired per-seed difference λ=0.5 - λ=1, with a one-sided sign test over the seeds.
+
 With length extension (STAGE1_STEPS > 0) the short-sequence stage lives in dense1-s<seed>: it is never evaluated,
 and only its training (and that of the extended dense-s<seed>) gets a table, so the two stages can be compared.
 """
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import sys
 from pathlib import Path
@@ -78,6 +82,57 @@ def markdown(table: dict) -> str:
             lines.append(f"| {label} | {len(seeds)} | " + " | ".join(row) + " |")
         lines.append("")
     return "\n".join(lines)
+
+
+PAIRS = (("(a)", "(a) λ=0.5", "(a) λ=1"), ("(b)", "(b) λ=0.5", "(b) λ=1"))
+PAIRED_METRICS = (("em_beyond", "exact match"), ("logprob_beyond", "answer log-prob"))
+
+
+def sign_test(ahead: int, n: int) -> float:
+    """The chance that at least `ahead` of n fair coin flips come up heads (one-sided sign test)."""
+    return sum(math.comb(n, i) for i in range(ahead, n + 1)) / 2 ** n
+
+
+def paired(table: dict) -> dict:
+    """Per setting ((a), (b)): {"seeds": paired seeds, "left_out": {variant: seeds it alone has},
+    metric: {k: {by_seed: λ=0.5 - λ=1, mean, min, max, ahead (seeds with a difference > 0; a tie is not ahead),
+    n, p_sign}}}, over the seeds that have both variants and the ks that both evaluated."""
+    out = {}
+    for setting, lam05, lam1 in PAIRS:
+        a, b = table.get(lam05, {}), table.get(lam1, {})
+        seeds = sorted(a.keys() & b.keys())
+        if not seeds:
+            continue
+        alone = {lam05: sorted(a.keys() - b.keys()), lam1: sorted(b.keys() - a.keys())}
+        entry = {"seeds": seeds, "left_out": {lab: s for lab, s in alone.items() if s}}
+        ks = sorted(set.intersection(*(set(a[s]) & set(b[s]) for s in seeds)) - {None})
+        for metric, _ in PAIRED_METRICS:
+            entry[metric] = {}
+            for k in ks:
+                diff = {s: a[s][k][metric] - b[s][k][metric] for s in seeds}
+                ahead = sum(d > 0 for d in diff.values())
+                entry[metric][k] = {"by_seed": diff, "mean": float(np.mean(list(diff.values()))),
+                                    "min": min(diff.values()), "max": max(diff.values()),
+                                    "ahead": ahead, "n": len(seeds), "p_sign": sign_test(ahead, len(seeds))}
+        out[setting] = entry
+    return out
+
+
+def paired_markdown(pairs: dict) -> str:
+    left = "; ".join(f"{lab} seed {', '.join(s)}" for e in pairs.values() for lab, s in e["left_out"].items())
+    ks = sorted({k for e in pairs.values() for m, _ in PAIRED_METRICS for k in e[m]})
+    lines = ["**paired difference λ=0.5 − λ=1 (same seed's weights)**, beyond INIT + local window: mean [min, max] "
+             "over seeds; n>0/n = seeds where λ=0.5 is ahead (a tie is not); p = the chance of at least that many "
+             "ahead if each seed were a coin flip (one-sided sign test)"
+             + (f"; left out, in only one variant: {left}" if left else ""), "",
+             "| setting | metric | seeds | " + " | ".join(f"k={k}" for k in ks) + " |",
+             "|---|---|---|" + "---|" * len(ks)]
+    for setting, e in pairs.items():
+        for metric, name in PAIRED_METRICS:
+            cells = [f"{c['mean']:+.3f} [{c['min']:+.3f}, {c['max']:+.3f}] {c['ahead']}/{c['n']}, p={c['p_sign']:.2g}"
+                     if (c := e[metric].get(k)) else "—" for k in ks]
+            lines.append(f"| {setting} | {name} | {len(e['seeds'])} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 PROBES = (("dense", "probe_dense"), ("(a) λ=0.5", "probe_a_lam0.5"), ("(a) λ=1", "probe_a_lam1"))
@@ -184,9 +239,11 @@ def main(argv: list[str] | None = None) -> int:
     if not runs.is_dir():
         sys.exit(f"copy_summary.py: {runs}: no such directory")
     table, probes, training = collect(runs), collect_probes(runs), collect_training(runs)
+    pairs = paired(table)
     if a.json:
         doc = {"retrieval": {lab: {s: {str(k): v for k, v in c.items()} for s, c in seeds.items()}
                              for lab, seeds in table.items()},
+               "paired": pairs,  # its int keys (k) become strings, as in "retrieval"
                "probe": probes}
         if training:
             doc["training"] = training
@@ -194,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.plot and table:
         plot(table, a.plot)
     print(markdown(table) if table else f"no retrieval results under {runs}")
+    if pairs:
+        print(paired_markdown(pairs))
     if probes:
         print(probe_markdown(probes))
     if training:

@@ -148,6 +148,35 @@ def test_copy_summary_tables_and_plot(tmp_path):
     assert png.stat().st_size > 0
 
 
+
+def test_copy_summary_pairs_lambdas_by_seed(tmp_path):
+    """λ=0.5 - λ=1 per seed on the same weights: mean, range, seeds ahead (a tie is not) and the sign test; a seed
+    that only one variant has is left out of the pair, and the title says so."""
+    cs = _module("copy_summary")
+    em = {"0.5": ({1: 0.75, 4: 0.5}, {1: 0.5, 4: 0.5}, {1: 0.25, 4: 0.5}),
+          "1": ({1: 0.25, 4: 0.25}, {1: 0.5, 4: 0.25}, {1: 0.5, 4: 0.25})}
+    for lam, by_seed in em.items():
+        for seed, by_k in enumerate(by_seed, 1):
+            for run, sub in ((f"dense-s{seed}", f"eval_a_lam{lam}"), (f"ft-lam{float(lam)}-s{seed}", "eval_b")):
+                if sub == "eval_b" and lam == "1" and seed == 3:
+                    continue  # (b) λ=1 lacks seed 3
+                (tmp_path / run / sub).mkdir(parents=True)
+                (tmp_path / run / sub / "results.json").write_text(json.dumps(_copy_result(by_k)))
+    out = tmp_path / "s.json"
+    assert cs.main([str(tmp_path), "--json", str(out)]) == 0
+    pairs = json.loads(out.read_text())["paired"]
+    a1, a4 = pairs["(a)"]["em_beyond"]["1"], pairs["(a)"]["em_beyond"]["4"]
+    assert a1["by_seed"] == {"1": 0.5, "2": 0.0, "3": -0.25} and (a1["min"], a1["max"]) == (-0.25, 0.5)
+    assert abs(a1["mean"] - 0.25 / 3) < 1e-12 and (a1["ahead"], a1["n"], a1["p_sign"]) == (1, 3, 0.875)
+    assert (a4["mean"], a4["ahead"], a4["p_sign"]) == (0.25, 3, 0.125)
+    assert pairs["(a)"]["logprob_beyond"]["1"]["by_seed"] == a1["by_seed"]  # _copy_result: log-prob = em - 1
+    assert pairs["(b)"]["seeds"] == ["1", "2"] and pairs["(b)"]["left_out"] == {"(b) λ=0.5": ["3"]}
+    assert pairs["(b)"]["em_beyond"]["4"]["p_sign"] == 0.25
+    md = cs.paired_markdown(cs.paired(cs.collect(tmp_path)))
+    assert "left out, in only one variant: (b) λ=0.5 seed 3" in md
+    assert "| (a) | exact match | 3 | +0.083 [-0.250, +0.500] 1/3, p=0.88 | +0.250 [+0.250, +0.250] 3/3, p=0.12 |" in md
+    assert "| (b) | answer log-prob | 2 | +0.250 [+0.000, +0.500] 1/2, p=0.75 |" in md
+
 def test_copy_summary_labels_the_length_extension_stage(tmp_path):
     """copy_test.sh with STAGE1_STEPS > 0: dense1-s<seed> (the short-sequence stage) gets a training row and
     never a retrieval row; without it the summary has no training table (the single-stage output is unchanged)."""
