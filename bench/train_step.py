@@ -259,6 +259,7 @@ def main():
     summary = {"device": device, "date": datetime.date.today().isoformat(), "results": list(results.values())}
     if args.cp > 1:  # as built, not as asked: what the CP group's NCCL streams really are
         summary["cp_high_priority_stream"] = is_high_priority_stream(parallel_state.get_context_parallel_group())
+        summary["cp_allgather_schedule"] = "chunk path (--no-overlap)" if args.no_overlap else "overlapped (shipped)"
     for name in results:  # each PHSA variant against the dense variant built the same way (fused, chunked or not)
         suffix = next((x for x in ("_unfused", "_unchunked") if name.endswith(x)), "")
         base = "dense" + suffix
