@@ -37,6 +37,20 @@ def rope_bshd(t: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
     return torch.cat((out, rest), dim=-1) if rest.shape[-1] else out
 
 
+# Dynamo keeps one compiled entry per kind of call it sees: tensor rank, strides (the q and k norms read differently
+# strided views of the fused QKV projection), grad mode (full recompute runs every layer once without grad first),
+# static then dynamic shapes. A training step with full recompute makes 8 kinds of rms_norm call, exactly torch's
+# default limit: one more (a new sequence length, as a benchmark that shrank its batch showed) and the rest would run
+# eagerly without a word beyond one log line.
+RECOMPILE_LIMIT = 32
+
+
+def compile_fused(fn, backend: str = "inductor"):
+    """``torch.compile(fn)`` with room for every kind of call one model makes (``RECOMPILE_LIMIT``)."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    return torch.compile(fn, backend=backend)
+
+
 _compiled: dict = {}
 
 
@@ -46,7 +60,7 @@ def compiled(fn, x: torch.Tensor):
     if not x.is_cuda:
         return fn
     if fn not in _compiled:
-        _compiled[fn] = torch.compile(fn)
+        _compiled[fn] = compile_fused(fn)
     return _compiled[fn]
 
 

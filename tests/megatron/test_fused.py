@@ -77,3 +77,36 @@ def test_gpt_with_fused_norms_and_rope_equals_megatrons_local_gpt(single_process
     out_ref.square().mean().backward()
     for (name, p), q in zip(fused.named_parameters(), ref.parameters()):  # reduction order differs: fp32 close
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_full_recompute_calls_stay_compiled(single_process, monkeypatch):
+    """Every kind of rms_norm / RoPE call a training step with full recompute makes (no-grad forward, recomputed
+    forward, backward; hidden, q and k norms) gets its own Dynamo entry within the limit, so none runs eagerly.
+    Dynamo's guards are real; only the backend is the eager one (no C++ toolchain needed)."""
+    from megatron.core.models.gpt import GPTModel
+
+    from phsa_train.megatron import fused
+    from phsa_train.megatron.model import transformer_config
+    from phsa_train.megatron.specs import get_dense_layer_spec
+
+    torch._dynamo.reset()
+    cache = {}
+    monkeypatch.setattr(fused, "compiled", lambda fn, x: cache.setdefault(fn, fused.compile_fused(fn, "eager")))
+    cfg = compose(["model=tiny", "data.seq_len=64", "attention=dense"])
+    m = cfg.model
+    model = GPTModel(config=transformer_config(cfg, torch.float32), transformer_layer_spec=get_dense_layer_spec(
+        fused_norms=True), vocab_size=256, max_sequence_length=m.max_position_embeddings,
+        share_embeddings_and_output_weights=m.tie_embeddings, position_embedding_type="rope",
+        rotary_base=int(m.rotary_base))
+    tokens = torch.randint(0, 256, (1, 64), generator=torch.Generator().manual_seed(1))
+    pos = torch.arange(64)[None]
+    try:
+        for _ in range(2):
+            with torch.no_grad():  # full recompute's first forward
+                model(tokens, pos, None)
+            model(tokens, pos, None).square().mean().backward()
+        entries = torch._dynamo.eval_frame._debug_get_cache_entry_list(fused.rms_norm)
+        # at the limit, any further kind of call would have run eagerly
+        assert 0 < len(entries) < torch._dynamo.config.recompile_limit, len(entries)
+    finally:
+        torch._dynamo.reset()
