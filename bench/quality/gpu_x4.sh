@@ -21,7 +21,7 @@
 # exists for the checkpointed step is not repeated. metrics.jsonl, train.log and launch.log run on
 # across the calls (metrics.jsonl holds every step once), status.txt gets one line per call.
 # Three back-to-back 9-minute calls on one warm 4-GPU machine, one run per GPU (the plans and the commands are in
-# bench/README.md, "A quality study over three calls"): WORK_DIR inside the repository in a git-ignored folder that
+# bench/README.md, "quality/gpu_x4.sh"): WORK_DIR inside the repository in a git-ignored folder that
 # is not carried (runs/quality_prose), so the warm machine keeps it between calls; EVAL=0 in calls 1 and 2, EVAL=1
 # and RESUME_ONLY=1 in call 3 (RESUME_ONLY=1 in call 2 too).
 set -uo pipefail
