@@ -68,6 +68,15 @@ def read_meta(path: str | Path) -> dict:
     return json.loads((Path(path) / META).read_text())
 
 
+def saved_config(root: str | Path, step: int) -> Optional[dict]:
+    """The config checkpoint ``step`` under ``root`` was trained with, or None if its meta.json is unreadable
+    (a damaged checkpoint: :func:`restore` then falls back to an older one, or says why it cannot)."""
+    try:
+        return read_meta(iter_dir(root, step)).get("config")
+    except (OSError, ValueError):
+        return None
+
+
 def _rng_state() -> dict:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():

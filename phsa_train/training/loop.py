@@ -26,6 +26,7 @@ from phsa_train.training.metrics import MetricsLogger, StepReport
 from phsa_train.training.optimizer import build_optimizer, lr_at_step
 from phsa_train.training.phsa_monitor import PHSAMonitor
 from phsa_train.training.preemption import PreemptionWatcher
+from phsa_train.training.run_identity import check_same_run
 from phsa_train.training.step import evaluate, get_forward_backward, train_step
 
 
@@ -42,6 +43,10 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     if env.is_main:
         ckpt.check_writable(ckpt_dir)  # now, not at the first save `checkpoint.interval` steps later
     done = ckpt.latest_step(ckpt_dir) if str(cfg.checkpoint.resume).lower() != "false" else None
+    if done is not None:  # one run per run dir: resume only the same run (ConfigError, one line, otherwise)
+        saved = ckpt.saved_config(ckpt_dir, done)
+        if saved is not None:
+            check_same_run(ckpt.iter_dir(ckpt_dir, done), saved, OmegaConf.to_container(cfg, resolve=True))
     if done is not None and done >= t.steps:
         if env.is_main:
             print(f"[phsa_train] run complete: step {done}/{t.steps} is checkpointed; outputs in {run_dir} "

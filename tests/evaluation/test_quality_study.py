@@ -6,6 +6,9 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -218,3 +221,68 @@ def test_copy_test_refuses_a_bad_stage1_in_one_line(tmp_path):
                            capture_output=True, text=True, timeout=30)
         assert r.returncode == 2 and r.stdout.count("\n") == 1 and msg in r.stdout, (env, r.stdout, r.stderr)
     assert not (tmp_path / "w").exists()  # nothing ran
+
+
+def _study_call(data: Path, work: Path, out: Path, plan: str, timeout: int = 600,
+                **env) -> subprocess.CompletedProcess:
+    """One call of bench/quality/gpu_x4.sh at toy scale (one tiny run, CPU) on WORK_DIR ``work``."""
+    from tests.helpers import subprocess_env
+
+    (out.parent / f"{out.name}.plan").write_text(plan + "\n")
+    env = subprocess_env(QUALITY_TOY="1", WORK_DIR=str(work), PLAN=str(out.parent / f"{out.name}.plan"), STEPS="6",
+                         LENGTHS="[256]", DEPTHS="[0.0,1.0]", RSAMPLES="1", PYTHON=sys.executable, **env)
+    return subprocess.run(["bash", "bench/quality/gpu_x4.sh", str(data), str(out)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _rows(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+@pytest.mark.slow
+def test_a_study_continues_across_calls(tmp_path, cache_dir):
+    """A study spanning three calls on one warm machine (~3 min on 2 busy cores): call 1 trains part of the run
+    without evaluating (EVAL=0), call 2 (the same command) resumes it from its checkpoint to STEPS on the whole
+    run's learning-rate schedule and curriculum and evaluates it, call 3 finds it trained and evaluated and runs
+    nothing. Call 1 stops at step 3 by ``train.exit_after_steps`` (on the GPU, the call's deadline stops it)."""
+    from phsa_train.data.prepare import prepare_default_corpus
+    from phsa_train.training.optimizer import lr_at_step
+
+    prepared = prepare_default_corpus(Path(cache_dir) / "embedded")  # the corpus the other tests train on
+    data = tmp_path / "data"
+    data.mkdir()
+    for name, src in (("rmix.bin", prepared.prefix + ".bin"), ("rmix.idx", prepared.prefix + ".idx"),
+                      ("prose_tokenizer.json", prepared.tokenizer_path), ("rmix_punct.json", prepared.punct_path)):
+        (data / name).symlink_to(src)
+    work, run = tmp_path / "work", tmp_path / "work" / "runs" / "phsa-s1"
+    row = "0 phsa-s1 1234 attention=phsa attention.query_block=64"
+
+    first = _study_call(data, work, tmp_path / "out1", row + " train.exit_after_steps=3", EVAL="0")
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert [r["step"] for r in _rows(run) if "train/loss" in r] == [1, 2, 3], (run / "train.log").read_text()[-3000:]
+    assert not (run / "eval").exists() and (tmp_path / "out1" / "runs.tar.gz").exists()
+
+    second = _study_call(data, work, tmp_path / "out2", row)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    log = (run / "train.log").read_text()
+    assert "resumed at step 3" in log and log.count("step      1/6") == 1, log[-3000:]
+    rows = [r for r in _rows(run) if "train/loss" in r]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]  # both parts, each step once
+    t = SimpleNamespace(lr=1e-3, min_lr=1e-4, warmup_steps=1, steps=6, lr_decay_style="cosine")
+    assert all(abs(r["train/lr"] - lr_at_step(r["step"] - 1, t)) < 1e-12 for r in rows)  # the whole run's schedule
+    assert [r["phsa/phase"] for r in rows] == ["dense", "ramp", "ramp", "hold", "hold", "hold"]
+    for sub in ("eval", "eval_lam1"):
+        assert json.loads((run / sub / "results.json").read_text())["step"] == 6, (run / f"{sub}.log").read_text()
+    assert json.loads((tmp_path / "out2" / "summary.json").read_text())["variants"]
+    status = (run / "status.txt").read_text().splitlines()  # one line per call, then one per evaluation
+    assert " from step 0: train_rc=0 " in status[0] and status[0].endswith(" step=3"), status
+    assert " from step 3: train_rc=0 " in status[1] and status[1].endswith(" step=6"), status
+    assert status[2].startswith("eval_rc=0 ") and status[3].startswith("eval_lam1_rc=0 "), status
+
+    third = _study_call(data, work, tmp_path / "out3", row, timeout=120, RESUME_ONLY="1")
+    assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
+    status = (run / "status.txt").read_text().splitlines()
+    assert status[4].endswith(" from step 6: train=complete step=6") and status[5:] == [
+        "eval=done_at_6", "eval_lam1=done_at_6"], status
+    assert [r["step"] for r in _rows(run) if "train/loss" in r] == [1, 2, 3, 4, 5, 6]
+

@@ -65,6 +65,21 @@ def test_a_finished_run_ends_with_a_summary_and_a_rerun_says_it_is_complete(fini
     assert "loss" not in again.split("run complete")[0].split("run dir")[-1] and train_steps(run) == [1, 2, 3, 4]
 
 
+def test_another_run_in_a_finished_run_dir_is_refused_in_one_line(finished_run, cache_dir):
+    """One run per run dir: a start with another learning rate finds that run's checkpoints and stops with one
+    line (exit 2) before it builds a model; the run dir keeps its run (raising train.steps alone would resume it)."""
+    run, _ = finished_run
+    proc = launch(run, "train.steps=6", "train.eval_interval=2", "checkpoint.interval=2", "train.lr=1e-2",
+                  cache_dir=cache_dir)
+    out = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 2, out[-3000:]
+    errors = [line for line in out.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, out[-3000:]
+    assert errors[0].startswith(f"error: {run}/checkpoints/iter_0000004 belongs to another run: it was trained with "
+                                "train.lr=") and "(now 0.01)" in errors[0], errors
+    assert "Traceback" not in out and train_steps(run) == [1, 2, 3, 4] and ckpt.latest_step(run / "checkpoints") == 4
+
+
 def _truncate(path):
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
