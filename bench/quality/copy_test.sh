@@ -86,7 +86,7 @@ train() {  # gpu run_dir stop_at overrides...  (records train_rc / train_s in ru
   mkdir -p "$rd"; printf '%s\n' "$@" > "$rd/overrides.txt"
   CUDA_VISIBLE_DEVICES=$(dev "$gpu") NPROC=1 PHSA_RUN_DIR="$rd" PHSA_STOP_AT=$stop_at \
     timeout -k 20 "$(limit $((stop_at - t + 60)))" bash launch/pretrain.sh "${TRAIN[@]}" "${DATA_ARGS[@]}" \
-      data.cache_dir="$rd/cache" "$@" > "$rd/train.log" 2>&1
+      data.cache_dir="$rd/cache" "$@" > "$rd/launch.log" 2>&1  # (train.log is the trainer's own: it writes it)
   echo "train_rc=$? train_s=$(( $(date +%s) - t ))" >> "$rd/status.txt"
 }
 
