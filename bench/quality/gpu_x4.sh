@@ -95,9 +95,9 @@ pack() {  # runs.tar.gz of everything small; serialized, atomic
   ) 9>"$W/pack.lock"
 }
 
-ckpt_step() {  # the newest checkpointed step of run dir $1 (0: none)
-  local t="$1/checkpoints/latest_checkpointed_iteration.txt"
-  if [ -s "$t" ]; then cat "$t"; else echo 0; fi
+ckpt_step() {  # the newest complete checkpoint's step in run dir $1 (0: none), as the trainer will resume it
+  "$PY" -c 'import sys; from phsa_train.training.checkpoint import latest_step; print(latest_step(sys.argv[1]) or 0)' \
+      "$1/checkpoints"
 }
 evaluated_at() {  # $1/results.json's step: 1 when it is $2 (that checkpoint is evaluated already)
   "$PY" -c 'import json, sys; sys.exit(json.load(open(sys.argv[1])).get("step") != int(sys.argv[2]))' \
