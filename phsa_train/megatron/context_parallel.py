@@ -484,7 +484,7 @@ class _OverlappedPHSA(torch.autograd.Function):
 
         def outgoing(j: int, lo: int = 0, hi: int = c) -> torch.Tensor:
             """This rank's final sums over rows [lo, hi) of chunk j in the keys' dtype: [dk | dv, hi - lo, b, hk, d]."""
-            return kv.new_empty((2, hi - lo, *kv.shape[2:])).copy_(acc[:, j * c + lo:j * c + hi])
+            return _rounded_rows(acc, j * c + lo, j * c + hi, kv.dtype)
 
         # the last messages go in pieces (see TAIL_PIECES)
         early, last = dkv_plan(rank, cp)
@@ -510,15 +510,34 @@ class _OverlappedPHSA(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None
 
 
+# The dK/dV buffers are [dk | dv, rows, b, hk, d]; a row range of both is two ranges with a gap. The helpers below
+# cast and sum dk and dv one at a time, so that each op reads and writes single contiguous ranges: PyTorch's CUDA
+# elementwise loops run strided operands through a per-element offset calculator (``elementwise_kernel<128, 4>``,
+# ~2/3 of the bandwidth of the vectorised copy on H100), contiguous ones vectorised (same dtype on both sides, the
+# fp32 -> bf16 cast) or unrolled (fp32 + bf16, mixed dtypes). The arithmetic is unchanged: the same fp32 sums, in
+# the same order, rounded once.
+
+
+def _rounded_rows(acc: torch.Tensor, lo: int, hi: int, dtype: torch.dtype) -> torch.Tensor:
+    """acc [2, E, ...] (fp32) -> its rows [lo, hi) in ``dtype``: [2, hi - lo, ...], one contiguous tensor (one
+    message)."""
+    out = acc.new_empty((acc.shape[0], hi - lo, *acc.shape[2:]), dtype=dtype)
+    for g in range(acc.shape[0]):
+        out[g].copy_(acc[g, lo:hi])
+    return out
+
+
 def _sum_into(out: torch.Tensor, own: torch.Tensor, received: list) -> None:
-    """out (keys' dtype) = own (fp32, consumed) + the received contributions (keys' dtype), summed in fp32 in rank
-    order and rounded once."""
-    for part in received[:-1]:
-        own.add_(part)
-    if received:
-        torch.add(own, received[-1], out=out)
-    else:
-        out.copy_(own)
+    """out [2, n, ...] (keys' dtype) = own [2, n, ...] (fp32, consumed) + the received contributions ([2, n, ...],
+    keys' dtype), summed in fp32 in rank order and rounded once. Each of out[g], own[g] and part[g] must be
+    contiguous (the callers' slices are)."""
+    for g in range(out.shape[0]):
+        for part in received[:-1]:
+            own[g].add_(part[g])  # (fp32 += bf16 in one pass: upcasting the part first would move 3x the bytes)
+        if received:
+            torch.add(own[g], received[-1][g], out=out[g])
+        else:
+            out[g].copy_(own[g])
 
 
 def cp_phsa_attention(q, k, v, token_info, group, mode: str, phsa_kwargs: dict, *,

@@ -1,0 +1,52 @@
+"""The overlapped CP backward's dK/dV casts and sums (``_rounded_rows``, ``_sum_into``) on the slices the backward
+hands them: every elementwise op reads and writes contiguous tensors (on CUDA the strided ones run PyTorch's slow
+offset-calculator loop), and the results are the reference sums bit for bit: fp32, in rank order, rounded once."""
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from phsa_train.megatron.context_parallel import _rounded_rows, _sum_into
+
+ELEMENTWISE = {torch.ops.aten.copy_.default, torch.ops.aten.add.Tensor, torch.ops.aten.add.out,
+               torch.ops.aten.add_.Tensor}
+
+
+class ElementwiseOperands(TorchDispatchMode):
+    """Records, for each elementwise aten op run inside it, whether all its tensor operands were contiguous."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in ELEMENTWISE:
+            tensors = [x for x in (*args, *kwargs.values()) if isinstance(x, torch.Tensor)]
+            self.ops.append((func, all(t.is_contiguous() for t in tensors)))
+        return func(*args, **kwargs)
+
+
+def test_dkv_casts_and_sums_are_contiguous_and_exact():
+    torch.manual_seed(0)
+    c, E, rest = 8, 32, (2, 3, 4)  # chunk rows, key end, [b, hk, d]
+    acc = torch.randn(2, E, *rest) * 100  # [dk | dv, E, b, hk, d], fp32 sums of this rank
+    parts = [torch.randn(2, c, *rest).bfloat16() for _ in range(3)]  # the peers' contributions, rank order
+    home = torch.empty(2, 2, c, *rest, dtype=torch.bfloat16)  # [dk | dv, half, C, b, hk, d]
+    j, lo, hi = 1, 2, 6
+    expected_msg = acc[:, j * c + lo:j * c + hi].bfloat16()
+    expected_sum = acc[:, 2 * c:3 * c].clone()
+    for part in parts:
+        expected_sum = expected_sum + part.float()
+    expected_sum = expected_sum.bfloat16()
+    expected_copy = acc[:, 0:c].bfloat16()
+
+    with ElementwiseOperands() as mode:
+        msg = _rounded_rows(acc, j * c + lo, j * c + hi, torch.bfloat16)
+        _sum_into(home[:, 1], acc[:, 2 * c:3 * c], parts)  # a chunk with contributions from three peers
+        _sum_into(home[:, 0, lo:hi], acc[:, lo:hi], [])  # a piece nobody else reaches: the rounding alone
+
+    assert msg.is_contiguous() and msg.shape == (2, hi - lo, *rest)
+    assert torch.equal(msg, expected_msg)
+    assert torch.equal(home[:, 1], expected_sum)
+    assert torch.equal(home[:, 0, lo:hi], expected_copy[:, lo:hi])
+    assert len(mode.ops) == 2 + 2 * 3 + 2, mode.ops
+    assert all(contiguous for _, contiguous in mode.ops), mode.ops
