@@ -26,8 +26,9 @@ time by stage
 rank (``per_rank``) how much of the wall time no kernel covered (host gaps), how much NCCL time ran with no other
 kernel beside it (``nccl_exposed_ms``) and a timeline of the first device events with their streams (what waits
 on what).
-Bytes each rank receives per layer are computed, not measured. ``--nccl-env NCCL_X=V`` sets NCCL knobs for the
-run (recorded in every row). Writes JSON (``--out``).
+Inputs are contiguous; ``--v-as-in-training`` lays V out as Megatron hands it to the core attention, a view of the
+fused QKV projection output (rows say ``v_layout``). Bytes each rank receives per layer are computed, not measured.
+``--nccl-env NCCL_X=V`` sets NCCL knobs for the run (recorded in every row). Writes JSON (``--out``).
 """
 from __future__ import annotations
 
@@ -228,6 +229,16 @@ def profile_every_rank(fn, cuda: bool) -> dict:
     return {**prof, "per_rank": every}
 
 
+def v_as_in_training(x: torch.Tensor, hq: int, hk: int) -> torch.Tensor:
+    """x [b, s, hk, d] -> the same values laid out as the core attention gets V in training: a view of Megatron's
+    fused QKV projection output [s, b, hk, (hq/hk + 2) d] (V's heads (hq/hk + 2) d elements apart; Q and K arrive
+    contiguous, written by QK-norm and RoPE), detached (a leaf of the timed graph)."""
+    b, s, h, d = x.shape
+    fused = x.new_zeros(s, b, h, (hq // hk + 2) * d)
+    fused[..., -d:] = x.transpose(0, 1)
+    return fused[..., -d:].permute(1, 0, 2, 3).detach()
+
+
 def shipped_attention(overrides: list[str]) -> dict:
     from phsa_train.config import compose
 
@@ -244,6 +255,8 @@ def main():
                     help="Hydra overrides of the PHSA settings, e.g. attention.query_block=64 (default: shipped)")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--no-cp1", action="store_true", help="skip the CP=1 whole-sequence timing")
+    ap.add_argument("--v-as-in-training", action="store_true",
+                    help="V (CP=1 and CP=N) as a view of a fused QKV output, as Megatron hands it (rows say v_layout)")
     ap.add_argument("--no-dense", action="store_true")
     ap.add_argument("--no-profile", action="store_true")
     ap.add_argument("--check", action="store_true", help="also compare o/dq/dk/dv with the CP=1 run")
@@ -286,7 +299,8 @@ def main():
     rows = []
 
     def emit(row):
-        row.update(device=device_name, world=cp, **({"nccl_env": nccl_env} if nccl_env else {}))
+        row.update(device=device_name, world=cp, **({"nccl_env": nccl_env} if nccl_env else {}),
+                   **({"v_layout": "fused_qkv_view"} if args.v_as_in_training else {}))
         rows.append(row)
         if rank == 0:
             print(json.dumps(row), flush=True)
@@ -297,11 +311,14 @@ def main():
         info = ((torch.rand(1, L, device=dev, generator=g) < 0.1).to(torch.int32) * PUNCT_BIT)
         do = torch.randn(1, L, hq, d, device=dev, dtype=dtype, generator=g)
         mine = (lambda x: natural_to_zigzag(x, cp)[rank]) if cp > 1 else (lambda x: x)  # noqa: E731
-        ql, kl, vl = (mine(x).clone().requires_grad_() for x in (q, k, v))
+        # the timed layers' inputs: contiguous copies, V as a fused QKV view with --v-as-in-training
+        inputs = lambda sl: (sl(q).clone(), sl(k).clone(),  # noqa: E731
+                             v_as_in_training(sl(v), hq, hk) if args.v_as_in_training else sl(v).clone())
+        ql, kl, vl = (x.requires_grad_() for x in inputs(mine))
         il, dol = mine(info), mine(do)
         cp1_ms = None
         if cp > 1 and not args.no_cp1:  # CP=1 on this rank's own device, same process, same card
-            qf, kf, vf = (x.clone().requires_grad_() for x in (q, k, v))
+            qf, kf, vf = (x.requires_grad_() for x in inputs(lambda x: x))
             fb1 = lambda: fwd_bwd_of(phsa_local(qf, kf, vf, info, kw), (qf, kf, vf), do)  # noqa: E731
             fb1()
             cp1_ms = timed(fb1, args.reps, cuda)
@@ -371,7 +388,7 @@ def main():
                 emit({"L": L, "cp": cp, "mode": "allgather", "variant": "dense", "sdpa_backend": backend,
                       "fwd_bwd_ms": ms, "tokens_per_s_per_gpu": (L / cp) / (ms / 1e3)})
                 if cp > 1 and not args.no_cp1:  # dense CP=1 (cuDNN) on the whole sequence, same card
-                    qf, kf, vf = (x.clone().requires_grad_() for x in (q, k, v))
+                    qf, kf, vf = (x.requires_grad_() for x in inputs(lambda x: x))
                     ms1 = timed(lambda: fwd_bwd_of(dense_causal_attention(qf, kf, vf, None), (qf, kf, vf), do),
                                 max(3, args.reps // 3), cuda)
                     emit({"L": L, "cp": 1, "variant": "dense", "sdpa_backend": "cudnn" if cuda else "math",

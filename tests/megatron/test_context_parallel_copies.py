@@ -1,10 +1,11 @@
-"""The overlapped CP backward's dK/dV casts and sums (``_rounded_rows``, ``_sum_into``) on the slices the backward
-hands them: every elementwise op reads and writes contiguous tensors (on CUDA the strided ones run PyTorch's slow
-offset-calculator loop), and the results are the reference sums bit for bit: fp32, in rank order, rounded once."""
+"""The overlapped CP path's copies, casts and sums on the tensors it hands them. Backward (``_rounded_rows``,
+``_sum_into``): every elementwise op reads and writes contiguous tensors (on CUDA strided ones run PyTorch's slow
+offset-calculator loop), and the results are the reference sums bit for bit: fp32, in rank order, rounded once.
+Forward (``_copy_bits``): V as Megatron hands it (a view of the fused QKV output) is copied as 8-byte words."""
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from phsa_train.megatron.context_parallel import _rounded_rows, _sum_into
+from phsa_train.megatron.context_parallel import _copy_bits, _rounded_rows, _sum_into
 
 ELEMENTWISE = {torch.ops.aten.copy_.default, torch.ops.aten.add.Tensor, torch.ops.aten.add.out,
                torch.ops.aten.add_.Tensor}
@@ -15,13 +16,14 @@ class ElementwiseOperands(TorchDispatchMode):
 
     def __init__(self):
         super().__init__()
-        self.ops = []
+        self.ops, self.dtypes = [], []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func in ELEMENTWISE:
             tensors = [x for x in (*args, *kwargs.values()) if isinstance(x, torch.Tensor)]
             self.ops.append((func, all(t.is_contiguous() for t in tensors)))
+            self.dtypes.append({t.dtype for t in tensors})
         return func(*args, **kwargs)
 
 
@@ -50,3 +52,21 @@ def test_dkv_casts_and_sums_are_contiguous_and_exact():
     assert torch.equal(home[:, 0, lo:hi], expected_copy[:, lo:hi])
     assert len(mode.ops) == 2 + 2 * 3 + 2, mode.ops
     assert all(contiguous for _, contiguous in mode.ops), mode.ops
+
+
+def test_v_from_fused_qkv_is_placed_as_words():
+    s, b, hq, hk, d = 12, 2, 4, 2, 8
+    mixed_qkv = torch.randn(s, b, hk, (hq // hk + 2) * d).bfloat16()  # Megatron's [sq, b, ng, (np/ng + 2) * hn]
+    _, _, value = torch.split(mixed_qkv, [hq // hk * d, d, d], dim=3)  # as get_query_key_value_tensors hands it
+    v_local = value.permute(1, 0, 2, 3)  # core attention's [b, s, hk, d]
+    kv = torch.zeros(2, 20, b, hk, d, dtype=torch.bfloat16)  # [k | v, E, b, hk, d]
+    with ElementwiseOperands() as mode:
+        _copy_bits(kv[1, 4:10], v_local[:, 6:12].transpose(0, 1))
+    assert torch.equal(kv[1, 4:10], value[6:12])
+    assert mode.dtypes == [{torch.int64}]
+
+    odd = torch.randn(3, 5, dtype=torch.bfloat16)  # 5 bf16 are not whole words: a plain copy
+    dst = torch.empty(3, 5, dtype=torch.bfloat16)
+    with ElementwiseOperands() as mode:
+        _copy_bits(dst, odd)
+    assert torch.equal(dst, odd) and mode.dtypes == [{torch.bfloat16}]
