@@ -291,13 +291,18 @@ def start_gathered_reps(k_local, token_info, group, tri, params) -> Callable[[],
     """k_local [b, s_local, hk, d] (zigzag slice), token_info [b, s_local] -> a function that waits and returns the
     whole sequence's block representatives [b, L / block_size, hk, d] in position order: each rank computes its own
     blocks, one all-gather, launched here (block-aligned chunks: every block lies in one rank's chunk)."""
-    rep = tri.block_reps_of(k_local, punct_mask(token_info), params)  # [b, s_local / m, hk, d]
+    rep = tri.block_reps_of(k_local, _punct_bytes(token_info), params)  # [b, s_local / m, hk, d]
     parts, work = _all_gather_ranks(rep, group, async_op=True)
 
     def finish() -> torch.Tensor:
         work.wait()
         return zigzag_to_natural(parts, dist.get_world_size(group))
     return finish
+
+
+# the punctuation flags as the representatives' kernel reads them (0/1 bytes): the same for every layer of a batch,
+# so its two casts run once per batch, not ahead of every layer's first kernel
+_punct_bytes = PerBatch(lambda info: punct_mask(info).to(torch.uint8))
 
 
 def gathered_reps(k_local, token_info, group, tri, params) -> torch.Tensor:
@@ -439,9 +444,10 @@ def _as_words(x: torch.Tensor) -> Optional[torch.Tensor]:
 
 def _copy_bits(dst: torch.Tensor, src: torch.Tensor) -> None:
     """``dst.copy_(src)`` (same dtype and shape) through 8-byte words where both allow it. In training V is a view of
-    Megatron's fused QKV projection output, its heads (hq/hk + 2) * d elements apart, so its copy into the contiguous
-    K/V buffer is strided: PyTorch's CUDA copy then runs one offset calculation and one 2-byte load per bf16 element;
-    as 8-byte words it moves 4x the bytes per element (d = 128 bf16 is 32 words). Contiguous pairs stay a memcpy."""
+    Megatron's fused QKV projection output, its heads (hq/hk + 2) * d elements apart, and K and V interleave in the
+    K/V buffer (rows of K and of V alternate), so the copies are strided: PyTorch's CUDA copy then runs one offset
+    calculation and one 2-byte load per bf16 element; as 8-byte words it moves 4x the bytes per element (d = 128 bf16
+    is 32 words). Contiguous pairs stay a memcpy."""
     dst_words, src_words = _as_words(dst), _as_words(src)
     if dst_words is not None and src_words is not None:
         dst_words.copy_(src_words)
@@ -451,9 +457,9 @@ def _copy_bits(dst: torch.Tensor, src: torch.Tensor) -> None:
 
 class _OverlappedPHSA(torch.autograd.Function):
     """The all-gather path with the K/V exchange hidden behind selection and the first chunk's attention (see
-    :func:`overlap_kernels`). K/V live in one [2, E, b, hk, d] buffer in position order (E: the end of this rank's
-    second chunk, past which none of its queries reads); the kernels read it through strided [b, E, hk, d] views,
-    so no full-length copy is made anywhere. Chunk j = natural positions [j*C, (j+1)*C); rank r holds chunks r and
+    :func:`overlap_kernels`). K/V live in one [E, k | v, b, hk, d] buffer in position order (E: the end of this
+    rank's second chunk, past which none of its queries reads; a chunk's K and V one contiguous range, so one
+    message); the kernels read it through strided [b, E, hk, d] views, so no full-length copy is made anywhere. Chunk j = natural positions [j*C, (j+1)*C); rank r holds chunks r and
     2cp-1-r.
 
     Forward:
@@ -481,19 +487,18 @@ class _OverlappedPHSA(torch.autograd.Function):
         spans = local_chunk_positions(s_local, cp, rank)
         inputs_ready = _mark_issued(q_local.device)
         reps = start_gathered_reps(k_local, token_info, group, tri, params)
-        kv = k_local.new_empty((2, _key_end(rank, cp, c), b, *k_local.shape[2:]))  # [2, E, b, hk, d]
+        kv = k_local.new_empty((_key_end(rank, cp, c), 2, b, *k_local.shape[2:]))  # [E, k | v, b, hk, d]
         rows = [slice(i * c, (i + 1) * c) for i in range(2)]
         sel = tri.select_from_reps(q_local, reps(), params, q_offset=tuple(start for start, _ in spans))
         with _issued_after(inputs_ready, q_local.device):  # (the current stream then waits for these copies: rank
             # 0's first chunk waits for no step)
             for half, (start, end) in enumerate(spans):
                 for g, x in enumerate((k_local, v_local)):
-                    _copy_bits(kv[g, start:end], x[:, half * c:(half + 1) * c].transpose(0, 1))
-            steps = [_start_p2p([(fn, kv[g, j * c:(j + 1) * c], peer) for fn, j, peer in plan for g in range(2)],
-                                group) for plan in kv_plan(rank, cp)]  # (K, then V, of every chunk: the same order
-            # on both sides)
+                    _copy_bits(kv[start:end, g], x[:, half * c:(half + 1) * c].transpose(0, 1))
+            steps = [_start_p2p([(fn, kv[j * c:(j + 1) * c], peer) for fn, j, peer in plan], group)
+                     for plan in kv_plan(rank, cp)]  # (a chunk's K and V: one contiguous range, one message)
         sels = [sel[:, r] for r in rows] if sel.shape[1] == s_local else [sel, sel]  # (dense shortcut: [1, 1, 1, 1])
-        k_all, v_all = kv[0].transpose(0, 1), kv[1].transpose(0, 1)  # [b, E, hk, d] views
+        k_all, v_all = kv[:, 0].transpose(0, 1), kv[:, 1].transpose(0, 1)  # [b, E, hk, d] views
         o = q_local.new_empty((b, s_local, q_local.shape[2], v_local.shape[3]))
         lses = []
         # the steps each chunk waits for: rank 0's first chunk (natural chunk 0) reads only its own keys; the last
@@ -517,8 +522,9 @@ class _OverlappedPHSA(torch.autograd.Function):
         chunk computes), then the rest, last (in TAIL_PIECES pieces).
         Own gradients = own fp32 sums + the peers' contributions (keys' dtype), added in fp32 and rounded once:
         one rounding fewer than a reduce-scatter of the rounded partial sums."""
-        kv = ctx.saved_tensors[1]
-        with _zeros_filled_early(kv.shape, torch.float32, kv.device) as acc:  # [2, E, b, hk, d]: only keys read here
+        kv = ctx.saved_tensors[1]  # [E, k | v, b, hk, d]
+        with _zeros_filled_early((2, kv.shape[0], *kv.shape[2:]), torch.float32, kv.device) as acc:  # [dk | dv, E,
+            # b, hk, d]: only keys read here (dk and dv apart: their casts and sums then run on contiguous ranges)
             return _OverlappedPHSA.backward_into(ctx, do, acc)
 
     @staticmethod
@@ -530,7 +536,7 @@ class _OverlappedPHSA(torch.autograd.Function):
         c = q_local.shape[1] // 2
         rows = lambda j: slice(j * c, (j + 1) * c)  # noqa: E731
         dq = torch.empty_like(q_local)
-        k_all, v_all = kv[0].transpose(0, 1), kv[1].transpose(0, 1)
+        k_all, v_all = kv[:, 0].transpose(0, 1), kv[:, 1].transpose(0, 1)
         dk_all, dv_all = acc[0].transpose(0, 1), acc[1].transpose(0, 1)
         chunk_shape = (2, c, *kv.shape[2:])  # [dk | dv, C, b, hk, d]: one message per chunk
 

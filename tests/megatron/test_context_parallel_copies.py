@@ -1,7 +1,8 @@
 """The overlapped CP path's copies, casts and sums on the tensors it hands them. Backward (``_rounded_rows``,
 ``_sum_into``): every elementwise op reads and writes contiguous tensors (on CUDA strided ones run PyTorch's slow
 offset-calculator loop), and the results are the reference sums bit for bit: fp32, in rank order, rounded once.
-Forward (``_copy_bits``): V as Megatron hands it (a view of the fused QKV output) is copied as 8-byte words."""
+Forward (``_copy_bits``): V as Megatron hands it (a view of the fused QKV output), and K, are copied into the
+interleaved K/V buffer as 8-byte words."""
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -59,11 +60,14 @@ def test_v_from_fused_qkv_is_placed_as_words():
     mixed_qkv = torch.randn(s, b, hk, (hq // hk + 2) * d).bfloat16()  # Megatron's [sq, b, ng, (np/ng + 2) * hn]
     _, _, value = torch.split(mixed_qkv, [hq // hk * d, d, d], dim=3)  # as get_query_key_value_tensors hands it
     v_local = value.permute(1, 0, 2, 3)  # core attention's [b, s, hk, d]
-    kv = torch.zeros(2, 20, b, hk, d, dtype=torch.bfloat16)  # [k | v, E, b, hk, d]
+    kv = torch.zeros(20, 2, b, hk, d, dtype=torch.bfloat16)  # [E, k | v, b, hk, d]: K and V rows interleave
+    k_rows = torch.randn(6, b, hk, d).bfloat16()  # K arrives contiguous
     with ElementwiseOperands() as mode:
-        _copy_bits(kv[1, 4:10], v_local[:, 6:12].transpose(0, 1))
-    assert torch.equal(kv[1, 4:10], value[6:12])
-    assert mode.dtypes == [{torch.int64}]
+        _copy_bits(kv[4:10, 1], v_local[:, 6:12].transpose(0, 1))
+        _copy_bits(kv[4:10, 0], k_rows)
+    assert torch.equal(kv[4:10, 1], value[6:12]) and torch.equal(kv[4:10, 0], k_rows)
+    assert not kv[:4].any() and not kv[10:].any()
+    assert mode.dtypes == [{torch.int64}, {torch.int64}]
 
     odd = torch.randn(3, 5, dtype=torch.bfloat16)  # 5 bf16 are not whole words: a plain copy
     dst = torch.empty(3, 5, dtype=torch.bfloat16)
