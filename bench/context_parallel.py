@@ -28,7 +28,8 @@ kernel beside it (``nccl_exposed_ms``) and a timeline of the first device events
 on what).
 Inputs are contiguous; ``--v-as-in-training`` lays V out as Megatron hands it to the core attention, a view of the
 fused QKV projection output (rows say ``v_layout``). Bytes each rank receives per layer are computed, not measured.
-``--nccl-env NCCL_X=V`` sets NCCL knobs for the run (recorded in every row). Writes JSON (``--out``).
+``--nccl-env NCCL_X=V`` sets NCCL knobs for the run (recorded in every row); ``--cp-nccl-max-ctas N`` limits only
+the PHSA modes' CP group to N CTAs per NCCL kernel (rows say ``cp_nccl_max_ctas``). Writes JSON (``--out``).
 """
 from __future__ import annotations
 
@@ -265,6 +266,10 @@ def main():
                     help="NCCL settings for this run, set before NCCL starts and recorded in every row, e.g. "
                          "NCCL_MIN_P2P_NCHANNELS=32 (more channels for each point-to-point peer) or "
                          "NCCL_P2P_NVL_CHUNKSIZE=1048576 (default 512 KiB)")
+    ap.add_argument("--cp-nccl-max-ctas", type=int, default=None, metavar="N",
+                    help="build every PHSA mode's CP group with at most N CTAs per NCCL kernel (NCCL's maxCTAs, "
+                         "per communicator; rows say cp_nccl_max_ctas): whether the K/V and dK/dV transfers leave "
+                         "the attention kernels they overlap their SMs. Default: NCCL's choice (the shipped setup)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     nccl_env = parse_nccl_env(args.nccl_env)
@@ -273,7 +278,7 @@ def main():
     from megatron.core import parallel_state
 
     from phsa_train.training.distributed import (init_distributed, init_model_parallel, is_high_priority_stream,
-                                                 new_group_like)
+                                                 nccl_max_ctas, new_group_like)
     from phsa_train.megatron.context_parallel import cp_attention, cp_phsa_attention, natural_to_zigzag
     from phsa_train.megatron.local_attention import dense_causal_attention, phsa_local
     from phsa_train.megatron.token_info import PUNCT_BIT
@@ -287,6 +292,17 @@ def main():
     groups = {None: group, shipped: group}
     for high in sorted({split_mode(m)[1] for m in args.modes} - set(groups), key=str):
         groups[high] = new_group_like(group, high)
+    if args.cp_nccl_max_ctas is not None:  # the same groups again, each with the CTA limit (same order on every rank)
+        if dist.get_backend(group) != "nccl" or args.cpu:
+            raise SystemExit(f"--cp-nccl-max-ctas={args.cp_nccl_max_ctas} needs NCCL (GPUs, without --cpu)")
+        limited = {}  # one new group per distinct group (the shipped priority's group serves two keys)
+        try:
+            for g in groups.values():
+                if id(g) not in limited:
+                    limited[id(g)] = new_group_like(group, is_high_priority_stream(g) is True, args.cp_nccl_max_ctas)
+        except ValueError as e:
+            raise SystemExit(f"--cp-nccl-max-ctas: {e}") from None
+        groups = {key: limited[id(g)] for key, g in groups.items()}
     cp, rank = env.world_size, env.rank
     cuda = env.device.type == "cuda" and not args.cpu
     dev, dtype = (env.device, torch.bfloat16) if cuda else (torch.device("cpu"), torch.float32)
@@ -347,8 +363,9 @@ def main():
                        "fwd_ms": ms_fwd, "tokens_per_s_per_gpu": (L / cp) / (ms / 1e3),
                        "bytes_per_layer_per_rank": bytes_per_layer(mode, L, cp, hq, hk, d, q.element_size(),
                                                                    kw["block_size"])}
-                if cp > 1:  # as built: the streams this mode's NCCL work ran on
+                if cp > 1:  # as built: the streams and the CTA limit this mode's NCCL work ran with
                     row["cp_high_priority_stream"] = is_high_priority_stream(groups[high])
+                    row["cp_nccl_max_ctas"] = nccl_max_ctas(groups[high])
                 if cp1_ms is not None:
                     row["scaling_efficiency"] = cp1_ms / (cp * ms)
                 if cuda:  # the same, with the host's launch gaps hidden as in a training step
