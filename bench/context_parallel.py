@@ -270,6 +270,9 @@ def main():
                     help="build every PHSA mode's CP group with at most N CTAs per NCCL kernel (NCCL's maxCTAs, "
                          "per communicator; rows say cp_nccl_max_ctas): whether the K/V and dK/dV transfers leave "
                          "the attention kernels they overlap their SMs. Default: NCCL's choice (the shipped setup)")
+    ap.add_argument("--dump", default=None, metavar="DIR",
+                    help="save each PHSA mode's o, dq, dk, dv of one more forward+backward per rank and length "
+                         "(DIR/L<L>-<mode>-r<rank>.pt): to compare trees bit for bit")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     nccl_env = parse_nccl_env(args.nccl_env)
@@ -385,6 +388,14 @@ def main():
                     err = lambda a, b: ((a.float() - b.float()).norm() / b.float().norm()).item()  # noqa: E731
                     row["check_rel_err"] = {"o": err(o, mine(o_ref)), "dq": err(ql.grad, mine(qr.grad)),
                                             "dk": err(kl.grad, mine(kr.grad)), "dv": err(vl.grad, mine(vr.grad))}
+                if args.dump:
+                    ql.grad = kl.grad = vl.grad = None
+                    o = attn()
+                    o.backward(dol)
+                    Path(args.dump).mkdir(parents=True, exist_ok=True)
+                    torch.save({n: x.detach().cpu() for n, x in (("o", o), ("dq", ql.grad), ("dk", kl.grad),
+                                                                  ("dv", vl.grad))},
+                               f"{args.dump}/L{L}-{mode}-r{rank}.pt")
                 # every rank's time: the step is as slow as the slowest rank
                 times = [None] * cp
                 dist.all_gather_object(times, ms, group=group)
