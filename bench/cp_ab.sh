@@ -8,8 +8,9 @@
 # only, --dump for the comparison; each extra run (tree@label:flag,flag...) adds its flags, --no-dense. Every
 # bench gets $BENCH_TIMEOUT s (100). Results in $OUT: summary.txt (exit codes; per tree / run / L / cp: fwd+bwd ms
 # as launched and host ahead, copy_fill ms, scaling host ahead, card; then the dump comparison), ab.jsonl (every
-# row, profiles included), run.txt (everything printed), pytest_gpu_cp2.txt (the last A/B tree's GPU exactness
-# test: o, dq and selections equal to CP=1), gpu.txt. CPU logic check (gloo, tiny): COMMON_FLAGS=--cpu SEQ_LENS=256.
+# row, profiles included), run.txt (everything printed), pytest_gpu_cp2.txt (the GPU exactness test of this
+# script's own tree, or $TEST_TREE: o, dq and selections equal to CP=1), gpu.txt.
+# CPU logic check (gloo, tiny shapes, no exactness test): COMMON_FLAGS=--cpu SEQ_LENS=256.
 set -u
 OUT=${OUT:?set OUT to a directory}
 ORDER=${1:?trees in run order}
@@ -23,7 +24,8 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --tar
   > /dev/null 2>&1
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=4
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv > "$OUT/gpu.txt" 2>&1
-last=${ORDER##* }
+own=$(basename "$(cd "$(dirname "$0")/.." && pwd)")
+last=${TEST_TREE:-${own#.gpu_}}
 (cd ".gpu_$last" && PYTHONPATH=/tmp/site:$PWD timeout 150 python3 -m pytest -q -x -p no:cacheprovider \
   tests/gpu/test_context_parallel_gpu.py -k cp2 > "$OUT/pytest_gpu_cp2.txt" 2>&1
  echo "pytest cp2 ($last) exit $?" >> "$OUT/summary.txt")
