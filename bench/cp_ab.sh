@@ -61,8 +61,9 @@ with open(out + "/ab.jsonl", "w") as f:
         for r in json.load(open(p))["rows"]:
             f.write(json.dumps({"tree": tree, "run": run, **r}) + "\n")
             if r.get("variant") == "phsa" and "fwd_bwd_ms" in r:
-                print(tree, run, r["L"], r["cp"], round(r["fwd_bwd_ms"], 3), round(r.get("fwd_bwd_ms_host_ahead", 0), 3),
-                      r.get("profile", {}).get("ms_by_stage", {}).get("copy_fill"),
+                stages = r.get("profile", {}).get("ms_by_stage", {})
+                print(tree, run, r["L"], r["cp"], round(r["fwd_bwd_ms"], 3),
+                      round(r.get("fwd_bwd_ms_host_ahead", 0), 3), stages.get("copy_fill"),
                       round(r.get("scaling_efficiency_host_ahead", 0), 3), r.get("cp_nccl_max_ctas"), r["device"])
 # o and dq are deterministic; dk and dv are fp32 atomic sums rounded to bf16, so a tree's two runs bound the noise
 dumps = sorted(glob.glob(tmp + "/dump-*"))

@@ -459,8 +459,8 @@ class _OverlappedPHSA(torch.autograd.Function):
     """The all-gather path with the K/V exchange hidden behind selection and the first chunk's attention (see
     :func:`overlap_kernels`). K/V live in one [E, k | v, b, hk, d] buffer in position order (E: the end of this
     rank's second chunk, past which none of its queries reads; a chunk's K and V one contiguous range, so one
-    message); the kernels read it through strided [b, E, hk, d] views, so no full-length copy is made anywhere. Chunk j = natural positions [j*C, (j+1)*C); rank r holds chunks r and
-    2cp-1-r.
+    message); the kernels read it through strided [b, E, hk, d] views, so no full-length copy is made anywhere.
+    Chunk j = natural positions [j*C, (j+1)*C); rank r holds chunks r and 2cp-1-r.
 
     Forward:
     1. the representatives of the local blocks (the chunks are block-aligned, so these are the rows the whole
