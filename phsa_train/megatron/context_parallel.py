@@ -301,7 +301,7 @@ def start_gathered_reps(k_local, token_info, group, tri, params) -> Callable[[],
 
 
 # the punctuation flags as the representatives' kernel reads them (0/1 bytes): the same for every layer of a batch,
-# so its two casts run once per batch, not ahead of every layer's first kernel
+# so the three elementwise ops that make them run once per batch, not ahead of every layer's first kernel
 _punct_bytes = PerBatch(lambda info: punct_mask(info).to(torch.uint8))
 
 
