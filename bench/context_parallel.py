@@ -26,8 +26,10 @@ time by stage
 rank (``per_rank``) how much of the wall time no kernel covered (host gaps), how much NCCL time ran with no other
 kernel beside it (``nccl_exposed_ms``) and a timeline of the first device events with their streams (what waits
 on what).
-Bytes each rank receives per layer are computed, not measured. ``--nccl-env NCCL_X=V`` sets NCCL knobs for the
-run (recorded in every row). Writes JSON (``--out``).
+Inputs are contiguous; ``--v-as-in-training`` lays V out as Megatron hands it to the core attention, a view of the
+fused QKV projection output (rows say ``v_layout``). Bytes each rank receives per layer are computed, not measured.
+``--nccl-env NCCL_X=V`` sets NCCL knobs for the run (recorded in every row); ``--cp-nccl-max-ctas N`` limits only
+the PHSA modes' CP group to N CTAs per NCCL kernel (rows say ``cp_nccl_max_ctas``). Writes JSON (``--out``).
 """
 from __future__ import annotations
 
@@ -228,6 +230,16 @@ def profile_every_rank(fn, cuda: bool) -> dict:
     return {**prof, "per_rank": every}
 
 
+def v_as_in_training(x: torch.Tensor, hq: int, hk: int) -> torch.Tensor:
+    """x [b, s, hk, d] -> the same values laid out as the core attention gets V in training: a view of Megatron's
+    fused QKV projection output [s, b, hk, (hq/hk + 2) d] (V's heads (hq/hk + 2) d elements apart; Q and K arrive
+    contiguous, written by QK-norm and RoPE), detached (a leaf of the timed graph)."""
+    b, s, h, d = x.shape
+    fused = x.new_zeros(s, b, h, (hq // hk + 2) * d)
+    fused[..., -d:] = x.transpose(0, 1)
+    return fused[..., -d:].permute(1, 0, 2, 3).detach()
+
+
 def shipped_attention(overrides: list[str]) -> dict:
     from phsa_train.config import compose
 
@@ -244,6 +256,8 @@ def main():
                     help="Hydra overrides of the PHSA settings, e.g. attention.query_block=64 (default: shipped)")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--no-cp1", action="store_true", help="skip the CP=1 whole-sequence timing")
+    ap.add_argument("--v-as-in-training", action="store_true",
+                    help="V (CP=1 and CP=N) as a view of a fused QKV output, as Megatron hands it (rows say v_layout)")
     ap.add_argument("--no-dense", action="store_true")
     ap.add_argument("--no-profile", action="store_true")
     ap.add_argument("--check", action="store_true", help="also compare o/dq/dk/dv with the CP=1 run")
@@ -252,6 +266,13 @@ def main():
                     help="NCCL settings for this run, set before NCCL starts and recorded in every row, e.g. "
                          "NCCL_MIN_P2P_NCHANNELS=32 (more channels for each point-to-point peer) or "
                          "NCCL_P2P_NVL_CHUNKSIZE=1048576 (default 512 KiB)")
+    ap.add_argument("--cp-nccl-max-ctas", type=int, default=None, metavar="N",
+                    help="build every PHSA mode's CP group with at most N CTAs per NCCL kernel (NCCL's maxCTAs, "
+                         "per communicator; rows say cp_nccl_max_ctas): whether the K/V and dK/dV transfers leave "
+                         "the attention kernels they overlap their SMs. Default: NCCL's choice (the shipped setup)")
+    ap.add_argument("--dump", default=None, metavar="DIR",
+                    help="save each PHSA mode's o, dq, dk, dv of one more forward+backward per rank and length "
+                         "(DIR/L<L>-<mode>-r<rank>.pt): to compare trees bit for bit")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     nccl_env = parse_nccl_env(args.nccl_env)
@@ -260,7 +281,7 @@ def main():
     from megatron.core import parallel_state
 
     from phsa_train.training.distributed import (init_distributed, init_model_parallel, is_high_priority_stream,
-                                                 new_group_like)
+                                                 nccl_max_ctas, new_group_like)
     from phsa_train.megatron.context_parallel import cp_attention, cp_phsa_attention, natural_to_zigzag
     from phsa_train.megatron.local_attention import dense_causal_attention, phsa_local
     from phsa_train.megatron.token_info import PUNCT_BIT
@@ -274,6 +295,17 @@ def main():
     groups = {None: group, shipped: group}
     for high in sorted({split_mode(m)[1] for m in args.modes} - set(groups), key=str):
         groups[high] = new_group_like(group, high)
+    if args.cp_nccl_max_ctas is not None:  # the same groups again, each with the CTA limit (same order on every rank)
+        if dist.get_backend(group) != "nccl" or args.cpu:
+            raise SystemExit(f"--cp-nccl-max-ctas={args.cp_nccl_max_ctas} needs NCCL (GPUs, without --cpu)")
+        limited = {}  # one new group per distinct group (the shipped priority's group serves two keys)
+        try:
+            for g in groups.values():
+                if id(g) not in limited:
+                    limited[id(g)] = new_group_like(group, is_high_priority_stream(g) is True, args.cp_nccl_max_ctas)
+        except ValueError as e:
+            raise SystemExit(f"--cp-nccl-max-ctas: {e}") from None
+        groups = {key: limited[id(g)] for key, g in groups.items()}
     cp, rank = env.world_size, env.rank
     cuda = env.device.type == "cuda" and not args.cpu
     dev, dtype = (env.device, torch.bfloat16) if cuda else (torch.device("cpu"), torch.float32)
@@ -286,7 +318,8 @@ def main():
     rows = []
 
     def emit(row):
-        row.update(device=device_name, world=cp, **({"nccl_env": nccl_env} if nccl_env else {}))
+        row.update(device=device_name, world=cp, **({"nccl_env": nccl_env} if nccl_env else {}),
+                   **({"v_layout": "fused_qkv_view"} if args.v_as_in_training else {}))
         rows.append(row)
         if rank == 0:
             print(json.dumps(row), flush=True)
@@ -297,11 +330,14 @@ def main():
         info = ((torch.rand(1, L, device=dev, generator=g) < 0.1).to(torch.int32) * PUNCT_BIT)
         do = torch.randn(1, L, hq, d, device=dev, dtype=dtype, generator=g)
         mine = (lambda x: natural_to_zigzag(x, cp)[rank]) if cp > 1 else (lambda x: x)  # noqa: E731
-        ql, kl, vl = (mine(x).clone().requires_grad_() for x in (q, k, v))
+        # the timed layers' inputs: contiguous copies, V as a fused QKV view with --v-as-in-training
+        inputs = lambda sl: (sl(q).clone(), sl(k).clone(),  # noqa: E731
+                             v_as_in_training(sl(v), hq, hk) if args.v_as_in_training else sl(v).clone())
+        ql, kl, vl = (x.requires_grad_() for x in inputs(mine))
         il, dol = mine(info), mine(do)
         cp1_ms = None
         if cp > 1 and not args.no_cp1:  # CP=1 on this rank's own device, same process, same card
-            qf, kf, vf = (x.clone().requires_grad_() for x in (q, k, v))
+            qf, kf, vf = (x.requires_grad_() for x in inputs(lambda x: x))
             fb1 = lambda: fwd_bwd_of(phsa_local(qf, kf, vf, info, kw), (qf, kf, vf), do)  # noqa: E731
             fb1()
             cp1_ms = timed(fb1, args.reps, cuda)
@@ -330,8 +366,9 @@ def main():
                        "fwd_ms": ms_fwd, "tokens_per_s_per_gpu": (L / cp) / (ms / 1e3),
                        "bytes_per_layer_per_rank": bytes_per_layer(mode, L, cp, hq, hk, d, q.element_size(),
                                                                    kw["block_size"])}
-                if cp > 1:  # as built: the streams this mode's NCCL work ran on
+                if cp > 1:  # as built: the streams and the CTA limit this mode's NCCL work ran with
                     row["cp_high_priority_stream"] = is_high_priority_stream(groups[high])
+                    row["cp_nccl_max_ctas"] = nccl_max_ctas(groups[high])
                 if cp1_ms is not None:
                     row["scaling_efficiency"] = cp1_ms / (cp * ms)
                 if cuda:  # the same, with the host's launch gaps hidden as in a training step
@@ -351,6 +388,14 @@ def main():
                     err = lambda a, b: ((a.float() - b.float()).norm() / b.float().norm()).item()  # noqa: E731
                     row["check_rel_err"] = {"o": err(o, mine(o_ref)), "dq": err(ql.grad, mine(qr.grad)),
                                             "dk": err(kl.grad, mine(kr.grad)), "dv": err(vl.grad, mine(vr.grad))}
+                if args.dump:
+                    ql.grad = kl.grad = vl.grad = None
+                    o = attn()
+                    o.backward(dol)
+                    Path(args.dump).mkdir(parents=True, exist_ok=True)
+                    torch.save({n: x.detach().cpu() for n, x in (("o", o), ("dq", ql.grad), ("dk", kl.grad),
+                                                                  ("dv", vl.grad))},
+                               f"{args.dump}/L{L}-{mode}-r{rank}.pt")
                 # every rank's time: the step is as slow as the slowest rank
                 times = [None] * cp
                 dist.all_gather_object(times, ms, group=group)
@@ -371,7 +416,7 @@ def main():
                 emit({"L": L, "cp": cp, "mode": "allgather", "variant": "dense", "sdpa_backend": backend,
                       "fwd_bwd_ms": ms, "tokens_per_s_per_gpu": (L / cp) / (ms / 1e3)})
                 if cp > 1 and not args.no_cp1:  # dense CP=1 (cuDNN) on the whole sequence, same card
-                    qf, kf, vf = (x.clone().requires_grad_() for x in (q, k, v))
+                    qf, kf, vf = (x.requires_grad_() for x in inputs(lambda x: x))
                     ms1 = timed(lambda: fwd_bwd_of(dense_causal_attention(qf, kf, vf, None), (qf, kf, vf), do),
                                 max(3, args.reps // 3), cuda)
                     emit({"L": L, "cp": 1, "variant": "dense", "sdpa_backend": "cudnn" if cuda else "math",

@@ -291,13 +291,18 @@ def start_gathered_reps(k_local, token_info, group, tri, params) -> Callable[[],
     """k_local [b, s_local, hk, d] (zigzag slice), token_info [b, s_local] -> a function that waits and returns the
     whole sequence's block representatives [b, L / block_size, hk, d] in position order: each rank computes its own
     blocks, one all-gather, launched here (block-aligned chunks: every block lies in one rank's chunk)."""
-    rep = tri.block_reps_of(k_local, punct_mask(token_info), params)  # [b, s_local / m, hk, d]
+    rep = tri.block_reps_of(k_local, _punct_bytes(token_info), params)  # [b, s_local / m, hk, d]
     parts, work = _all_gather_ranks(rep, group, async_op=True)
 
     def finish() -> torch.Tensor:
         work.wait()
         return zigzag_to_natural(parts, dist.get_world_size(group))
     return finish
+
+
+# the punctuation flags as the representatives' kernel reads them (0/1 bytes): the same for every layer of a batch,
+# so the three elementwise ops that make them run once per batch, not ahead of every layer's first kernel
+_punct_bytes = PerBatch(lambda info: punct_mask(info).to(torch.uint8))
 
 
 def gathered_reps(k_local, token_info, group, tri, params) -> torch.Tensor:
@@ -379,6 +384,13 @@ def _mark_issued(device: torch.device) -> Optional[torch.cuda.Event]:
     return event
 
 
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    side = _SIDE_STREAMS.get(device.index)
+    if side is None:
+        side = _SIDE_STREAMS[device.index] = torch.cuda.Stream(device)
+    return side
+
+
 @contextlib.contextmanager
 def _issued_after(ready: Optional[torch.cuda.Event], device: torch.device):
     """Issue the block's work on a side stream that waits only for ``ready``, so kernels issued on the current stream
@@ -390,21 +402,65 @@ def _issued_after(ready: Optional[torch.cuda.Event], device: torch.device):
     if ready is None:
         yield
         return
-    side = _SIDE_STREAMS.get(device.index)
-    if side is None:
-        side = _SIDE_STREAMS[device.index] = torch.cuda.Stream(device)
+    side = _side_stream(device)
     side.wait_event(ready)
     with torch.cuda.stream(side):
         yield
     torch.cuda.current_stream(device).wait_stream(side)
 
 
+@contextlib.contextmanager
+def _zeros_filled_early(shape: tuple, dtype: torch.dtype, device: torch.device):
+    """Yields ``torch.zeros(shape)`` whose fill runs beside the work already issued on the current stream, not after
+    it: the fill and the buffer are issued on / drawn from the side stream (:func:`_side_stream`), which waits for
+    nothing; the current stream waits for the fill. Every use of the buffer must be issued inside the block: on
+    leaving it the side stream waits for the current stream, so the buffer's memory, back in the side stream's pool
+    once the caller drops it, is reused (by the next layer's fill) only after those uses, and no more of it is held
+    than one buffer (``record_stream`` would instead keep one per layer the host runs ahead). On CPU: a plain fill.
+    The fp32 dK/dV accumulator of a 128k CP=2 backward is 1 GiB, a 0.33 ms fill on H100 (2 x H100 profile) that
+    otherwise starts the backward: issued here it overlaps the output projection's backward in training."""
+    if device.type != "cuda":
+        yield torch.zeros(shape, dtype=dtype, device=device)
+        return
+    side, current = _side_stream(device), torch.cuda.current_stream(device)
+    with torch.cuda.stream(side):
+        buf = torch.zeros(shape, dtype=dtype, device=device)
+    current.wait_stream(side)
+    try:
+        yield buf
+    finally:
+        side.wait_stream(current)
+
+
+def _as_words(x: torch.Tensor) -> Optional[torch.Tensor]:
+    """x viewed as 8-byte integers along its last dim (the same bytes), or None where its strides, offset or last dim
+    do not allow it."""
+    n = 8 // x.element_size()
+    if (n <= 1 or x.dim() == 0 or x.stride(-1) != 1 or x.shape[-1] % n or x.storage_offset() % n
+            or any(s % n for s in x.stride()[:-1])):
+        return None
+    return x.view(torch.int64)
+
+
+def _copy_bits(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """``dst.copy_(src)`` (same dtype and shape) through 8-byte words where both allow it. In training V is a view of
+    Megatron's fused QKV projection output, its heads (hq/hk + 2) * d elements apart, and K and V interleave in the
+    K/V buffer (rows of K and of V alternate), so the copies are strided: PyTorch's CUDA copy then runs one offset
+    calculation and one 2-byte load per bf16 element; as 8-byte words it moves 4x the bytes per element (d = 128 bf16
+    is 32 words). Contiguous pairs stay a memcpy."""
+    dst_words, src_words = _as_words(dst), _as_words(src)
+    if dst_words is not None and src_words is not None:
+        dst_words.copy_(src_words)
+    else:
+        dst.copy_(src)
+
+
 class _OverlappedPHSA(torch.autograd.Function):
     """The all-gather path with the K/V exchange hidden behind selection and the first chunk's attention (see
-    :func:`overlap_kernels`). K/V live in one [2, E, b, hk, d] buffer in position order (E: the end of this rank's
-    second chunk, past which none of its queries reads); the kernels read it through strided [b, E, hk, d] views,
-    so no full-length copy is made anywhere. Chunk j = natural positions [j*C, (j+1)*C); rank r holds chunks r and
-    2cp-1-r.
+    :func:`overlap_kernels`). K/V live in one [E, k | v, b, hk, d] buffer in position order (E: the end of this
+    rank's second chunk, past which none of its queries reads; a chunk's K and V one contiguous range, so one
+    message); the kernels read it through strided [b, E, hk, d] views, so no full-length copy is made anywhere.
+    Chunk j = natural positions [j*C, (j+1)*C); rank r holds chunks r and 2cp-1-r.
 
     Forward:
     1. the representatives of the local blocks (the chunks are block-aligned, so these are the rows the whole
@@ -416,8 +472,9 @@ class _OverlappedPHSA(torch.autograd.Function):
        waiting: only the chunks a peer reads, the ones its first chunk reads first;
     4. the first chunk (keys [0, (r+1)C)) attends once step 1 of :func:`kv_plan` is in (rank 0's at once), the
        second once step 2 is; outputs are written in place.
-    Backward (:meth:`backward`): both chunks accumulate dK/dV into one fp32 buffer over [0, E) (one zero fill), dq
-    in place; each peer gets only its nonzero chunks, in the keys' dtype, as soon as they are final, point to point;
+    Backward (:meth:`backward`): both chunks accumulate dK/dV into one fp32 buffer over [0, E) (one zero fill, issued
+    to run beside the work before the backward: :func:`_zeros_filled_early`), dq in place; each peer gets only its
+    nonzero chunks, in the keys' dtype, as soon as they are final, point to point;
     the received contributions are added to this rank's fp32 sums and rounded once into the returned gradients.
     Selections, outputs and dq are those of the chunk path (and of CP=1): the same kernels on the same inputs.
     """
@@ -430,19 +487,18 @@ class _OverlappedPHSA(torch.autograd.Function):
         spans = local_chunk_positions(s_local, cp, rank)
         inputs_ready = _mark_issued(q_local.device)
         reps = start_gathered_reps(k_local, token_info, group, tri, params)
-        kv = k_local.new_empty((2, _key_end(rank, cp, c), b, *k_local.shape[2:]))  # [2, E, b, hk, d]
+        kv = k_local.new_empty((_key_end(rank, cp, c), 2, b, *k_local.shape[2:]))  # [E, k | v, b, hk, d]
         rows = [slice(i * c, (i + 1) * c) for i in range(2)]
         sel = tri.select_from_reps(q_local, reps(), params, q_offset=tuple(start for start, _ in spans))
         with _issued_after(inputs_ready, q_local.device):  # (the current stream then waits for these copies: rank
             # 0's first chunk waits for no step)
             for half, (start, end) in enumerate(spans):
                 for g, x in enumerate((k_local, v_local)):
-                    kv[g, start:end].copy_(x[:, half * c:(half + 1) * c].transpose(0, 1))
-            steps = [_start_p2p([(fn, kv[g, j * c:(j + 1) * c], peer) for fn, j, peer in plan for g in range(2)],
-                                group) for plan in kv_plan(rank, cp)]  # (K, then V, of every chunk: the same order
-            # on both sides)
+                    _copy_bits(kv[start:end, g], x[:, half * c:(half + 1) * c].transpose(0, 1))
+            steps = [_start_p2p([(fn, kv[j * c:(j + 1) * c], peer) for fn, j, peer in plan], group)
+                     for plan in kv_plan(rank, cp)]  # (a chunk's K and V: one contiguous range, one message)
         sels = [sel[:, r] for r in rows] if sel.shape[1] == s_local else [sel, sel]  # (dense shortcut: [1, 1, 1, 1])
-        k_all, v_all = kv[0].transpose(0, 1), kv[1].transpose(0, 1)  # [b, E, hk, d] views
+        k_all, v_all = kv[:, 0].transpose(0, 1), kv[:, 1].transpose(0, 1)  # [b, E, hk, d] views
         o = q_local.new_empty((b, s_local, q_local.shape[2], v_local.shape[3]))
         lses = []
         # the steps each chunk waits for: rank 0's first chunk (natural chunk 0) reads only its own keys; the last
@@ -466,14 +522,21 @@ class _OverlappedPHSA(torch.autograd.Function):
         chunk computes), then the rest, last (in TAIL_PIECES pieces).
         Own gradients = own fp32 sums + the peers' contributions (keys' dtype), added in fp32 and rounded once:
         one rounding fewer than a reduce-scatter of the rounded partial sums."""
+        kv = ctx.saved_tensors[1]  # [E, k | v, b, hk, d]
+        with _zeros_filled_early((2, kv.shape[0], *kv.shape[2:]), torch.float32, kv.device) as acc:  # [dk | dv, E,
+            # b, hk, d]: only keys read here (dk and dv apart: their casts and sums then run on contiguous ranges)
+            return _OverlappedPHSA.backward_into(ctx, do, acc)
+
+    @staticmethod
+    def backward_into(ctx, do, acc):
+        """:meth:`backward` with the zeroed fp32 dK/dV accumulator ``acc`` [2, E, b, hk, d] given."""
         q_local, kv, o, lse0, lse1, sel0, sel1 = ctx.saved_tensors
         group, tri, params, spans = ctx.group, ctx.tri, ctx.params, ctx.spans
         cp, rank = dist.get_world_size(group), dist.get_rank(group)
         c = q_local.shape[1] // 2
         rows = lambda j: slice(j * c, (j + 1) * c)  # noqa: E731
-        acc = torch.zeros(kv.shape, dtype=torch.float32, device=kv.device)  # [2, E, b, hk, d]: only keys read here
         dq = torch.empty_like(q_local)
-        k_all, v_all = kv[0].transpose(0, 1), kv[1].transpose(0, 1)
+        k_all, v_all = kv[:, 0].transpose(0, 1), kv[:, 1].transpose(0, 1)
         dk_all, dv_all = acc[0].transpose(0, 1), acc[1].transpose(0, 1)
         chunk_shape = (2, c, *kv.shape[2:])  # [dk | dv, C, b, hk, d]: one message per chunk
 
@@ -484,7 +547,7 @@ class _OverlappedPHSA(torch.autograd.Function):
 
         def outgoing(j: int, lo: int = 0, hi: int = c) -> torch.Tensor:
             """This rank's final sums over rows [lo, hi) of chunk j in the keys' dtype: [dk | dv, hi - lo, b, hk, d]."""
-            return kv.new_empty((2, hi - lo, *kv.shape[2:])).copy_(acc[:, j * c + lo:j * c + hi])
+            return _rounded_rows(acc, j * c + lo, j * c + hi, kv.dtype)
 
         # the last messages go in pieces (see TAIL_PIECES)
         early, last = dkv_plan(rank, cp)
@@ -510,15 +573,34 @@ class _OverlappedPHSA(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None
 
 
+# The dK/dV buffers are [dk | dv, rows, b, hk, d]; a row range of both is two ranges with a gap. The helpers below
+# cast and sum dk and dv one at a time, so that each op reads and writes single contiguous ranges: PyTorch's CUDA
+# elementwise loops run strided operands through a per-element offset calculator (``elementwise_kernel<128, 4>``,
+# ~2/3 of the bandwidth of the vectorised copy on H100), contiguous ones vectorised (same dtype on both sides, the
+# fp32 -> bf16 cast) or unrolled (fp32 + bf16, mixed dtypes). The arithmetic is unchanged: the same fp32 sums, in
+# the same order, rounded once.
+
+
+def _rounded_rows(acc: torch.Tensor, lo: int, hi: int, dtype: torch.dtype) -> torch.Tensor:
+    """acc [2, E, ...] (fp32) -> its rows [lo, hi) in ``dtype``: [2, hi - lo, ...], one contiguous tensor (one
+    message)."""
+    out = acc.new_empty((acc.shape[0], hi - lo, *acc.shape[2:]), dtype=dtype)
+    for g in range(acc.shape[0]):
+        out[g].copy_(acc[g, lo:hi])
+    return out
+
+
 def _sum_into(out: torch.Tensor, own: torch.Tensor, received: list) -> None:
-    """out (keys' dtype) = own (fp32, consumed) + the received contributions (keys' dtype), summed in fp32 in rank
-    order and rounded once."""
-    for part in received[:-1]:
-        own.add_(part)
-    if received:
-        torch.add(own, received[-1], out=out)
-    else:
-        out.copy_(own)
+    """out [2, n, ...] (keys' dtype) = own [2, n, ...] (fp32, consumed) + the received contributions ([2, n, ...],
+    keys' dtype), summed in fp32 in rank order and rounded once. Each of out[g], own[g] and part[g] must be
+    contiguous (the callers' slices are)."""
+    for g in range(out.shape[0]):
+        for part in received[:-1]:
+            own[g].add_(part[g])  # (fp32 += bf16 in one pass, 10 B an element; upcasting the part first: 18 B)
+        if received:
+            torch.add(own[g], received[-1][g], out=out[g])
+        else:
+            out[g].copy_(own[g])
 
 
 def cp_phsa_attention(q, k, v, token_info, group, mode: str, phsa_kwargs: dict, *,

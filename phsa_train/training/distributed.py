@@ -110,16 +110,41 @@ def init_model_parallel(tp: int, pp: int, cp: int, cp_high_priority_stream: bool
                                              context_parallel_size=cp, high_priority_stream_groups=high)
 
 
-def new_group_like(group, high_priority_stream: bool):
+def new_group_like(group, high_priority_stream: bool, max_ctas: int | None = None):
     """A second process group over ``group``'s ranks whose NCCL streams have the given priority (gloo: the same
     ranks, no option): lets one process compare both kinds on the same ranks. ``group`` must span the whole world:
-    every rank of the world calls ``new_group`` with the same ranks."""
+    every rank of the world calls ``new_group`` with the same ranks. ``max_ctas``: at most that many CTAs (so SMs)
+    for each of the group's NCCL kernels (NCCL's per-communicator ``maxCTAs``, NCCL >= 2.17, through
+    ``ProcessGroupNCCL.Options.config``), so that its transfers leave the kernels they overlap their SMs."""
     ranks = dist.get_process_group_ranks(group)
     if len(ranks) != dist.get_world_size():
         raise ValueError(f"new_group_like needs a group over all {dist.get_world_size()} ranks, got {len(ranks)}")
     if dist.get_backend(group) != "nccl":
+        if max_ctas is not None:
+            raise ValueError(f"max_ctas={max_ctas} needs the NCCL backend; this group runs {dist.get_backend(group)}")
         return dist.new_group(ranks)
-    return dist.new_group(ranks, pg_options=dist.ProcessGroupNCCL.Options(is_high_priority_stream=high_priority_stream))
+    options = dist.ProcessGroupNCCL.Options(is_high_priority_stream=high_priority_stream)
+    if max_ctas is not None:
+        config = getattr(options, "config", None)
+        if not hasattr(config, "max_ctas"):
+            raise ValueError(f"max_ctas={max_ctas} needs ProcessGroupNCCL.Options.config.max_ctas, which torch "
+                             f"{torch.__version__} does not have")
+        if max_ctas < 1:
+            raise ValueError(f"max_ctas={max_ctas}: allowed 1 or more")
+        config.max_ctas = max_ctas
+    return dist.new_group(ranks, pg_options=options)
+
+
+def nccl_max_ctas(group) -> int | None:
+    """The ``maxCTAs`` ``group``'s NCCL communicators were built with (None: NCCL's default, gloo, or this torch
+    build does not say: read through a private accessor)."""
+    if dist.get_backend(group) != "nccl":
+        return None
+    try:
+        value = group._get_backend(torch.device("cuda")).options.config.max_ctas
+    except (AttributeError, RuntimeError):
+        return None
+    return value if value > 0 else None  # (unset: NCCL_CONFIG_UNDEF_INT, a large negative number)
 
 
 def is_high_priority_stream(group) -> bool | None:

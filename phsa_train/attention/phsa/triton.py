@@ -278,8 +278,8 @@ def phsa_triton(q, k, v, punct_mask, params: PHSAParams, cu_seqlens=None, *, den
 
 
 def block_reps_of(k, punct_mask, params: PHSAParams) -> torch.Tensor:
-    """Block representatives of unpacked sequences: k [b, L, hk, d], punct_mask bool [b, L] or None ->
-    [b, L // block_size, hk, d] (complete blocks). A block's representative depends on its own keys and flags
+    """Block representatives of unpacked sequences: k [b, L, hk, d], punct_mask bool (or 0/1 uint8) [b, L] or
+    None -> [b, L // block_size, hk, d] (complete blocks). A block's representative depends on its own keys and flags
     only, so the blocks of any block-aligned piece of a sequence (a context-parallel chunk) have the rows the
     whole sequence would give them."""
     b, L, hk, d = k.shape
