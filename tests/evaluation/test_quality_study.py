@@ -37,6 +37,34 @@ def test_code_share_heuristic():
     assert pc.code_share(">>> x = f(a[0])\n    return {k: v}\nif (a == b) { c(); }") == 1.0
 
 
+def test_site_docs_corpus_tags_packages_and_measures_code(tmp_path, monkeypatch):
+    """The code-heavy corpus: one row per docstring with its package as the source, tests/ skipped, and per package
+    the documents, characters and code-line share that corpus_stats.py reports beside the prose corpus's."""
+    monkeypatch.syspath_prepend(str(REPO / "bench" / "quality"))  # as when the script runs: prose_corpus beside it
+    sd = _module("site_docs_corpus")
+    prose = "Return the sum of the elements, computed in a numerically stable order. " * 4
+    example = "Add two arrays.\n\nExamples\n--------\n>>> add(a, b)\narray([2, 4])\n    indented(code)"
+    pkg = tmp_path / "site" / "pkg"
+    (pkg / "tests").mkdir(parents=True)
+    (pkg / "a.py").write_text(f'"""{prose}"""\n\ndef add(a, b):\n    """{example * 5}"""\n')
+    (pkg / "tests" / "t.py").write_text(f'"""{prose} in a test"""\n')
+    out, stats = tmp_path / "c.jsonl", tmp_path / "s.json"
+    sd.main([str(out), "--packages", "pkg", "absent", "--roots", str(tmp_path / "site"), "--stats", str(stats),
+             "--min-chars", "50"])
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["source"] for r in rows] == ["pkg", "pkg"] and rows[0]["text"] == prose.strip()
+    st = json.loads(stats.read_text())
+    assert set(st) == {"pkg"} and st["pkg"]["docs"] == 2 and st["pkg"]["chars"] == sum(len(r["text"]) for r in rows)
+    assert 0 < st["pkg"]["code_line_share"] < 1  # the >>> lines, their output and the indented line; not the prose
+
+
+def test_prose_data_refuses_an_unknown_corpus_in_one_line(tmp_path):
+    r = subprocess.run(["bash", str(REPO / "bench/quality/prose_data.sh"), str(tmp_path / "d")], cwd=REPO,
+                       env={"PATH": "/usr/bin:/bin", "CORPUS": "code"}, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2 and r.stdout.count("\n") == 1 and r.stdout.startswith("CORPUS=code: must be prose")
+    assert not (tmp_path / "d").exists()
+
+
 def _fake_run(root: Path, name: str, loss: float, topk: int | None, em: float):
     d = root / name
     (d / "eval").mkdir(parents=True)
