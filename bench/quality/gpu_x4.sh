@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The prose quality study on one 4-GPU machine: every run of PLAN trains and is evaluated on its GPU (several runs
-# may share a GPU side by side), each under a deadline, so the whole script ends within BUDGET_S seconds and writes
-# whatever finished. Usage (from the repository root):
+# A quality study (the prose or the code-heavy column) on one 4-GPU machine: every run of PLAN trains and is
+# evaluated on its GPU (several runs may share a GPU side by side), each under a deadline, so the whole script ends
+# within BUDGET_S seconds and writes whatever finished. Usage (from the repository root):
 #   bash bench/quality/gpu_x4.sh DATA_DIR OUT_DIR
-#     DATA_DIR: made by bench/quality/prose_data.sh (rmix.bin/.idx, rmix_punct.json, prose_tokenizer.json)
+#     DATA_DIR: made by bench/quality/prose_data.sh or code_data.sh (rmix.bin/.idx, rmix_punct.json,
+#               prose_tokenizer.json)
 #     env: BUDGET_S=510 STEPS=240 MODEL=medium SEQ=8192 EVAL_S=150 WORK_DIR=/tmp/phsa_prose PLAN=<file>
 #          LENGTHS / DEPTHS / RSAMPLES: the retrieval grid (LENGTHS defaults to [8192,16384,32768] when SEQ >= 16384)
 #          EVAL=1: evaluate every run after its training; EVAL=0: train only (an intermediate call, see below)
