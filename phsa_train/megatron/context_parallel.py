@@ -432,29 +432,6 @@ def _zeros_filled_early(shape: tuple, dtype: torch.dtype, device: torch.device):
         side.wait_stream(current)
 
 
-def _as_words(x: torch.Tensor) -> Optional[torch.Tensor]:
-    """x viewed as 8-byte integers along its last dim (the same bytes), or None where its strides, offset or last dim
-    do not allow it."""
-    n = 8 // x.element_size()
-    if (n <= 1 or x.dim() == 0 or x.stride(-1) != 1 or x.shape[-1] % n or x.storage_offset() % n
-            or any(s % n for s in x.stride()[:-1])):
-        return None
-    return x.view(torch.int64)
-
-
-def _copy_bits(dst: torch.Tensor, src: torch.Tensor) -> None:
-    """``dst.copy_(src)`` (same dtype and shape) through 8-byte words where both allow it. In training V is a view of
-    Megatron's fused QKV projection output, its heads (hq/hk + 2) * d elements apart, and K and V interleave in the
-    K/V buffer (rows of K and of V alternate), so the copies are strided: PyTorch's CUDA copy then runs one offset
-    calculation and one 2-byte load per bf16 element; as 8-byte words it moves 4x the bytes per element (d = 128 bf16
-    is 32 words). Contiguous pairs stay a memcpy."""
-    dst_words, src_words = _as_words(dst), _as_words(src)
-    if dst_words is not None and src_words is not None:
-        dst_words.copy_(src_words)
-    else:
-        dst.copy_(src)
-
-
 class _OverlappedPHSA(torch.autograd.Function):
     """The all-gather path with the K/V exchange hidden behind selection and the first chunk's attention (see
     :func:`overlap_kernels`). K/V live in one [E, k | v, b, hk, d] buffer in position order (E: the end of this
@@ -492,9 +469,9 @@ class _OverlappedPHSA(torch.autograd.Function):
         sel = tri.select_from_reps(q_local, reps(), params, q_offset=tuple(start for start, _ in spans))
         with _issued_after(inputs_ready, q_local.device):  # (the current stream then waits for these copies: rank
             # 0's first chunk waits for no step)
-            for half, (start, end) in enumerate(spans):
-                for g, x in enumerate((k_local, v_local)):
-                    _copy_bits(kv[start:end, g], x[:, half * c:(half + 1) * c].transpose(0, 1))
+            # both chunks' K and V rows, each written as whole contiguous rows of kv whatever the strides of K and
+            # V (in training V is a view of Megatron's fused QKV output): one launch
+            tri.place_kv_rows(k_local, v_local, kv, [(half * c, start, c) for half, (start, _) in enumerate(spans)])
             steps = [_start_p2p([(fn, kv[j * c:(j + 1) * c], peer) for fn, j, peer in plan], group)
                      for plan in kv_plan(rank, cp)]  # (a chunk's K and V: one contiguous range, one message)
         sels = [sel[:, r] for r in rows] if sel.shape[1] == s_local else [sel, sel]  # (dense shortcut: [1, 1, 1, 1])
@@ -547,7 +524,7 @@ class _OverlappedPHSA(torch.autograd.Function):
 
         def outgoing(j: int, lo: int = 0, hi: int = c) -> torch.Tensor:
             """This rank's final sums over rows [lo, hi) of chunk j in the keys' dtype: [dk | dv, hi - lo, b, hk, d]."""
-            return _rounded_rows(acc, j * c + lo, j * c + hi, kv.dtype)
+            return _rounded_rows(tri, acc, j * c + lo, j * c + hi, kv.dtype)
 
         # the last messages go in pieces (see TAIL_PIECES)
         early, last = dkv_plan(rank, cp)
@@ -563,44 +540,37 @@ class _OverlappedPHSA(torch.autograd.Function):
         home = kv.new_empty((2, 2, c, *kv.shape[2:]))  # [dk | dv, half, C, b, hk, d]: this rank's gradients
         _wait(step1)
         own = _chunk_of(rank, 1, cp)
-        _sum_into(home[:, 1], acc[:, rows(own)], [buf for (_, j), buf in inbox.items() if j == own])
+        _sum_into(tri, home[:, 1], acc[:, rows(own)], [buf for (_, j), buf in inbox.items() if j == own])
         for p, (lo, hi) in enumerate(pieces):
             _wait(tail[p])
-            _sum_into(home[:, 0, lo:hi], acc[:, rank * c + lo:rank * c + hi],
+            _sum_into(tri, home[:, 0, lo:hi], acc[:, rank * c + lo:rank * c + hi],
                       [buf[:, lo:hi] for (_, j), buf in inbox.items() if j == rank]
                       + [buf for (_, q), buf in inbox_last.items() if q == p])
         dk, dv = (home[g].view(2 * c, *kv.shape[2:]).transpose(0, 1) for g in range(2))  # [b, s_local, hk, d]
         return dq, dk, dv, None, None, None, None
 
 
-# The dK/dV buffers are [dk | dv, rows, b, hk, d]; a row range of both is two ranges with a gap. The helpers below
-# cast and sum dk and dv one at a time, so that each op reads and writes single contiguous ranges: PyTorch's CUDA
-# elementwise loops run strided operands through a per-element offset calculator (``elementwise_kernel<128, 4>``,
-# ~2/3 of the bandwidth of the vectorised copy on H100), contiguous ones vectorised (same dtype on both sides, the
-# fp32 -> bf16 cast) or unrolled (fp32 + bf16, mixed dtypes). The arithmetic is unchanged: the same fp32 sums, in
-# the same order, rounded once.
+# The dK/dV buffers are [dk | dv, rows, b, hk, d]; a row range of both is two contiguous ranges with a gap. The
+# helpers below cast and sum both in one launch of ``tri.sum_rounded`` (wide loads and stores on each range;
+# PyTorch's fp32 + bf16 add runs its unvectorised mixed-dtype loop). The arithmetic is that of
+# ``torch.add(own, part, out=...)``: the same fp32 sums, in the same order, rounded once.
 
 
-def _rounded_rows(acc: torch.Tensor, lo: int, hi: int, dtype: torch.dtype) -> torch.Tensor:
+def _rounded_rows(tri, acc: torch.Tensor, lo: int, hi: int, dtype: torch.dtype) -> torch.Tensor:
     """acc [2, E, ...] (fp32) -> its rows [lo, hi) in ``dtype``: [2, hi - lo, ...], one contiguous tensor (one
     message)."""
     out = acc.new_empty((acc.shape[0], hi - lo, *acc.shape[2:]), dtype=dtype)
-    for g in range(acc.shape[0]):
-        out[g].copy_(acc[g, lo:hi])
+    tri.sum_rounded(out, acc[:, lo:hi])
     return out
 
 
-def _sum_into(out: torch.Tensor, own: torch.Tensor, received: list) -> None:
+def _sum_into(tri, out: torch.Tensor, own: torch.Tensor, received: list) -> None:
     """out [2, n, ...] (keys' dtype) = own [2, n, ...] (fp32, consumed) + the received contributions ([2, n, ...],
     keys' dtype), summed in fp32 in rank order and rounded once. Each of out[g], own[g] and part[g] must be
     contiguous (the callers' slices are)."""
-    for g in range(out.shape[0]):
-        for part in received[:-1]:
-            own[g].add_(part[g])  # (fp32 += bf16 in one pass, 10 B an element; upcasting the part first: 18 B)
-        if received:
-            torch.add(own[g], received[-1][g], out=out[g])
-        else:
-            out[g].copy_(own[g])
+    for part in received[:-1]:
+        tri.sum_rounded(own, own, part)  # (fp32 += bf16 in one pass, 10 B an element)
+    tri.sum_rounded(out, own, received[-1] if received else None)
 
 
 def cp_phsa_attention(q, k, v, token_info, group, mode: str, phsa_kwargs: dict, *,

@@ -1,0 +1,63 @@
+"""CPU tests (Triton interpreter) of the row kernels of the context-parallel path, bit for bit against the torch
+expressions they replace: ``place_kv_rows`` (K and V rows into the interleaved [E, k | v, b, hk, d] buffer, V as a
+view of Megatron's fused QKV output) and ``sum_rounded`` (fp32 + bf16 rounded once to bf16, as
+``torch.add(own, part, out=bf16)``; fp32 += bf16 in place; the cast alone)."""
+from __future__ import annotations
+
+from tests.triton_interpreter import enable
+
+enable()  # before triton is imported: triton.jit picks the interpreter at decoration time
+
+import torch  # noqa: E402
+
+from phsa_train.attention.phsa.triton import place_kv_rows, sum_rounded  # noqa: E402
+
+
+def test_place_kv_rows_from_fused_qkv_views():
+    s, b, hq, hk, d = 12, 2, 4, 2, 16
+    mixed_qkv = torch.randn(s, b, hk, (hq // hk + 2) * d).bfloat16()  # Megatron's [sq, b, ng, (np/ng + 2) * hn]
+    _, key, value = torch.split(mixed_qkv, [hq // hk * d, d, d], dim=3)  # as get_query_key_value_tensors hands it
+    k_local = key.permute(1, 0, 2, 3).contiguous()  # K contiguous [b, s, hk, d]
+    v_local = value.permute(1, 0, 2, 3)  # V strided: core attention's [b, s, hk, d] view of the fused output
+    kv = torch.zeros(24, 2, b, hk, d, dtype=torch.bfloat16)
+    place_kv_rows(k_local, v_local, kv, [(0, 0, 6), (6, 18, 6)])  # a rank's chunks 0 and 3 of C = 6
+    expected = torch.zeros_like(kv)
+    for src, dst in ((0, 0), (6, 18)):
+        expected[dst:dst + 6, 0] = k_local[:, src:src + 6].transpose(0, 1)
+        expected[dst:dst + 6, 1] = v_local[:, src:src + 6].transpose(0, 1)
+    assert torch.equal(kv.view(torch.int16), expected.view(torch.int16))
+
+    k3, v3 = (torch.randn(b, 5, hk, 24).bfloat16()[..., :d] for _ in range(2))
+    kv1 = torch.zeros(9, 2, b, hk, d, dtype=torch.bfloat16)
+    place_kv_rows(k3, v3, kv1, [(1, 3, 4)])  # one piece, rows 24 elements apart
+    assert torch.equal(kv1[3:7, 0], k3[:, 1:5].transpose(0, 1)) and torch.equal(kv1[3:7, 1], v3[:, 1:5].transpose(0, 1))
+    assert not kv1[:3].any() and not kv1[7:].any()
+
+
+def _bits(x):
+    return x.view(torch.int16) if x.element_size() == 2 else x.view(torch.int32)
+
+
+def test_sum_rounded_is_torch_add_bit_for_bit():
+    torch.manual_seed(0)
+    G, n = 2, 3000  # [dk | dv, rows]: not a multiple of the kernel's block
+    buf = torch.randn(G, 2 * n) * 100
+    own = buf[:, :n]  # each [g] contiguous, a gap between them
+    own[0, :8] = torch.tensor([1.0 + 2 ** -8, 1.0 + 3 * 2 ** -8, -(1.0 + 2 ** -8), 2 ** -130, 0.0, -0.0, 65504.0,
+                               3.3895e38])  # ties to even, a denormal, signed zero, near the bf16 maximum
+    parts = [torch.randn(G, n).bfloat16() for _ in range(2)]
+    parts[1][0, :8] = 0
+
+    out = torch.empty(G, n, dtype=torch.bfloat16)
+    sum_rounded(out, own.clone(), parts[1])
+    assert torch.equal(_bits(out), _bits(torch.add(own, parts[1], out=torch.empty_like(out))))
+
+    acc = own.clone()  # fp32 += bf16 in place, then the rounded sum: the rank-order sum of three contributions
+    sum_rounded(acc, acc, parts[0])
+    expected_acc = own.clone()
+    expected_acc.add_(parts[0])
+    assert torch.equal(_bits(acc), _bits(expected_acc))
+
+    cast = torch.empty(G, n, dtype=torch.bfloat16)
+    sum_rounded(cast, own)
+    assert torch.equal(_bits(cast), _bits(own.bfloat16()))
