@@ -409,8 +409,15 @@ def _issued_after(ready: Optional[torch.cuda.Event], device: torch.device):
     torch.cuda.current_stream(device).wait_stream(side)
 
 
+# Programs of the dK/dV accumulator's zero fill (``tri.zero_fill``), or None for PyTorch's fill, which takes every
+# SM until done and so delays the kernel issued after it on the compute stream by most of its 0.24 ms (1 GiB at 128k,
+# CP=2, rank 0; 2 x H200 profile). A few programs fill more slowly beside the attention kernels instead. An
+# experiment knob (``bench/context_parallel.py --cp-fill-programs``), to be decided by measurement.
+ZERO_FILL_PROGRAMS: Optional[int] = None
+
+
 @contextlib.contextmanager
-def _zeros_filled_early(shape: tuple, dtype: torch.dtype, device: torch.device):
+def _zeros_filled_early(shape: tuple, dtype: torch.dtype, device: torch.device, tri=None):
     """Yields ``torch.zeros(shape)`` whose fill runs beside the work already issued on the current stream, not after
     it: the fill and the buffer are issued on / drawn from the side stream (:func:`_side_stream`), which waits for
     nothing; the current stream waits for the fill. Every use of the buffer must be issued inside the block: on
@@ -418,13 +425,18 @@ def _zeros_filled_early(shape: tuple, dtype: torch.dtype, device: torch.device):
     once the caller drops it, is reused (by the next layer's fill) only after those uses, and no more of it is held
     than one buffer (``record_stream`` would instead keep one per layer the host runs ahead). On CPU: a plain fill.
     The fp32 dK/dV accumulator of a 128k CP=2 backward is 1 GiB, a 0.33 ms fill on H100 (2 x H100 profile) that
-    otherwise starts the backward: issued here it overlaps the output projection's backward in training."""
+    otherwise starts the backward: issued here it overlaps the output projection's backward in training. ``tri``: the
+    kernels' module, for the fill of :data:`ZERO_FILL_PROGRAMS` programs when that is set."""
     if device.type != "cuda":
         yield torch.zeros(shape, dtype=dtype, device=device)
         return
     side, current = _side_stream(device), torch.cuda.current_stream(device)
     with torch.cuda.stream(side):
-        buf = torch.zeros(shape, dtype=dtype, device=device)
+        if ZERO_FILL_PROGRAMS and tri is not None:
+            buf = torch.empty(shape, dtype=dtype, device=device)
+            tri.zero_fill(buf, ZERO_FILL_PROGRAMS)
+        else:
+            buf = torch.zeros(shape, dtype=dtype, device=device)
     current.wait_stream(side)
     try:
         yield buf
@@ -500,8 +512,9 @@ class _OverlappedPHSA(torch.autograd.Function):
         Own gradients = own fp32 sums + the peers' contributions (keys' dtype), added in fp32 and rounded once:
         one rounding fewer than a reduce-scatter of the rounded partial sums."""
         kv = ctx.saved_tensors[1]  # [E, k | v, b, hk, d]
-        with _zeros_filled_early((2, kv.shape[0], *kv.shape[2:]), torch.float32, kv.device) as acc:  # [dk | dv, E,
-            # b, hk, d]: only keys read here (dk and dv apart: their casts and sums then run on contiguous ranges)
+        # acc [dk | dv, E, b, hk, d]: only keys read here (dk and dv apart: their casts and sums then run on
+        # contiguous ranges)
+        with _zeros_filled_early((2, kv.shape[0], *kv.shape[2:]), torch.float32, kv.device, ctx.tri) as acc:
             return _OverlappedPHSA.backward_into(ctx, do, acc)
 
     @staticmethod

@@ -10,7 +10,7 @@ enable()  # before triton is imported: triton.jit picks the interpreter at decor
 
 import torch  # noqa: E402
 
-from phsa_train.attention.phsa.triton import place_kv_rows, sum_rounded  # noqa: E402
+from phsa_train.attention.phsa.triton import place_kv_rows, sum_rounded, zero_fill  # noqa: E402
 
 
 def test_place_kv_rows_from_fused_qkv_views():
@@ -61,3 +61,10 @@ def test_sum_rounded_is_torch_add_bit_for_bit():
     cast = torch.empty(G, n, dtype=torch.bfloat16)
     sum_rounded(cast, own)
     assert torch.equal(_bits(cast), _bits(own.bfloat16()))
+
+
+def test_zero_fill_with_few_programs():
+    for n, programs in ((3 * 4096 + 5, 2), (100, 16)):  # programs looping over several blocks; more programs than blocks
+        x = torch.randn(n)
+        zero_fill(x, programs)
+        assert torch.equal(x.view(torch.int32), torch.zeros(n).view(torch.int32))

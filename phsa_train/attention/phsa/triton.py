@@ -29,7 +29,7 @@ from ..params import PHSAParams, check_shapes, pad_queries_front
 from .kernels.bwd import bwd_launch
 from .kernels.fwd import fwd_launch
 from .kernels.reps import block_reps
-from .kernels.rows import place_kv_rows, sum_rounded  # noqa: F401 - for the context-parallel path
+from .kernels.rows import place_kv_rows, sum_rounded, zero_fill  # noqa: F401 - for the context-parallel path
 from .kernels.select import select_launch
 
 # Longest sequence (L, or the longest document with cu_seqlens) at which dense cuDNN SDPA forward+backward was

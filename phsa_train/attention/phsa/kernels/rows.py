@@ -99,3 +99,23 @@ def sum_rounded(out, own, part=None) -> None:
     _sum_rounded_kernel[(triton.cdiv(n, BLOCK), G)](
         own, p, out, n, own.stride(0), p.stride(0), out.stride(0), HAS_PART=has_part, BLOCK=BLOCK, num_warps=4,
     )
+
+
+@triton.jit
+def _zero_kernel(X, n, BLOCK: tl.constexpr):
+    zeros = tl.full([BLOCK], 0, dtype=X.dtype.element_ty)
+    step = tl.num_programs(0).to(tl.int64) * BLOCK
+    for start in range(tl.program_id(0).to(tl.int64) * BLOCK, n.to(tl.int64), step):
+        offs = start + tl.arange(0, BLOCK)
+        tl.store(X + offs, zeros, mask=offs < n)
+
+
+def zero_fill(x, programs: int) -> None:
+    """x[...] = 0 (contiguous) by ``programs`` programs, each looping over its share: a fill that occupies only that
+    many SMs, leaving the rest to the kernels it runs beside (PyTorch's fill launches a program per few thousand
+    elements, so it takes every SM until it is done)."""
+    assert x.is_contiguous() and programs >= 1
+    n = x.numel()
+    if n:
+        BLOCK = 4096
+        _zero_kernel[(min(programs, triton.cdiv(n, BLOCK)),)](x, n, BLOCK=BLOCK, num_warps=4)
