@@ -38,7 +38,10 @@ def _place_kv_kernel(
     src_row = (tl.where(piece == 0, src0, src1) + row).to(tl.int64)
     dst_row = (tl.where(piece == 0, dst0, dst1) + row).to(tl.int64)
     cols = tl.arange(0, BD)
-    mask = valid[:, None] & (cols < D)[None, :]
+    if BD == D:  # whole rows: a mask constant along each row, so the loads and stores stay 16 bytes wide
+        mask = valid[:, None]
+    else:
+        mask = valid[:, None] & (cols < D)[None, :]
     if g == 0:
         src = K + (bi.to(tl.int64) * sk_b + src_row * sk_s + h * sk_h)[:, None] + cols[None, :]
     else:
