@@ -1,7 +1,8 @@
-"""CPU tests (Triton interpreter) of the row kernels of the context-parallel path, bit for bit against the torch
-expressions they replace: ``place_kv_rows`` (K and V rows into the interleaved [E, k | v, b, hk, d] buffer, V as a
-view of Megatron's fused QKV output) and ``sum_rounded`` (fp32 + bf16 rounded once to bf16, as
-``torch.add(own, part, out=bf16)``; fp32 += bf16 in place; the cast alone)."""
+"""CPU tests of the row kernels of the context-parallel path: under the Triton interpreter, bit for bit against
+the torch expressions they replace: ``place_kv_rows`` (K and V rows into the interleaved [E, k | v, b, hk, d] buffer,
+V as a view of Megatron's fused QKV output), ``sum_rounded`` (fp32 + bf16 rounded once to bf16, as
+``torch.add(own, part, out=bf16)``; fp32 += bf16 in place; the cast alone) and ``zero_fill``; and compiled for sm_90,
+that their global accesses are 16 bytes wide."""
 from __future__ import annotations
 
 from tests.triton_interpreter import enable
@@ -64,7 +65,45 @@ def test_sum_rounded_is_torch_add_bit_for_bit():
 
 
 def test_zero_fill_with_few_programs():
-    for n, programs in ((3 * 4096 + 5, 2), (100, 16)):  # programs looping over several blocks; more programs than blocks
+    for n, programs in ((3 * 4096 + 5, 2), (100, 16)):  # programs looping over blocks; more programs than blocks
         x = torch.randn(n)
         zero_fill(x, programs)
         assert torch.equal(x.view(torch.int32), torch.zeros(n).view(torch.int32))
+
+
+def _ptx_sm90(kernel, signature: dict, constexprs: dict) -> str:
+    """The kernel compiled for sm_90 (no GPU needed: Triton's bundled ptxas), every pointer and integer argument
+    declared 16-divisible as Triton specialises them at the shipped shapes."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import JITFunction
+
+    fn = JITFunction(getattr(kernel, "fn", kernel))  # (the interpreter wraps the kernels: compile the function)
+    attrs = {(i,): [["tt.divisibility", 16]] for i, t in enumerate(signature.values()) if t != "constexpr"}
+    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ptx"]
+
+
+def test_row_kernels_move_16_byte_vectors_on_sm90():
+    """Wide loads and stores are the point of these kernels: every global access of the compiled code is 16 bytes
+    wide, and the bf16 rounding is to nearest even (cvt.rn)."""
+    import re
+
+    from phsa_train.attention.phsa.kernels import rows
+
+    place = _ptx_sm90(rows._place_kv_kernel, {
+        **dict.fromkeys(("K", "V", "KV"), "*bf16"),
+        **dict.fromkeys(("n_lines", "src0", "src1", "dst0", "dst1"), "i32"),
+        **dict.fromkeys(("sk_b", "sk_s", "sk_h", "sv_b", "sv_s", "sv_h"), "i64"),
+        **dict.fromkeys(("B", "H", "D", "BD", "LINES"), "constexpr")},
+        {"B": 1, "H": 8, "D": 128, "BD": 128, "LINES": 32})
+    summed = _ptx_sm90(rows._sum_rounded_kernel, {
+        "OWN": "*fp32", "PART": "*bf16", "OUT": "*bf16", "n": "i32",
+        **dict.fromkeys(("s_own", "s_part", "s_out"), "i64"), "HAS_PART": "constexpr", "BLOCK": "constexpr"},
+        {"HAS_PART": True, "BLOCK": 4096})
+    zero = _ptx_sm90(rows._zero_kernel, {"X": "*fp32", "n": "i32", "BLOCK": "constexpr"}, {"BLOCK": 4096})
+    for ptx in (place, summed, zero):
+        accesses = re.findall(r"\b(ld|st)\.global(\.[a-z0-9.]+)", ptx)
+        assert accesses and all(".v4." in width + "." for _, width in accesses), accesses
+    assert "cvt.rn.bf16x2.f32" in summed and "ftz" not in summed
