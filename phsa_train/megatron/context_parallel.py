@@ -457,8 +457,8 @@ class _OverlappedPHSA(torch.autograd.Function):
     2. both chunks' selections from the gathered representatives (they need no keys), one launch, issued first:
        the host takes ~0.5-1 ms to issue the point-to-point calls of 3. (2 x H100 profile);
     3. on a side stream that waits only for the inputs (:func:`_issued_after`), so 2. runs beside it: the local K/V
-       chunks copied into their places, then the two point-to-point steps of :func:`kv_plan` launched without
-       waiting: only the chunks a peer reads, the ones its first chunk reads first;
+       chunks copied into their places (one ``tri.place_kv_rows``), then the two point-to-point steps of
+       :func:`kv_plan` launched without waiting: only the chunks a peer reads, the ones its first chunk reads first;
     4. the first chunk (keys [0, (r+1)C)) attends once step 1 of :func:`kv_plan` is in (rank 0's at once), the
        second once step 2 is; outputs are written in place.
     Backward (:meth:`backward`): both chunks accumulate dK/dV into one fp32 buffer over [0, E) (one zero fill, issued

@@ -9,6 +9,8 @@ Pipeline (kernels in ``kernels/``, docs in docs/kernels.md):
     select.py  block scores + running top-k per query group, no [L, nb] matrix
     fwd.py     attention over INIT ∪ LOCAL ∪ TOPK, online softmax, saves LSE
     bwd.py     dq (registers), dk / dv (fp32 atomics)
+    rows.py    context parallelism's row copies, rounded dK/dV sums and zero fill (``place_kv_rows``,
+               ``sum_rounded``, ``zero_fill``)
 Selection runs under no_grad; gradients flow to q, k, v through the attention only.
 
 Exact shortcuts (same function, faster): when topk covers every eligible block of every query group, PHSA is
