@@ -392,12 +392,24 @@ def _side_stream(device: torch.device) -> torch.cuda.Stream:
 
 
 @contextlib.contextmanager
-def _issued_after(ready: Optional[torch.cuda.Event], device: torch.device):
+def _no_block():
+    yield
+
+
+def _join_side(device: torch.device) -> None:
+    """The current stream waits for the work issued on the side stream so far (nothing on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).wait_stream(_side_stream(device))
+
+
+@contextlib.contextmanager
+def _issued_after(ready: Optional[torch.cuda.Event], device: torch.device, join: bool = True):
     """Issue the block's work on a side stream that waits only for ``ready``, so kernels issued on the current stream
     after ``ready`` but before this block run beside it. NCCL's stream waits for the stream a call is issued on: a
     point-to-point call issued here starts once ``ready`` has, not after the selection the host issued just before
     it. After the block the current stream waits for the side stream: for the block's kernels (copies), not for its
-    NCCL work, which runs on NCCL's own streams (the caller waits for the works). Buffers are allocated on the
+    NCCL work, which runs on NCCL's own streams (the caller waits for the works); with ``join=False`` it does not,
+    and the caller calls :func:`_join_side` before it reads what the block wrote. Buffers are allocated on the
     current stream before the block. On CPU (gloo, no streams) the block runs as is."""
     if ready is None:
         yield
@@ -406,8 +418,16 @@ def _issued_after(ready: Optional[torch.cuda.Event], device: torch.device):
     side.wait_event(ready)
     with torch.cuda.stream(side):
         yield
-    torch.cuda.current_stream(device).wait_stream(side)
+    if join:
+        torch.cuda.current_stream(device).wait_stream(side)
 
+
+# Programs of the backward's early dK/dV casts and of this rank's second-chunk sum when they run on the side stream
+# beside the first chunk's backward kernel (each looping, so that the attention kernel keeps most SMs), or None: on
+# the compute stream, the first chunk's backward after the casts and the sum after it (the shipped schedule; a
+# sum issued first would take every SM as PyTorch's fill does). An experiment knob (``bench/context_parallel.py
+# --cp-sums-beside N``), to be decided by measurement; the same sums either way.
+SUMS_BESIDE_PROGRAMS: Optional[int] = None
 
 # Programs of the dK/dV accumulator's zero fill (``tri.zero_fill``), or None for PyTorch's fill, which takes every
 # SM until done and so delays the kernel issued after it on the compute stream by most of its 0.24 ms (1 GiB at 128k,
@@ -535,9 +555,9 @@ class _OverlappedPHSA(torch.autograd.Function):
             tri.attend_backward(q_local[:, r], k_all[:, :end], v_all[:, :end], o[:, r], do[:, r], lse, params, sel,
                                 start, (dk_all[:, :end], dv_all[:, :end]), dq_out=dq[:, r])
 
-        def outgoing(j: int, lo: int = 0, hi: int = c) -> torch.Tensor:
+        def outgoing(j: int, lo: int = 0, hi: int = c, programs: Optional[int] = None) -> torch.Tensor:
             """This rank's final sums over rows [lo, hi) of chunk j in the keys' dtype: [dk | dv, hi - lo, b, hk, d]."""
-            return _rounded_rows(tri, acc, j * c + lo, j * c + hi, kv.dtype)
+            return _rounded_rows(tri, acc, j * c + lo, j * c + hi, kv.dtype, programs)
 
         # the last messages go in pieces (see TAIL_PIECES)
         early, last = dkv_plan(rank, cp)
@@ -545,15 +565,30 @@ class _OverlappedPHSA(torch.autograd.Function):
         inbox = {(t, j): kv.new_empty(chunk_shape) for fn, j, t in early if fn is dist.irecv}
         inbox_last = {(t, p): kv.new_empty((2, hi - lo, *kv.shape[2:]))
                       for fn, _, t in last if fn is dist.irecv for p, (lo, hi) in enumerate(pieces)}
+        home = kv.new_empty((2, 2, c, *kv.shape[2:]))  # [dk | dv, half, C, b, hk, d]: this rank's gradients
+        own = _chunk_of(rank, 1, cp)
+
+        def second_half_home() -> None:  # this rank's second chunk: own sums + the early contributions
+            _wait(step1)
+            _sum_into(tri, home[:, 1], acc[:, rows(own)], [buf for (_, j), buf in inbox.items() if j == own],
+                      programs=beside)
+
         chunk_backward(1, lse1, sel1)
-        step1 = _start_p2p([(fn, outgoing(j) if fn is dist.isend else inbox[t, j], t) for fn, j, t in early], group)
+        # With SUMS_BESIDE_PROGRAMS the early messages' casts and this rank's second chunk's sum go to the side stream,
+        # beside the first chunk's backward: it writes only rows [0, end of the first chunk), and they read later ones
+        beside = SUMS_BESIDE_PROGRAMS
+        with _issued_after(_mark_issued(q_local.device), q_local.device, join=False) if beside else _no_block():
+            step1 = _start_p2p([(fn, outgoing(j, programs=beside) if fn is dist.isend else inbox[t, j], t)
+                                for fn, j, t in early], group)
+            if beside:
+                second_half_home()
         chunk_backward(0, lse0, sel0)
         tail = [_start_p2p([(fn, outgoing(j, lo, hi) if fn is dist.isend else inbox_last[t, p], t)
                             for fn, j, t in last], group) for p, (lo, hi) in enumerate(pieces)]
-        home = kv.new_empty((2, 2, c, *kv.shape[2:]))  # [dk | dv, half, C, b, hk, d]: this rank's gradients
-        _wait(step1)
-        own = _chunk_of(rank, 1, cp)
-        _sum_into(tri, home[:, 1], acc[:, rows(own)], [buf for (_, j), buf in inbox.items() if j == own])
+        if beside:
+            _join_side(q_local.device)  # (the early contributions, read below, and home[:, 1])
+        else:
+            second_half_home()
         for p, (lo, hi) in enumerate(pieces):
             _wait(tail[p])
             _sum_into(tri, home[:, 0, lo:hi], acc[:, rank * c + lo:rank * c + hi],
@@ -569,21 +604,22 @@ class _OverlappedPHSA(torch.autograd.Function):
 # ``torch.add(own, part, out=...)``: the same fp32 sums, in the same order, rounded once.
 
 
-def _rounded_rows(tri, acc: torch.Tensor, lo: int, hi: int, dtype: torch.dtype) -> torch.Tensor:
+def _rounded_rows(tri, acc: torch.Tensor, lo: int, hi: int, dtype: torch.dtype,
+                  programs: Optional[int] = None) -> torch.Tensor:
     """acc [2, E, ...] (fp32) -> its rows [lo, hi) in ``dtype``: [2, hi - lo, ...], one contiguous tensor (one
-    message)."""
+    message). ``programs``: see ``tri.sum_rounded``."""
     out = acc.new_empty((acc.shape[0], hi - lo, *acc.shape[2:]), dtype=dtype)
-    tri.sum_rounded(out, acc[:, lo:hi])
+    tri.sum_rounded(out, acc[:, lo:hi], None, programs)
     return out
 
 
-def _sum_into(tri, out: torch.Tensor, own: torch.Tensor, received: list) -> None:
+def _sum_into(tri, out: torch.Tensor, own: torch.Tensor, received: list, programs: Optional[int] = None) -> None:
     """out [2, n, ...] (keys' dtype) = own [2, n, ...] (fp32, consumed) + the received contributions ([2, n, ...],
     keys' dtype), summed in fp32 in rank order and rounded once. Each of out[g], own[g] and part[g] must be
-    contiguous (the callers' slices are)."""
+    contiguous (the callers' slices are). ``programs``: see ``tri.sum_rounded``."""
     for part in received[:-1]:
-        tri.sum_rounded(own, own, part)  # (fp32 += bf16 in one pass, 10 B an element)
-    tri.sum_rounded(out, own, received[-1] if received else None)
+        tri.sum_rounded(own, own, part, programs)  # (fp32 += bf16 in one pass, 10 B an element)
+    tri.sum_rounded(out, own, received[-1] if received else None, programs)
 
 
 def cp_phsa_attention(q, k, v, token_info, group, mode: str, phsa_kwargs: dict, *,

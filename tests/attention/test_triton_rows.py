@@ -63,6 +63,10 @@ def test_sum_rounded_is_torch_add_bit_for_bit():
     sum_rounded(cast, own)
     assert torch.equal(_bits(cast), _bits(own.bfloat16()))
 
+    capped = torch.empty(G, n, dtype=torch.bfloat16)  # 1 program per g looping over all blocks
+    sum_rounded(capped, own.clone(), parts[1], programs=1)
+    assert torch.equal(_bits(capped), _bits(out))
+
 
 def test_zero_fill_with_few_programs():
     for n, programs in ((3 * 4096 + 5, 2), (100, 16)):  # programs looping over blocks; more programs than blocks

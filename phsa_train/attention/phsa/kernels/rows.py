@@ -76,30 +76,35 @@ def place_kv_rows(k, v, kv, pieces) -> None:
 
 @triton.jit
 def _sum_rounded_kernel(OWN, PART, OUT, n, s_own, s_part, s_out, HAS_PART: tl.constexpr, BLOCK: tl.constexpr):
+    # each program walks the blocks pid, pid + programs, ... (one block each unless the grid was capped)
     g = tl.program_id(1).to(tl.int64)
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    x = tl.load(OWN + g * s_own + offs, mask=mask)
-    if HAS_PART:
-        x = x + tl.load(PART + g * s_part + offs, mask=mask).to(tl.float32)
-    tl.store(OUT + g * s_out + offs, x.to(OUT.dtype.element_ty), mask=mask)  # round to nearest even
+    step = tl.num_programs(0).to(tl.int64) * BLOCK
+    for start in range(tl.program_id(0).to(tl.int64) * BLOCK, n.to(tl.int64), step):
+        offs = start + tl.arange(0, BLOCK)
+        mask = offs < n
+        x = tl.load(OWN + g * s_own + offs, mask=mask)
+        if HAS_PART:
+            x = x + tl.load(PART + g * s_part + offs, mask=mask).to(tl.float32)
+        tl.store(OUT + g * s_out + offs, x.to(OUT.dtype.element_ty), mask=mask)  # round to nearest even
 
 
-def sum_rounded(out, own, part=None) -> None:
+def sum_rounded(out, own, part=None, programs: int | None = None) -> None:
     """out[g] = own[g] + part[g] (fp32, rounded once to out's dtype) for every g, or out[g] = own[g] rounded when
     ``part`` is None: one launch. own fp32 [G, ...], part / out [G, ...] of the same shape, each [g] contiguous
-    (out may be own: an in-place fp32 sum)."""
+    (out may be own: an in-place fp32 sum). ``programs``: at most that many programs per g, each looping (a sum
+    that leaves most SMs to the kernels beside it); None: one program per block of elements."""
     G = own.shape[0]
-    n = own[0].numel()
+    n = own[0].numel() if G else 0
     assert own.dtype == torch.float32 and out.shape == own.shape
     for x in (own, out) if part is None else (own, part, out):
         assert x.shape == own.shape and (G == 0 or x[0].is_contiguous()), "each [g] slice must be contiguous"
-    if n == 0 or G == 0:
+    if n == 0:
         return
     BLOCK = 4096
     has_part = part is not None
     p = part if has_part else own
-    _sum_rounded_kernel[(triton.cdiv(n, BLOCK), G)](
+    blocks = triton.cdiv(n, BLOCK)
+    _sum_rounded_kernel[(blocks if programs is None else min(programs, blocks), G)](
         own, p, out, n, own.stride(0), p.stride(0), out.stride(0), HAS_PART=has_part, BLOCK=BLOCK, num_warps=4,
     )
 
