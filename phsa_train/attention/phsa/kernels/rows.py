@@ -78,9 +78,8 @@ def place_kv_rows(k, v, kv, pieces) -> None:
 def _sum_rounded_kernel(OWN, PART, OUT, n, s_own, s_part, s_out, HAS_PART: tl.constexpr, BLOCK: tl.constexpr):
     # each program walks the blocks pid, pid + programs, ... (one block each unless the grid was capped)
     g = tl.program_id(1).to(tl.int64)
-    step = tl.num_programs(0).to(tl.int64) * BLOCK
-    for start in range(tl.program_id(0).to(tl.int64) * BLOCK, n.to(tl.int64), step):
-        offs = start + tl.arange(0, BLOCK)
+    for blk in range(tl.program_id(0), (n + BLOCK - 1) // BLOCK, tl.num_programs(0)):
+        offs = tl.cast(blk, tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
         x = tl.load(OWN + g * s_own + offs, mask=mask)
         if HAS_PART:
@@ -112,9 +111,8 @@ def sum_rounded(out, own, part=None, programs: int | None = None) -> None:
 @triton.jit
 def _zero_kernel(X, n, BLOCK: tl.constexpr):
     zeros = tl.full([BLOCK], 0, dtype=X.dtype.element_ty)
-    step = tl.num_programs(0).to(tl.int64) * BLOCK
-    for start in range(tl.program_id(0).to(tl.int64) * BLOCK, n.to(tl.int64), step):
-        offs = start + tl.arange(0, BLOCK)
+    for blk in range(tl.program_id(0), (n + BLOCK - 1) // BLOCK, tl.num_programs(0)):
+        offs = tl.cast(blk, tl.int64) * BLOCK + tl.arange(0, BLOCK)
         tl.store(X + offs, zeros, mask=offs < n)
 
 
