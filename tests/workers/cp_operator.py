@@ -84,7 +84,8 @@ def check(args, cp_group, mode: str, query_block: int) -> None:
         assert overlap_kernels(q_l, k_l, v_l, info_l, cp_group, kw, False) is not None, case
     o = cp_phsa_attention(q_l, k_l, v_l, info_l, cp_group, mode, kw)
     (o * mine(w[:, :, qh])).sum().backward()
-    if args.backend == "triton" and mode == "allgather":  # the backward's other schedule: the same sums
+    if args.backend == "triton" and mode == "allgather" and cp > 2:  # the backward's other schedule, the same sums
+        # (at CP > 2, where ranks both send and receive early contributions; one extra run under the interpreter)
         context_parallel.SUMS_BESIDE_PROGRAMS = 2
         try:
             x = [t.detach().clone().requires_grad_() for t in (q_l, k_l, v_l)]
