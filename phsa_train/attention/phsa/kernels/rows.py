@@ -11,6 +11,10 @@ Layouts
     OWN    [G, n] fp32, PART [G, n], OUT [G, n] (each [g] contiguous, any stride between the G slices):
            OUT = round(OWN + PART) in OUT's dtype (or round(OWN) without PART); fp32 arithmetic, one rounding to
            nearest even, which is what ``torch.add(own, part, out=out)`` computes.
+    X      any contiguous tensor, zeroed.
+The sums and the fill take a cap on their programs, each then looping over its share: a kernel with one program
+per block of elements takes every SM until it is done, so one issued beside the attention kernels would hold them
+back rather than share the GPU with them.
 """
 
 from __future__ import annotations
