@@ -29,7 +29,10 @@ on what).
 Inputs are contiguous; ``--v-as-in-training`` lays V out as Megatron hands it to the core attention, a view of the
 fused QKV projection output (rows say ``v_layout``). Bytes each rank receives per layer are computed, not measured.
 ``--nccl-env NCCL_X=V`` sets NCCL knobs for the run (recorded in every row); ``--cp-nccl-max-ctas N`` limits only
-the PHSA modes' CP group to N CTAs per NCCL kernel (rows say ``cp_nccl_max_ctas``). Writes JSON (``--out``).
+the PHSA modes' CP group to N CTAs per NCCL kernel (rows say ``cp_nccl_max_ctas``); ``--cp-fill-programs N`` fills
+the overlapped path's dK/dV accumulator with N programs (rows say ``cp_fill_programs``); ``--cp-sums-beside N``
+runs its early dK/dV casts and sums beside the first chunk's backward in N programs (``cp_sums_beside``). Writes
+JSON (``--out``).
 """
 from __future__ import annotations
 
@@ -49,7 +52,8 @@ import torch.distributed as dist
 STAGES = (("select", ("^_select",)), ("reps", ("^_reps",)), ("attn_fwd", ("^_fwd_kernel",)),
           ("attn_bwd", ("^_bwd_kernel",)), ("nccl", ("nccl",)), ("sdpa", ("flash", "cudnn", "fmha", "attention")),
           ("gemm", ("gemm", "nvjet", "xmma", "cutlass")),
-          ("copy_fill", ("copy", "fill", "cat", "elementwise", "zero", "index", "reduce_kernel")))
+          ("copy_fill", ("copy", "fill", "cat", "elementwise", "zero", "index", "reduce_kernel", "^_place_kv",
+                         "^_sum_rounded")))
 
 
 def stage_of(kernel: str) -> str:
@@ -270,6 +274,14 @@ def main():
                     help="build every PHSA mode's CP group with at most N CTAs per NCCL kernel (NCCL's maxCTAs, "
                          "per communicator; rows say cp_nccl_max_ctas): whether the K/V and dK/dV transfers leave "
                          "the attention kernels they overlap their SMs. Default: NCCL's choice (the shipped setup)")
+    ap.add_argument("--cp-fill-programs", type=int, default=None, metavar="N",
+                    help="zero the overlapped path's fp32 dK/dV accumulator with N Triton programs (a fill that "
+                         "leaves the other SMs to the attention kernels beside it; rows say cp_fill_programs). "
+                         "Default: PyTorch's fill (the shipped setup)")
+    ap.add_argument("--cp-sums-beside", type=int, default=None, metavar="N",
+                    help="run the overlapped path's early dK/dV casts and its second chunk's sum on the side stream, "
+                         "beside the first chunk's backward, in N Triton programs each (rows say cp_sums_beside). "
+                         "Default: on the compute stream (the shipped schedule)")
     ap.add_argument("--dump", default=None, metavar="DIR",
                     help="save each PHSA mode's o, dq, dk, dv of one more forward+backward per rank and length "
                          "(DIR/L<L>-<mode>-r<rank>.pt): to compare trees bit for bit")
@@ -282,10 +294,19 @@ def main():
 
     from phsa_train.training.distributed import (init_distributed, init_model_parallel, is_high_priority_stream,
                                                  nccl_max_ctas, new_group_like)
+    from phsa_train.megatron import context_parallel
     from phsa_train.megatron.context_parallel import cp_attention, cp_phsa_attention, natural_to_zigzag
     from phsa_train.megatron.local_attention import dense_causal_attention, phsa_local
     from phsa_train.megatron.token_info import PUNCT_BIT
 
+    if args.cp_fill_programs is not None:
+        if args.cp_fill_programs < 1:
+            raise SystemExit(f"--cp-fill-programs={args.cp_fill_programs}: allowed values are integers >= 1")
+        context_parallel.ZERO_FILL_PROGRAMS = args.cp_fill_programs
+    if args.cp_sums_beside is not None:
+        if args.cp_sums_beside < 1:
+            raise SystemExit(f"--cp-sums-beside={args.cp_sums_beside}: allowed values are integers >= 1")
+        context_parallel.SUMS_BESIDE_PROGRAMS = args.cp_sums_beside
     env = init_distributed()
     init_model_parallel(1, 1, env.world_size)
     group = parallel_state.get_context_parallel_group()
@@ -369,6 +390,8 @@ def main():
                 if cp > 1:  # as built: the streams and the CTA limit this mode's NCCL work ran with
                     row["cp_high_priority_stream"] = is_high_priority_stream(groups[high])
                     row["cp_nccl_max_ctas"] = nccl_max_ctas(groups[high])
+                    row["cp_fill_programs"] = context_parallel.ZERO_FILL_PROGRAMS
+                    row["cp_sums_beside"] = context_parallel.SUMS_BESIDE_PROGRAMS
                 if cp1_ms is not None:
                     row["scaling_efficiency"] = cp1_ms / (cp * ms)
                 if cuda:  # the same, with the host's launch gaps hidden as in a training step

@@ -392,12 +392,24 @@ def _side_stream(device: torch.device) -> torch.cuda.Stream:
 
 
 @contextlib.contextmanager
-def _issued_after(ready: Optional[torch.cuda.Event], device: torch.device):
+def _no_block():
+    yield
+
+
+def _join_side(device: torch.device) -> None:
+    """The current stream waits for the work issued on the side stream so far (nothing on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).wait_stream(_side_stream(device))
+
+
+@contextlib.contextmanager
+def _issued_after(ready: Optional[torch.cuda.Event], device: torch.device, join: bool = True):
     """Issue the block's work on a side stream that waits only for ``ready``, so kernels issued on the current stream
     after ``ready`` but before this block run beside it. NCCL's stream waits for the stream a call is issued on: a
     point-to-point call issued here starts once ``ready`` has, not after the selection the host issued just before
     it. After the block the current stream waits for the side stream: for the block's kernels (copies), not for its
-    NCCL work, which runs on NCCL's own streams (the caller waits for the works). Buffers are allocated on the
+    NCCL work, which runs on NCCL's own streams (the caller waits for the works); with ``join=False`` it does not,
+    and the caller calls :func:`_join_side` before it reads what the block wrote. Buffers are allocated on the
     current stream before the block. On CPU (gloo, no streams) the block runs as is."""
     if ready is None:
         yield
@@ -406,11 +418,26 @@ def _issued_after(ready: Optional[torch.cuda.Event], device: torch.device):
     side.wait_event(ready)
     with torch.cuda.stream(side):
         yield
-    torch.cuda.current_stream(device).wait_stream(side)
+    if join:
+        torch.cuda.current_stream(device).wait_stream(side)
+
+
+# Programs of the backward's early dK/dV casts and of this rank's second-chunk sum when they run on the side stream
+# beside the first chunk's backward kernel (each looping, so that the attention kernel keeps most SMs), or None: on
+# the compute stream, the first chunk's backward after the casts and the sum after it (the shipped schedule; a
+# sum issued first would take every SM as PyTorch's fill does). An experiment knob (``bench/context_parallel.py
+# --cp-sums-beside N``), to be decided by measurement; the same sums either way.
+SUMS_BESIDE_PROGRAMS: Optional[int] = None
+
+# Programs of the dK/dV accumulator's zero fill (``tri.zero_fill``), or None for PyTorch's fill, which takes every
+# SM until done and so delays the kernel issued after it on the compute stream by most of its 0.24 ms (1 GiB at 128k,
+# CP=2, rank 0; 2 x H200 profile). A few programs fill more slowly beside the attention kernels instead. An
+# experiment knob (``bench/context_parallel.py --cp-fill-programs``), to be decided by measurement.
+ZERO_FILL_PROGRAMS: Optional[int] = None
 
 
 @contextlib.contextmanager
-def _zeros_filled_early(shape: tuple, dtype: torch.dtype, device: torch.device):
+def _zeros_filled_early(shape: tuple, dtype: torch.dtype, device: torch.device, tri=None):
     """Yields ``torch.zeros(shape)`` whose fill runs beside the work already issued on the current stream, not after
     it: the fill and the buffer are issued on / drawn from the side stream (:func:`_side_stream`), which waits for
     nothing; the current stream waits for the fill. Every use of the buffer must be issued inside the block: on
@@ -418,41 +445,23 @@ def _zeros_filled_early(shape: tuple, dtype: torch.dtype, device: torch.device):
     once the caller drops it, is reused (by the next layer's fill) only after those uses, and no more of it is held
     than one buffer (``record_stream`` would instead keep one per layer the host runs ahead). On CPU: a plain fill.
     The fp32 dK/dV accumulator of a 128k CP=2 backward is 1 GiB, a 0.33 ms fill on H100 (2 x H100 profile) that
-    otherwise starts the backward: issued here it overlaps the output projection's backward in training."""
+    otherwise starts the backward: issued here it overlaps the output projection's backward in training. ``tri``: the
+    kernels' module, for the fill of :data:`ZERO_FILL_PROGRAMS` programs when that is set."""
     if device.type != "cuda":
         yield torch.zeros(shape, dtype=dtype, device=device)
         return
     side, current = _side_stream(device), torch.cuda.current_stream(device)
     with torch.cuda.stream(side):
-        buf = torch.zeros(shape, dtype=dtype, device=device)
+        if ZERO_FILL_PROGRAMS and tri is not None:
+            buf = torch.empty(shape, dtype=dtype, device=device)
+            tri.zero_fill(buf, ZERO_FILL_PROGRAMS)
+        else:
+            buf = torch.zeros(shape, dtype=dtype, device=device)
     current.wait_stream(side)
     try:
         yield buf
     finally:
         side.wait_stream(current)
-
-
-def _as_words(x: torch.Tensor) -> Optional[torch.Tensor]:
-    """x viewed as 8-byte integers along its last dim (the same bytes), or None where its strides, offset or last dim
-    do not allow it."""
-    n = 8 // x.element_size()
-    if (n <= 1 or x.dim() == 0 or x.stride(-1) != 1 or x.shape[-1] % n or x.storage_offset() % n
-            or any(s % n for s in x.stride()[:-1])):
-        return None
-    return x.view(torch.int64)
-
-
-def _copy_bits(dst: torch.Tensor, src: torch.Tensor) -> None:
-    """``dst.copy_(src)`` (same dtype and shape) through 8-byte words where both allow it. In training V is a view of
-    Megatron's fused QKV projection output, its heads (hq/hk + 2) * d elements apart, and K and V interleave in the
-    K/V buffer (rows of K and of V alternate), so the copies are strided: PyTorch's CUDA copy then runs one offset
-    calculation and one 2-byte load per bf16 element; as 8-byte words it moves 4x the bytes per element (d = 128 bf16
-    is 32 words). Contiguous pairs stay a memcpy."""
-    dst_words, src_words = _as_words(dst), _as_words(src)
-    if dst_words is not None and src_words is not None:
-        dst_words.copy_(src_words)
-    else:
-        dst.copy_(src)
 
 
 class _OverlappedPHSA(torch.autograd.Function):
@@ -468,8 +477,8 @@ class _OverlappedPHSA(torch.autograd.Function):
     2. both chunks' selections from the gathered representatives (they need no keys), one launch, issued first:
        the host takes ~0.5-1 ms to issue the point-to-point calls of 3. (2 x H100 profile);
     3. on a side stream that waits only for the inputs (:func:`_issued_after`), so 2. runs beside it: the local K/V
-       chunks copied into their places, then the two point-to-point steps of :func:`kv_plan` launched without
-       waiting: only the chunks a peer reads, the ones its first chunk reads first;
+       chunks copied into their places (one ``tri.place_kv_rows``), then the two point-to-point steps of
+       :func:`kv_plan` launched without waiting: only the chunks a peer reads, the ones its first chunk reads first;
     4. the first chunk (keys [0, (r+1)C)) attends once step 1 of :func:`kv_plan` is in (rank 0's at once), the
        second once step 2 is; outputs are written in place.
     Backward (:meth:`backward`): both chunks accumulate dK/dV into one fp32 buffer over [0, E) (one zero fill, issued
@@ -492,9 +501,9 @@ class _OverlappedPHSA(torch.autograd.Function):
         sel = tri.select_from_reps(q_local, reps(), params, q_offset=tuple(start for start, _ in spans))
         with _issued_after(inputs_ready, q_local.device):  # (the current stream then waits for these copies: rank
             # 0's first chunk waits for no step)
-            for half, (start, end) in enumerate(spans):
-                for g, x in enumerate((k_local, v_local)):
-                    _copy_bits(kv[start:end, g], x[:, half * c:(half + 1) * c].transpose(0, 1))
+            # both chunks' K and V rows, each written as whole contiguous rows of kv whatever the strides of K and
+            # V (in training V is a view of Megatron's fused QKV output): one launch
+            tri.place_kv_rows(k_local, v_local, kv, [(half * c, start, c) for half, (start, _) in enumerate(spans)])
             steps = [_start_p2p([(fn, kv[j * c:(j + 1) * c], peer) for fn, j, peer in plan], group)
                      for plan in kv_plan(rank, cp)]  # (a chunk's K and V: one contiguous range, one message)
         sels = [sel[:, r] for r in rows] if sel.shape[1] == s_local else [sel, sel]  # (dense shortcut: [1, 1, 1, 1])
@@ -523,8 +532,9 @@ class _OverlappedPHSA(torch.autograd.Function):
         Own gradients = own fp32 sums + the peers' contributions (keys' dtype), added in fp32 and rounded once:
         one rounding fewer than a reduce-scatter of the rounded partial sums."""
         kv = ctx.saved_tensors[1]  # [E, k | v, b, hk, d]
-        with _zeros_filled_early((2, kv.shape[0], *kv.shape[2:]), torch.float32, kv.device) as acc:  # [dk | dv, E,
-            # b, hk, d]: only keys read here (dk and dv apart: their casts and sums then run on contiguous ranges)
+        # acc [dk | dv, E, b, hk, d]: only keys read here (dk and dv apart: their casts and sums then run on
+        # contiguous ranges)
+        with _zeros_filled_early((2, kv.shape[0], *kv.shape[2:]), torch.float32, kv.device, ctx.tri) as acc:
             return _OverlappedPHSA.backward_into(ctx, do, acc)
 
     @staticmethod
@@ -545,9 +555,9 @@ class _OverlappedPHSA(torch.autograd.Function):
             tri.attend_backward(q_local[:, r], k_all[:, :end], v_all[:, :end], o[:, r], do[:, r], lse, params, sel,
                                 start, (dk_all[:, :end], dv_all[:, :end]), dq_out=dq[:, r])
 
-        def outgoing(j: int, lo: int = 0, hi: int = c) -> torch.Tensor:
+        def outgoing(j: int, lo: int = 0, hi: int = c, programs: Optional[int] = None) -> torch.Tensor:
             """This rank's final sums over rows [lo, hi) of chunk j in the keys' dtype: [dk | dv, hi - lo, b, hk, d]."""
-            return _rounded_rows(acc, j * c + lo, j * c + hi, kv.dtype)
+            return _rounded_rows(tri, acc, j * c + lo, j * c + hi, kv.dtype, programs)
 
         # the last messages go in pieces (see TAIL_PIECES)
         early, last = dkv_plan(rank, cp)
@@ -555,52 +565,61 @@ class _OverlappedPHSA(torch.autograd.Function):
         inbox = {(t, j): kv.new_empty(chunk_shape) for fn, j, t in early if fn is dist.irecv}
         inbox_last = {(t, p): kv.new_empty((2, hi - lo, *kv.shape[2:]))
                       for fn, _, t in last if fn is dist.irecv for p, (lo, hi) in enumerate(pieces)}
+        home = kv.new_empty((2, 2, c, *kv.shape[2:]))  # [dk | dv, half, C, b, hk, d]: this rank's gradients
+        own = _chunk_of(rank, 1, cp)
+
+        def second_half_home() -> None:  # this rank's second chunk: own sums + the early contributions
+            _wait(step1)
+            _sum_into(tri, home[:, 1], acc[:, rows(own)], [buf for (_, j), buf in inbox.items() if j == own],
+                      programs=beside)
+
         chunk_backward(1, lse1, sel1)
-        step1 = _start_p2p([(fn, outgoing(j) if fn is dist.isend else inbox[t, j], t) for fn, j, t in early], group)
+        # With SUMS_BESIDE_PROGRAMS the early messages' casts and this rank's second chunk's sum go to the side stream,
+        # beside the first chunk's backward: it writes only rows [0, end of the first chunk), and they read later ones
+        beside = SUMS_BESIDE_PROGRAMS
+        with _issued_after(_mark_issued(q_local.device), q_local.device, join=False) if beside else _no_block():
+            step1 = _start_p2p([(fn, outgoing(j, programs=beside) if fn is dist.isend else inbox[t, j], t)
+                                for fn, j, t in early], group)
+            if beside:
+                second_half_home()
         chunk_backward(0, lse0, sel0)
         tail = [_start_p2p([(fn, outgoing(j, lo, hi) if fn is dist.isend else inbox_last[t, p], t)
                             for fn, j, t in last], group) for p, (lo, hi) in enumerate(pieces)]
-        home = kv.new_empty((2, 2, c, *kv.shape[2:]))  # [dk | dv, half, C, b, hk, d]: this rank's gradients
-        _wait(step1)
-        own = _chunk_of(rank, 1, cp)
-        _sum_into(home[:, 1], acc[:, rows(own)], [buf for (_, j), buf in inbox.items() if j == own])
+        if beside:
+            _join_side(q_local.device)  # (the early contributions, read below, and home[:, 1])
+        else:
+            second_half_home()
         for p, (lo, hi) in enumerate(pieces):
             _wait(tail[p])
-            _sum_into(home[:, 0, lo:hi], acc[:, rank * c + lo:rank * c + hi],
+            _sum_into(tri, home[:, 0, lo:hi], acc[:, rank * c + lo:rank * c + hi],
                       [buf[:, lo:hi] for (_, j), buf in inbox.items() if j == rank]
                       + [buf for (_, q), buf in inbox_last.items() if q == p])
         dk, dv = (home[g].view(2 * c, *kv.shape[2:]).transpose(0, 1) for g in range(2))  # [b, s_local, hk, d]
         return dq, dk, dv, None, None, None, None
 
 
-# The dK/dV buffers are [dk | dv, rows, b, hk, d]; a row range of both is two ranges with a gap. The helpers below
-# cast and sum dk and dv one at a time, so that each op reads and writes single contiguous ranges: PyTorch's CUDA
-# elementwise loops run strided operands through a per-element offset calculator (``elementwise_kernel<128, 4>``,
-# ~2/3 of the bandwidth of the vectorised copy on H100), contiguous ones vectorised (same dtype on both sides, the
-# fp32 -> bf16 cast) or unrolled (fp32 + bf16, mixed dtypes). The arithmetic is unchanged: the same fp32 sums, in
-# the same order, rounded once.
+# The dK/dV buffers are [dk | dv, rows, b, hk, d]; a row range of both is two contiguous ranges with a gap. The
+# helpers below cast and sum both in one launch of ``tri.sum_rounded`` (wide loads and stores on each range;
+# PyTorch's fp32 + bf16 add runs its unvectorised mixed-dtype loop). The arithmetic is that of
+# ``torch.add(own, part, out=...)``: the same fp32 sums, in the same order, rounded once.
 
 
-def _rounded_rows(acc: torch.Tensor, lo: int, hi: int, dtype: torch.dtype) -> torch.Tensor:
+def _rounded_rows(tri, acc: torch.Tensor, lo: int, hi: int, dtype: torch.dtype,
+                  programs: Optional[int] = None) -> torch.Tensor:
     """acc [2, E, ...] (fp32) -> its rows [lo, hi) in ``dtype``: [2, hi - lo, ...], one contiguous tensor (one
-    message)."""
+    message). ``programs``: see ``tri.sum_rounded``."""
     out = acc.new_empty((acc.shape[0], hi - lo, *acc.shape[2:]), dtype=dtype)
-    for g in range(acc.shape[0]):
-        out[g].copy_(acc[g, lo:hi])
+    tri.sum_rounded(out, acc[:, lo:hi], None, programs)
     return out
 
 
-def _sum_into(out: torch.Tensor, own: torch.Tensor, received: list) -> None:
+def _sum_into(tri, out: torch.Tensor, own: torch.Tensor, received: list, programs: Optional[int] = None) -> None:
     """out [2, n, ...] (keys' dtype) = own [2, n, ...] (fp32, consumed) + the received contributions ([2, n, ...],
     keys' dtype), summed in fp32 in rank order and rounded once. Each of out[g], own[g] and part[g] must be
-    contiguous (the callers' slices are)."""
-    for g in range(out.shape[0]):
-        for part in received[:-1]:
-            own[g].add_(part[g])  # (fp32 += bf16 in one pass, 10 B an element; upcasting the part first: 18 B)
-        if received:
-            torch.add(own[g], received[-1][g], out=out[g])
-        else:
-            out[g].copy_(own[g])
+    contiguous (the callers' slices are). ``programs``: see ``tri.sum_rounded``."""
+    for part in received[:-1]:
+        tri.sum_rounded(own, own, part, programs)  # (fp32 += bf16 in one pass, 10 B an element)
+    tri.sum_rounded(out, own, received[-1] if received else None, programs)
 
 
 def cp_phsa_attention(q, k, v, token_info, group, mode: str, phsa_kwargs: dict, *,

@@ -24,6 +24,7 @@ import torch.distributed as dist  # noqa: E402
 from megatron.core import parallel_state  # noqa: E402
 
 from phsa_train.attention import PHSAParams, phsa_attention, select_blocks  # noqa: E402
+from phsa_train.megatron import context_parallel  # noqa: E402
 from phsa_train.megatron.context_parallel import overlap_kernels, cp_phsa_attention, natural_to_zigzag  # noqa: E402
 from phsa_train.megatron.token_info import PUNCT_BIT  # noqa: E402
 from phsa_train.training.distributed import init_distributed, init_model_parallel  # noqa: E402
@@ -83,6 +84,17 @@ def check(args, cp_group, mode: str, query_block: int) -> None:
         assert overlap_kernels(q_l, k_l, v_l, info_l, cp_group, kw, False) is not None, case
     o = cp_phsa_attention(q_l, k_l, v_l, info_l, cp_group, mode, kw)
     (o * mine(w[:, :, qh])).sum().backward()
+    if args.backend == "triton" and mode == "allgather" and cp > 2:  # the backward's other schedule, the same sums
+        # (at CP > 2, where ranks both send and receive early contributions; one extra run under the interpreter)
+        context_parallel.SUMS_BESIDE_PROGRAMS = 2
+        try:
+            x = [t.detach().clone().requires_grad_() for t in (q_l, k_l, v_l)]
+            o2 = cp_phsa_attention(*x, info_l, cp_group, mode, kw)
+            (o2 * mine(w[:, :, qh])).sum().backward()
+        finally:
+            context_parallel.SUMS_BESIDE_PROGRAMS = None
+        for a, b_ in ((o2, o), *((t.grad, u.grad) for t, u in zip(x, (q_l, k_l, v_l)))):
+            assert torch.equal(a, b_), f"{case}: SUMS_BESIDE_PROGRAMS changes the result"
 
     torch.testing.assert_close(o, mine(o_ref[:, :, qh]), **tol, msg=lambda m: f"{case}: o: {m}")
     for name, got, ref, heads in (("dq", q_l, dq_ref, qh), ("dk", k_l, dk_ref, kh), ("dv", v_l, dv_ref, kh)):

@@ -9,6 +9,8 @@ Pipeline (kernels in ``kernels/``, docs in docs/kernels.md):
     select.py  block scores + running top-k per query group, no [L, nb] matrix
     fwd.py     attention over INIT ∪ LOCAL ∪ TOPK, online softmax, saves LSE
     bwd.py     dq (registers), dk / dv (fp32 atomics)
+    rows.py    context parallelism's row copies, rounded dK/dV sums and zero fill (``place_kv_rows``,
+               ``sum_rounded``, ``zero_fill``)
 Selection runs under no_grad; gradients flow to q, k, v through the attention only.
 
 Exact shortcuts (same function, faster): when topk covers every eligible block of every query group, PHSA is
@@ -29,6 +31,7 @@ from ..params import PHSAParams, check_shapes, pad_queries_front
 from .kernels.bwd import bwd_launch
 from .kernels.fwd import fwd_launch
 from .kernels.reps import block_reps
+from .kernels.rows import place_kv_rows, sum_rounded, zero_fill  # noqa: F401 - for the context-parallel path
 from .kernels.select import select_launch
 
 # Longest sequence (L, or the longest document with cu_seqlens) at which dense cuDNN SDPA forward+backward was
