@@ -75,38 +75,56 @@ def test_zero_fill_with_few_programs():
         assert torch.equal(x.view(torch.int32), torch.zeros(n).view(torch.int32))
 
 
-def _ptx_sm90(kernel, signature: dict, constexprs: dict) -> str:
-    """The kernel compiled for sm_90 (no GPU needed: Triton's bundled ptxas), every pointer and integer argument
-    declared 16-divisible as Triton specialises them at the shipped shapes."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    from triton.runtime.jit import JITFunction
+# Compiled in a fresh process without the interpreter: this module runs the kernels under TRITON_INTERPRET, and
+# once interpreted kernels have run in a process, compiling real Triton code there fails inside the code generator
+# (``tl.arange`` gets an ``ir.value`` without a dtype), so it depends on which tests ran before.
+_PTX_SM90 = r"""
+import json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from phsa_train.attention.phsa.kernels import rows
 
-    fn = JITFunction(getattr(kernel, "fn", kernel))  # (the interpreter wraps the kernels: compile the function)
+def ptx(kernel, signature, constexprs):
+    # every pointer and integer argument 16-divisible, as Triton specialises them at the shipped shapes
     attrs = {(i,): [["tt.divisibility", 16]] for i, t in enumerate(signature.values()) if t != "constexpr"}
-    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ptx"]
+
+place = ptx(rows._place_kv_kernel, {
+    **dict.fromkeys(("K", "V", "KV"), "*bf16"),
+    **dict.fromkeys(("n_lines", "src0", "src1", "dst0", "dst1"), "i32"),
+    **dict.fromkeys(("sk_b", "sk_s", "sk_h", "sv_b", "sv_s", "sv_h"), "i64"),
+    **dict.fromkeys(("B", "H", "D", "BD", "LINES"), "constexpr")},
+    {"B": 1, "H": 8, "D": 128, "BD": 128, "LINES": 32})
+summed = ptx(rows._sum_rounded_kernel, {
+    "OWN": "*fp32", "PART": "*bf16", "OUT": "*bf16", "n": "i32",
+    **dict.fromkeys(("s_own", "s_part", "s_out"), "i64"), "HAS_PART": "constexpr", "BLOCK": "constexpr"},
+    {"HAS_PART": True, "BLOCK": 4096})
+zero = ptx(rows._zero_kernel, {"X": "*fp32", "n": "i32", "BLOCK": "constexpr"}, {"BLOCK": 4096})
+json.dump({"place": place, "summed": summed, "zero": zero}, sys.stdout)
+"""
 
 
 def test_row_kernels_move_16_byte_vectors_on_sm90():
     """Wide loads and stores are the point of these kernels: every global access of the compiled code is 16 bytes
-    wide, and the bf16 rounding is to nearest even (cvt.rn)."""
+    wide, and the bf16 rounding is to nearest even (cvt.rn). Compiled for sm_90 without a GPU (Triton's bundled
+    ptxas)."""
+    import json
+    import os
     import re
+    import subprocess
+    import sys
+    from pathlib import Path
 
-    from phsa_train.attention.phsa.kernels import rows
-
-    place = _ptx_sm90(rows._place_kv_kernel, {
-        **dict.fromkeys(("K", "V", "KV"), "*bf16"),
-        **dict.fromkeys(("n_lines", "src0", "src1", "dst0", "dst1"), "i32"),
-        **dict.fromkeys(("sk_b", "sk_s", "sk_h", "sv_b", "sv_s", "sv_h"), "i64"),
-        **dict.fromkeys(("B", "H", "D", "BD", "LINES"), "constexpr")},
-        {"B": 1, "H": 8, "D": 128, "BD": 128, "LINES": 32})
-    summed = _ptx_sm90(rows._sum_rounded_kernel, {
-        "OWN": "*fp32", "PART": "*bf16", "OUT": "*bf16", "n": "i32",
-        **dict.fromkeys(("s_own", "s_part", "s_out"), "i64"), "HAS_PART": "constexpr", "BLOCK": "constexpr"},
-        {"HAS_PART": True, "BLOCK": 4096})
-    zero = _ptx_sm90(rows._zero_kernel, {"X": "*fp32", "n": "i32", "BLOCK": "constexpr"}, {"BLOCK": 4096})
+    root = Path(__file__).resolve().parents[2]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
+    run = subprocess.run([sys.executable, "-c", _PTX_SM90], cwd=root, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    ptxs = json.loads(run.stdout)
+    place, summed, zero = ptxs["place"], ptxs["summed"], ptxs["zero"]
     for ptx in (place, summed, zero):
         accesses = re.findall(r"\b(ld|st)\.global(\.[a-z0-9.]+)", ptx)
         assert accesses and all(".v4." in width + "." for _, width in accesses), accesses
