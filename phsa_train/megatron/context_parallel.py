@@ -391,11 +391,6 @@ def _side_stream(device: torch.device) -> torch.cuda.Stream:
     return side
 
 
-@contextlib.contextmanager
-def _no_block():
-    yield
-
-
 def _join_side(device: torch.device) -> None:
     """The current stream waits for the work issued on the side stream so far (nothing on CPU)."""
     if device.type == "cuda":
@@ -577,7 +572,9 @@ class _OverlappedPHSA(torch.autograd.Function):
         # With SUMS_BESIDE_PROGRAMS the early messages' casts and this rank's second chunk's sum go to the side stream,
         # beside the first chunk's backward: it writes only rows [0, end of the first chunk), and they read later ones
         beside = SUMS_BESIDE_PROGRAMS
-        with _issued_after(_mark_issued(q_local.device), q_local.device, join=False) if beside else _no_block():
+        early_block = (_issued_after(_mark_issued(q_local.device), q_local.device, join=False) if beside
+                       else contextlib.nullcontext())
+        with early_block:
             step1 = _start_p2p([(fn, outgoing(j, programs=beside) if fn is dist.isend else inbox[t, j], t)
                                 for fn, j, t in early], group)
             if beside:
